@@ -1,0 +1,107 @@
+"""Exception hierarchy; each class carries the sysexits code the CLI exits with.
+
+Raise where the fact is known; `cli.main` is the one place that prints the error and picks the
+exit status (``exc.exit_code``).
+"""
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_PROTOCOL = 76
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+
+class ShimError(Exception):
+    """An error the user should see as one line; ``hint`` says how to fix it."""
+
+    exit_code = EX_SOFTWARE
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class UsageError(ShimError):
+    exit_code = EX_USAGE
+
+
+class DataError(ShimError):
+    exit_code = EX_DATAERR
+
+
+class CantCreate(ShimError):
+    """The queue or a temporary file cannot be written."""
+
+    exit_code = EX_CANTCREAT
+
+
+class ConfigError(ShimError):
+    exit_code = EX_CONFIG
+
+
+class PolicyError(ShimError):
+    """Sender policy or authentication refused the message."""
+
+    exit_code = EX_NOPERM
+
+
+class Unavailable(ShimError):
+    """Permanent failure: retrying will not help."""
+
+    exit_code = EX_UNAVAILABLE
+
+
+class TempFail(ShimError):
+    """Temporary failure: the same message may succeed later."""
+
+    exit_code = EX_TEMPFAIL
+
+
+class ProtocolError(ShimError):
+    """The server broke the protocol (unexpected reply, TLS failure mid-dialogue)."""
+
+    exit_code = EX_PROTOCOL
+
+
+class SMTPFailure(ShimError):
+    """The relay answered a command with a failure reply.
+
+    ``stage`` is the command that failed (``connect``, ``ehlo``, ``starttls``, ``auth``, ``mail``,
+    ``rcpt``, ``data``, ``dot``); the exit code follows from the reply and the stage, see
+    `exit_code_for_reply`.
+    """
+
+    def __init__(self, code: int, reply: str, stage: str, hint: str | None = None):
+        super().__init__(f"{stage.upper()} refused: {code} {reply}".rstrip(), hint)
+        self.code = code
+        self.reply = reply
+        self.stage = stage
+        self.exit_code = exit_code_for_reply(code, stage)
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+def exit_code_for_reply(code: int, stage: str) -> int:
+    """Map an SMTP failure reply at a given stage to a sysexits code (sendmail/msmtp practice)."""
+    if 400 <= code < 500:
+        return EX_TEMPFAIL
+    if stage == "auth" or (stage == "mail" and code in (530, 553, 554)):
+        return EX_NOPERM
+    if stage == "rcpt":
+        return EX_NOUSER
+    if code < 400 or code >= 600:
+        return EX_PROTOCOL
+    return EX_UNAVAILABLE

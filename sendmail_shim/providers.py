@@ -1,0 +1,64 @@
+"""Provider presets and hints for the replies that each provider is known to give.
+
+Pure data and lookups; nothing here touches the network.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    host: str
+    port: int
+    security: str
+    family: str  # whose error texts the relay speaks: coremail, qq, gmail, microsoft
+    password_name: str  # what the provider calls the SMTP password
+
+
+PRESETS = {
+    "163": Preset("smtp.163.com", 465, "tls", "coremail", "authorization code (授权码)"),
+    "126": Preset("smtp.126.com", 465, "tls", "coremail", "authorization code (授权码)"),
+    "yeah": Preset("smtp.yeah.net", 465, "tls", "coremail", "authorization code (授权码)"),
+    "qq": Preset("smtp.qq.com", 465, "tls", "qq", "authorization code (授权码)"),
+    "exmail": Preset("smtp.exmail.qq.com", 465, "tls", "qq", "client-specific password"),
+    "aliyun": Preset("smtp.aliyun.com", 465, "tls", "aliyun", "password"),
+    "gmail": Preset("smtp.gmail.com", 465, "tls", "gmail", "app password"),
+    "outlook": Preset("smtp.office365.com", 587, "starttls", "microsoft", "password"),
+}
+
+PROVIDERS = (*PRESETS, "custom")
+
+DEFAULT_PORTS = {"tls": 465, "starttls": 587, "none": 25}
+
+_SENDER_HINT = "the relay accepts only its login as sender; sendmail-shim always sends as SMTP_USER, so check that SMTP_USER is the full mailbox address"
+
+
+def reply_hint(provider: str | None, stage: str, code: int, reply: str) -> str | None:
+    """A one-line fix for a failure reply, or None when there is nothing better to say."""
+    text = reply.lower()
+    family = PRESETS[provider].family if provider in PRESETS else None
+    if stage == "mail" and code == 553 and "authorized user" in text:
+        return _SENDER_HINT
+    if stage == "mail" and code == 501 and "authorization user" in text:
+        return _SENDER_HINT
+    if family == "coremail" and (code == 535 or (code == 550 and "no permission" in text)):
+        return (
+            "use the authorization code (授权码), not the web password, and enable "
+            "POP3/SMTP in the mailbox's web settings; store it with sendmail-shim --set-password"
+        )
+    if family == "qq" and code in (535, 550):
+        return (
+            "enable SMTP in the QQ mail settings and use the authorization code (授权码) it "
+            "generates; store it with sendmail-shim --set-password"
+        )
+    if family in ("gmail", "microsoft") and code == 535:
+        return "use an app password (2-step verification must be on); store it with sendmail-shim --set-password"
+    if stage == "auth" and code == 535:
+        return "wrong login or password; store the right one with sendmail-shim --set-password"
+    if stage == "auth" and code == 538:
+        return "the relay wants AUTH only over TLS; set SMTP_SECURITY=tls or starttls"
+    if code == 530:
+        return "the relay requires AUTH or TLS first; set SMTP_USER and SMTP_SECURITY"
+    if code == 552 and stage in ("mail", "data", "dot"):
+        return "the message is larger than the relay accepts"
+    return None
