@@ -1,0 +1,39 @@
+# `make test` and `make demo` set up what they need: Debian packages (when root), the venv, pip.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Debian's interpreter and libraries: the .deb runs on them, so CI runs the end-to-end tests on them too.
+APT_PACKAGES := python3 python3-venv python3-keyring python3-dotenv ca-certificates
+
+.PHONY: test test-venv test-debian demo apt-deps clean
+
+test: test-venv test-debian
+
+test-venv: $(VENV)/.installed
+	$(VPY) -m pytest -q
+
+# The end-to-end tests again, with the shim run by /usr/bin/python3 and Debian's python3-keyring
+# and python3-dotenv (the relay and pytest still come from the venv).
+test-debian: $(VENV)/.installed apt-deps
+	SHIM_PYTHON=/usr/bin/python3 $(VPY) -m pytest -q -m e2e
+
+demo: $(VENV)/.installed
+	$(VPY) -m tests.demo
+
+apt-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "missing Debian packages: $$missing (run: sudo apt-get install $$missing)"; exit 1; fi; \
+	fi
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(MAKE) apt-deps
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,261 @@
+"""Get, store and delete the SMTP password.
+
+Sources, first match wins:
+  1. ``SMTP_PASSWORD_COMMAND``: its first output line (like msmtp's passwordeval);
+  2. ``SMTP_KEYRING_BACKEND=module.Class``: that keyring backend, used directly (no detection);
+  3. otherwise the project's credential file (`credstore`), without importing keyring.
+
+Every failure is a ConfigError (exit 78) that says how to fix it; none contains the password.
+"""
+
+import os
+import re
+
+from . import credstore, providers
+from .errors import ConfigError, UsageError
+from .secret import Secret
+
+SERVICE = "sendmail-shim"
+OWN_BACKEND = "sendmail_shim.keyring_backend.ShimFileKeyring"
+
+# Backends that ask for a master password through getpass, which without a tty reads the
+# message from stdin (python-deps.md §2): never usable by a sendmail.
+_PROMPTING_BACKENDS = {
+    "keyrings.alt.file.EncryptedKeyring",
+    "keyrings.cryptfile.cryptfile.CryptFileKeyring",
+    "keyring.backends.chainer.ChainerBackend",
+}
+
+_EXCERPT_CHARS = 160
+_SECRET_ASSIGNMENT = re.compile(r"(?i)\b(pass(?:word|wd|phrase)?|secret|token|key|pin)(\s*[:=]\s*)\S+")
+
+
+def get_password(config, environ=None) -> Secret:
+    """The password for ``config.user``; ConfigError when it is missing or unreachable."""
+    user = _user(config)
+    if config.password_command:
+        return _run_password_command(config.password_command, config.timeout, environ)
+    if _uses_own_store(config):
+        store = credstore.locate(config.credentials_file, environ)
+        password, where = store.get(SERVICE, user), store.path
+    else:
+        backend = _load_backend(config.keyring_backend)
+        password = _call(config.keyring_backend, backend.get_password, SERVICE, user)
+        where = f"keyring backend {config.keyring_backend}"
+    if not password:
+        raise ConfigError(f"no password stored for {user} in {where}", _set_password_hint(config))
+    return Secret(password)
+
+
+def set_password(config, password: Secret, environ=None) -> str:
+    """Store the password for ``config.user``; returns where it went (for the CLI message)."""
+    user = _user(config)
+    if not password:
+        raise UsageError("the password is empty; nothing stored")
+    if config.password_command:
+        raise ConfigError(
+            "SMTP_PASSWORD_COMMAND is set, so a stored password would never be used",
+            "change what the command prints, or unset SMTP_PASSWORD_COMMAND",
+        )
+    if _uses_own_store(config):
+        store = credstore.locate(config.credentials_file, environ)
+        store.set(SERVICE, user, password.reveal())
+        return store.path
+    backend = _load_backend(config.keyring_backend)
+    _call(
+        config.keyring_backend, backend.set_password, SERVICE, user, password.reveal(),
+        secret=password.reveal(),
+    )
+    return f"keyring backend {config.keyring_backend}"
+
+
+def delete_password(config, environ=None) -> str:
+    """Remove the stored password for ``config.user``; returns where it was."""
+    user = _user(config)
+    if _uses_own_store(config):
+        store = credstore.locate(config.credentials_file, environ)
+        if not store.delete(SERVICE, user):
+            raise ConfigError(f"no password stored for {user} in {store.path}; nothing to delete")
+        return store.path
+    backend = _load_backend(config.keyring_backend)
+    _call(config.keyring_backend, backend.delete_password, SERVICE, user)
+    return f"keyring backend {config.keyring_backend}"
+
+
+def readable(config, environ=None) -> bool:
+    """Whether this process can fetch the password itself (else the queue runner must).
+
+    False only for the project's file when it is missing or unreadable here, e.g. for a web
+    server user outside group sendmail-shim. Nothing is read and keyring is not imported.
+    """
+    if config.password_command or not _uses_own_store(config):
+        return True
+    return os.access(credstore.locate(config.credentials_file, environ).path, os.R_OK, effective_ids=True)
+
+
+def read_new_password(stdin, stderr, *, prompt: str = "Password: ") -> Secret:
+    """Prompt without echo on a terminal; otherwise read one line from stdin (scripts)."""
+    if stdin.isatty():
+        import getpass
+
+        try:
+            line = getpass.getpass(prompt, stream=stderr)
+        except EOFError:
+            line = ""
+    else:
+        line = stdin.readline()
+        if isinstance(line, bytes):
+            line = line.decode("utf-8")
+        line = line.removesuffix("\n").removesuffix("\r")
+    if not line:
+        raise UsageError("the password is empty; nothing stored")
+    return Secret(line)
+
+
+def _user(config) -> str:
+    if not config.user:
+        raise ConfigError(
+            "SMTP_USER is not set",
+            "set SMTP_USER to the login (the full mailbox address) in the config file",
+        )
+    return config.user
+
+
+def _uses_own_store(config) -> bool:
+    return config.keyring_backend in (None, OWN_BACKEND)
+
+
+def _set_password_hint(config) -> str:
+    hint = "run: sendmail-shim --set-password"
+    preset = providers.PRESETS.get(config.provider)
+    if preset and preset.password_name != "password":
+        hint += f" and enter the {config.provider} {preset.password_name}, not the web login password"
+    return hint
+
+
+def _run_password_command(command: str, timeout: float, environ) -> Secret:
+    """First stdout line of ``sh -c command``; stdin is /dev/null, stdout is never shown."""
+    import subprocess  # ~9 ms, not needed on the default path
+
+    try:
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", command],
+            stdin=subprocess.DEVNULL,  # it must never see the message
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environ,
+            start_new_session=True,  # its own process group, killed as a whole on timeout
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot run SMTP_PASSWORD_COMMAND: {exc.strerror}") from None
+    with proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out = None  # the exception holds partial output: raise outside this block
+    if out is None:
+        raise ConfigError(
+            f"SMTP_PASSWORD_COMMAND did not finish within {timeout:g} s",
+            "it must print the password without waiting for input (its stdin is /dev/null)",
+        )
+    lines = out.splitlines()
+    if proc.returncode != 0:
+        status = (
+            f"was killed by signal {-proc.returncode}" if proc.returncode < 0
+            else f"failed with exit status {proc.returncode}"
+        )
+        raise ConfigError(f"SMTP_PASSWORD_COMMAND {status}", _stderr_excerpt(err, lines) or None)
+    first = lines[0] if lines else b""
+    try:
+        password = first.decode("utf-8")
+    except UnicodeDecodeError:
+        password = None  # the exception holds the bytes: raise outside this block
+    if password is None:
+        raise ConfigError("SMTP_PASSWORD_COMMAND printed a password that is not UTF-8")
+    if not password:
+        raise ConfigError(
+            "SMTP_PASSWORD_COMMAND printed nothing on its first line",
+            "it must print the password on the first line of its standard output",
+        )
+    return Secret(password)
+
+
+def _kill_group(proc) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.kill()  # in case the shell left its group; the wait on exit must not block
+
+
+def _stderr_excerpt(err: bytes, secrets: list[bytes]) -> str:
+    """The last stderr line, short and printable, with anything password-like masked."""
+    for secret in filter(None, (s.strip() for s in secrets)):
+        err = err.replace(secret, b"***")
+    text = _SECRET_ASSIGNMENT.sub(r"\1\2***", err.decode("utf-8", "replace"))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return _shorten("".join(c if c.isprintable() else "?" for c in (lines[-1] if lines else "")))
+
+
+def _shorten(line: str) -> str:
+    return line if len(line) <= _EXCERPT_CHARS else line[: _EXCERPT_CHARS - 1] + "…"
+
+
+def _load_backend(path: str):
+    """An instance of the keyring backend class ``path``, refusing the ones that prompt."""
+    import importlib
+
+    import keyring.backend
+
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(
+            f"SMTP_KEYRING_BACKEND={path}: cannot import it ({type(exc).__name__})",
+            "give a backend class path such as keyring.backends.SecretService.Keyring, "
+            "or unset it to use sendmail-shim's credential file",
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, keyring.backend.KeyringBackend)):
+        raise ConfigError(f"SMTP_KEYRING_BACKEND={path}: not a keyring backend class")
+    names = {f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__}
+    if names & _PROMPTING_BACKENDS:
+        raise ConfigError(
+            f"SMTP_KEYRING_BACKEND={path}: refused, it may ask for a master password on stdin "
+            "(where sendmail reads the message)",
+            "unset SMTP_KEYRING_BACKEND to use sendmail-shim's credential file",
+        )
+
+    def instantiate():
+        cls.priority  # raises when the backend cannot work here, as in keyring's load_keyring
+        return cls()
+
+    return _call(path, instantiate)
+
+
+def _call(path: str, function, *args, secret: str | None = None):
+    """Call into a keyring backend; any failure becomes a one-line ConfigError.
+
+    During the call fd 0 is /dev/null: a third-party backend that prompts must never read the
+    message (or the -bs session) from our stdin.
+    """
+    saved = os.dup(0)
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(null, 0)
+        return function(*args)
+    except Exception as exc:  # third-party plugins raise anything; the shim exits 78, not 70
+        text = next(iter(str(exc).splitlines()), "")
+        failure = f"{type(exc).__name__}: {_shorten(text.replace(secret, '***') if secret else text)}"
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(null)
+    # raised outside the except block: the original exception may hold the password
+    raise ConfigError(
+        f"keyring backend {path} failed: {failure}".rstrip(": "),
+        "fix that backend, or unset SMTP_KEYRING_BACKEND to use sendmail-shim's credential file",
+    )

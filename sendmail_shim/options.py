@@ -1,0 +1,194 @@
+"""The sendmail command line → `Options` (pure).
+
+Short options follow sendmail/Postfix getopt rules: options cluster (``-ti``), an option's
+argument may be glued (``-fbob@x``) or the next word (``-f bob@x``), and the first word that is
+not an option ends the options (so ``sendmail-shim root -v`` mails "root" and "-v" is refused as an
+address, as with Postfix). Administration uses long options only, so it never collides with a
+recipient: ``sendmail-shim root`` always mails root.
+"""
+
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+# Options every sendmail implementation accepts and that change nothing here (Postfix's list plus
+# sendmail 8's -d); the value is True when the option takes an argument.
+_IGNORED = {
+    "A": True, "B": True, "d": True, "e": True, "h": True, "L": True, "O": True, "p": True,
+    "c": False, "G": False, "m": False, "n": False, "U": False, "x": False,
+}
+_WITH_ARGUMENT = {"f", "r", "F", "N", "R", "V", "o", "b", "X", "C"} | {k for k, v in _IGNORED.items() if v}
+_NO_ARGUMENT = {"t", "i", "v", "I"} | {k for k, v in _IGNORED.items() if not v}
+
+_DELIVERY_FLAGS = {"b": "background", "i": "interactive", "q": "queue", "d": "queue"}
+_DSN_NOTIFY = {"never", "success", "failure", "delay"}
+
+# Long options: name → takes a value.
+LONG_OPTIONS = {
+    "check": False, "to": True, "set-password": False, "delete-password": False,
+    "config": True, "show": True, "delete": True, "retry": True, "requeue": True,
+    "version": False, "help": False,
+}
+_ACTIONS = ("check", "set-password", "delete-password", "show", "delete", "retry", "requeue", "version", "help")
+
+
+@dataclass
+class Options:
+    mode: str = "send"  # send | smtp (-bs) | list (-bp) | run-queue (-q) | newaliases | an admin action
+    extract_recipients: bool = False  # -t
+    dot_ends: bool = True  # cleared by -i / -oi
+    sender: str | None = None  # -f / -r: requested envelope sender, logged only
+    full_name: str | None = None  # -F
+    recipients: list[str] = field(default_factory=list)
+    verbose: int = 0  # -v (repeatable)
+    delivery: str | None = None  # -odb / -odi / -odq
+    dsn_notify: str | None = None  # -N
+    dsn_ret: str | None = None  # -R
+    envid: str | None = None  # -V
+    queue_filter: tuple[str, str] | None = None  # -qR… / -qS… / -qI…: (kind, substring)
+    config_path: str | None = None  # --config
+    check_to: str | None = None  # --check --to
+    target: str | None = None  # argument of --show/--delete/--retry/--requeue
+
+
+def parse(argv: list[str], program: str = "sendmail-shim") -> Options:
+    """Parse argv (without argv[0]); `program` is argv[0]'s base name (mailq, newaliases…)."""
+    opts = Options()
+    if program == "mailq":
+        opts.mode = "list"
+    elif program == "newaliases":
+        opts.mode = "newaliases"
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        if word == "--":
+            opts.recipients.extend(words)
+            break
+        if word.startswith("--"):
+            _long_option(opts, word, words)
+        elif word.startswith("-") and len(word) > 1:
+            _short_cluster(opts, word, words)
+        else:
+            opts.recipients.append(word)
+            opts.recipients.extend(words)
+            break
+    _check_combination(opts)
+    return opts
+
+
+def _long_option(opts: Options, word: str, words: list[str]) -> None:
+    name, eq, value = word[2:].partition("=")
+    if name not in LONG_OPTIONS:
+        raise UsageError(f"unknown option --{name} (see sendmail-shim --help)")
+    if LONG_OPTIONS[name]:
+        if not eq:
+            if not words:
+                raise UsageError(f"--{name} needs a value")
+            value = words.pop(0)
+    elif eq:
+        raise UsageError(f"--{name} takes no value")
+    if name == "config":
+        opts.config_path = value
+    elif name == "to":
+        opts.check_to = value
+    else:
+        if opts.mode not in ("send",):
+            raise UsageError(f"--{name} cannot be combined with another action")
+        opts.mode = name
+        if LONG_OPTIONS[name]:
+            opts.target = value
+
+
+def _short_cluster(opts: Options, word: str, words: list[str]) -> None:
+    pos = 1
+    while pos < len(word):
+        letter, rest = word[pos], word[pos + 1:]
+        if letter == "q":  # -q takes only a glued argument: a bare -q must not eat a recipient
+            _queue_run(opts, rest)
+            return
+        if letter in _NO_ARGUMENT:
+            _flag(opts, letter)
+            pos += 1
+            continue
+        if letter not in _WITH_ARGUMENT:
+            raise UsageError(f"unknown option -{letter}")
+        if rest:
+            value = rest
+        elif words:
+            value = words.pop(0)
+        else:
+            raise UsageError(f"option -{letter} needs an argument")
+        _with_argument(opts, letter, value)
+        return
+
+
+def _flag(opts: Options, letter: str) -> None:
+    if letter == "t":
+        opts.extract_recipients = True
+    elif letter == "i":
+        opts.dot_ends = False
+    elif letter == "v":
+        opts.verbose += 1
+    elif letter == "I":
+        opts.mode = "newaliases"
+
+
+def _with_argument(opts: Options, letter: str, value: str) -> None:
+    if letter in ("X", "C"):
+        # PHP mail()'s 5th argument reaches argv: -X/-C would write or read files (CVE-2016-10033).
+        raise UsageError(f"refusing -{letter} {value}: sendmail-shim never writes log files or reads configuration named on its command line")
+    if letter in ("f", "r"):
+        opts.sender = value.strip()
+    elif letter == "F":
+        opts.full_name = value
+    elif letter == "o":
+        _o_option(opts, value)
+    elif letter == "b":
+        _b_option(opts, value)
+    elif letter == "N":
+        words = {w.strip().lower() for w in value.split(",")}
+        if not words <= _DSN_NOTIFY or ("never" in words and len(words) > 1):
+            raise UsageError(f"-N {value}: expected never, or a list of success, failure, delay")
+        opts.dsn_notify = ",".join(sorted(words)).upper()
+    elif letter == "R":
+        if value.lower() not in ("hdrs", "full"):
+            raise UsageError(f"-R {value}: expected hdrs or full")
+        opts.dsn_ret = value.upper()
+    elif letter == "V":
+        if not value or not value.isascii() or not value.isprintable() or " " in value or "+" in value or "=" in value or len(value) > 100:
+            raise UsageError("-V: the envelope id must be printable ASCII without space, '+' or '='")
+        opts.envid = value
+
+
+def _o_option(opts: Options, value: str) -> None:
+    if value == "i":
+        opts.dot_ends = False
+    elif value.startswith("d") and len(value) == 2:
+        if value[1] not in _DELIVERY_FLAGS:
+            raise UsageError(f"-o{value}: delivery mode must be b, i, q or d")
+        opts.delivery = _DELIVERY_FLAGS[value[1]]
+    # Every other -oX (error mode -oem, -oQ queue dir, …) is accepted and ignored: the queue,
+    # error handling and configuration are ours to decide, never the caller's.
+
+
+def _b_option(opts: Options, value: str) -> None:
+    modes = {"m": "send", "s": "smtp", "p": "list", "i": "newaliases"}
+    if value not in modes:
+        raise UsageError(f"-b{value} is not supported (supported: -bm, -bs, -bp, -bi)")
+    opts.mode = modes[value]
+
+
+def _queue_run(opts: Options, rest: str) -> None:
+    opts.mode = "run-queue"
+    if rest[:1] in ("R", "S", "I"):
+        if len(rest) < 2:
+            raise UsageError(f"-q{rest[:1]} needs a substring to match")
+        opts.queue_filter = (rest[0], rest[1:])
+    # -q with an interval (-q30m) or -qf: one queue run now; we are not a daemon.
+
+
+def _check_combination(opts: Options) -> None:
+    if opts.check_to and opts.mode != "check":
+        raise UsageError("--to goes with --check")
+    if opts.mode in _ACTIONS and opts.recipients:
+        raise UsageError(f"--{opts.mode} takes no recipients (got {opts.recipients[0]!r})")
