@@ -1,0 +1,456 @@
+"""The message on stdin → CRLF-normalised bytes, and the header policy applied to them.
+
+Reading (`MessageReader`), sendmail's rules:
+
+- Without ``-i``/``-oi`` (``dot_ends=True``) a line holding a single ``.`` ends the message and a
+  leading ``..`` becomes ``.`` (other lines starting with a dot are kept, as in sendmail's
+  non-SMTP mode); a final ``.`` without a newline also ends it. The rest of a piped input is then
+  read and discarded, so the writer never gets EPIPE and nothing is sent before EOF; on a terminal
+  the dot ends the input, as it does with sendmail.
+- With ``-i`` the input is read verbatim to EOF.
+- Every ``\\r\\n``, lone ``\\r`` and lone ``\\n`` is one line end, written as CRLF, so no
+  bare-CR/bare-LF sequence can end DATA early on a lenient receiver (SMTP smuggling). A missing
+  final newline is added. A leading mbox ``From `` line is removed.
+- A line longer than 998 octets is broken as Postfix does it (``smtp_line_length_limit``):
+  after 998 octets a CRLF and one SPACE are inserted, so the rest becomes a continuation line
+  (in a header it stays part of the same field) and no line exceeds 998 octets.
+- A NUL byte is refused (`DataError`). The header block is held in memory (at most 1 MiB); the
+  body is streamed chunk by chunk.
+- The header block ends at the empty line, or before the first line that is neither a header
+  field nor a continuation line (that line starts the body, as in Postfix). If the first line is
+  not a header field the whole input is body.
+
+Header policy (`prepare`), working on the header block as bytes: fields are split at byte level
+and dropped or replaced whole; every other field passes byte-for-byte (no re-serialisation,
+python-deps.md §5.2).
+
+- Recipients: command-line recipients first, then with ``-t`` the To/Cc/Bcc fields (all of them),
+  or Resent-To/-Cc/-Bcc when any Resent- field is present. Addresses are parsed with the header
+  registry under ``policy.SMTP``; any defect other than obsolete syntax, a non-ASCII local part or
+  a bare local name (which the alias map resolves) is an error. Local names and ``user@<this
+  host>``/``user@localhost`` go through the alias map; duplicates are dropped case-insensitively.
+- Envelope addresses: a non-ASCII domain with an ASCII local part is IDNA-encoded, so only a
+  non-ASCII local part needs SMTPUTF8.
+- Bcc and Resent-Bcc fields are removed; so is Sender (From is the login after this policy, so a
+  Sender would be either redundant or wrong).
+- From: equal to the login → untouched. Differing → ``rewrite`` puts the login in place of the
+  address and keeps the display name (else the comment of ``root (Cron Daemon)``, else ``-F``),
+  and adds ``Reply-To:`` with the original mailbox when the message has none and the original
+  address has an ``@``; ``reject`` raises `PolicyError`. Missing → a From with the login (and
+  ``-F``) is added under both policies: adding it claims nobody else's address. Resent-From is
+  left as written. Raw 8-bit header bytes are read as UTF-8, else GB18030 (undecodable bytes
+  become U+FFFD in what is parsed; the bytes sent are unchanged).
+- Date and Message-ID are added when absent; ``To: undisclosed-recipients:;`` is added when there
+  is no To and no Cc field (the header stays valid without revealing the envelope).
+"""
+
+import re
+from dataclasses import dataclass, field, replace
+from email import _header_value_parser as value_parser
+from email import errors, policy as email_policy
+from email.headerregistry import Address
+from email.utils import formatdate, make_msgid
+from typing import BinaryIO
+
+from .envelope import Envelope
+from .errors import DataError, PolicyError, UsageError
+
+MAX_LINE = 998  # RFC 5322 §2.1.1, without the CRLF
+MAX_HEADER_BLOCK = 1 << 20
+
+# A header field line: printable ASCII name, optional (obsolete) white space, colon; as Postfix.
+_FIELD_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# The header registry reports a bare local name ("root") with this defect; aliases resolve it.
+_NO_DOMAIN = "addr-spec local part with no domain"
+
+
+@dataclass(frozen=True)
+class BodyInfo:
+    size: int
+    eight_bit: bool
+
+
+class MessageReader:
+    """Reads a message from a binary stream with sendmail's rules (see the module docstring)."""
+
+    def __init__(self, stream: BinaryIO, *, dot_ends: bool, chunk_size: int = 65536):
+        self._stream = stream
+        self._read = getattr(stream, "read1", stream.read)  # read1: a typed "." is seen at once
+        self._dot_ends = dot_ends
+        self._chunk_size = chunk_size
+        self._cr = False  # the last chunk ended in CR, which may be the first half of a CRLF
+        self._partial = b""  # LF-normalised start of a line whose end has not been read yet
+        self._done = False  # the message has ended (EOF or the terminating dot)
+        self._eof = False  # the stream is exhausted (or, on a terminal, abandoned at the dot)
+        self._out = b""  # finished CRLF lines not handed out yet
+        self._pos = 0
+
+    def read_header_block(self) -> bytes:
+        """CRLF-normalised header block including its terminating empty line (b"\\r\\n") if there
+        is one; b"" if the message has no header block; mbox From_ line removed."""
+        line = self._next_line()
+        if line is not None and line.startswith(b"From "):
+            line = self._next_line()
+        if line is None or not (line == b"\r\n" or _FIELD_LINE.match(line)):
+            self._unread(line)
+            return b""
+        block = []
+        size = 0
+        while line is not None:
+            if line != b"\r\n" and not _FIELD_LINE.match(line) and line[:1] not in (b" ", b"\t"):
+                self._unread(line)
+                break
+            size += len(line)
+            if size > MAX_HEADER_BLOCK:
+                raise DataError("header block larger than 1 MiB")
+            block.append(line)
+            if line == b"\r\n":
+                break
+            line = self._next_line()
+        return b"".join(block)
+
+    def copy_body(self, out: BinaryIO) -> BodyInfo:
+        """Stream the rest (CRLF-normalised, long lines broken, NUL refused) to `out`."""
+        data = self._out[self._pos :]
+        self._out, self._pos = b"", 0
+        size, eight_bit = 0, False
+        while True:
+            if data:
+                out.write(data)
+                size += len(data)
+                eight_bit = eight_bit or not data.isascii()
+            if self._done:
+                return BodyInfo(size, eight_bit)
+            data = self._process()
+
+    def drain(self) -> None:
+        """Read and discard the rest of the input (before reporting an error: no EPIPE)."""
+        while not self._eof:
+            self._eof = not self._read(self._chunk_size)
+        self._done = True
+
+    def _next_line(self) -> bytes | None:
+        while True:
+            end = self._out.find(b"\r\n", self._pos)
+            if end >= 0:
+                line = self._out[self._pos : end + 2]
+                self._pos = end + 2
+                return line
+            if self._done:
+                return None
+            self._out, self._pos = self._process(), 0  # _out held only whole lines: it is used up
+
+    def _unread(self, line: bytes | None) -> None:
+        if line is not None:
+            self._pos -= len(line)
+
+    def _process(self) -> bytes:
+        """Read one chunk; return the lines it completes, as CRLF-terminated bytes."""
+        raw = self._read(self._chunk_size)
+        self._eof = not raw
+        data = b"\r" + raw if self._cr else raw
+        self._cr = not self._eof and data.endswith(b"\r")
+        if self._cr:
+            data = data[:-1]
+        text = self._partial + data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = text.split(b"\n")
+        self._partial = lines.pop()
+        if self._eof:
+            if self._partial:
+                lines.append(self._partial)  # no final newline: the line still counts
+                self._partial = b""
+            self._done = True
+        # The scan for leading dots runs only on chunks that have one. What is left of a broken
+        # line starts with a space, so the dot rules can be applied to every line in `lines`.
+        if self._dot_ends and (b"\n." in text or text.startswith(b".")):
+            self._apply_dot_rules(lines)
+        pieces = []
+        if len(self._partial) > MAX_LINE:
+            if self._dot_ends:
+                self._partial = _unstuff(self._partial)  # no-op on a rest, which starts with " "
+            pieces = _break_line(self._partial)
+            self._partial = pieces.pop()
+        if lines and max(map(len, lines)) > MAX_LINE:
+            lines = [piece for line in lines for piece in _break_line(line)]
+        lines += pieces
+        out = b"\r\n".join(lines) + b"\r\n" if lines else b""
+        if b"\0" in out:
+            raise DataError("message contains a NUL byte")
+        return out
+
+    def _apply_dot_rules(self, lines: list[bytes]) -> None:
+        """Lone "." ends the message, a leading ".." loses one dot; `lines` is edited in place."""
+        for i, line in enumerate(lines):
+            if line == b".":
+                del lines[i:]
+                self._end_at_dot()
+                return
+            lines[i] = _unstuff(line)
+
+    def _end_at_dot(self) -> None:
+        self._partial = b""
+        self._done = True
+        if self._stream.isatty():
+            self._eof = True  # a person typed the dot: stop here, as sendmail does
+        else:
+            self.drain()
+
+
+def _unstuff(line: bytes) -> bytes:
+    return line[1:] if line.startswith(b"..") else line
+
+
+def _break_line(line: bytes) -> list[bytes]:
+    """Postfix's smtp_line_length_limit: CRLF SPACE after every 998 octets."""
+    pieces = []
+    while len(line) > MAX_LINE:
+        pieces.append(line[:MAX_LINE])
+        line = b" " + line[MAX_LINE:]
+    pieces.append(line)
+    return pieces
+
+
+@dataclass(frozen=True)
+class HeaderPolicy:
+    sender: str  # Config.sender (the login)
+    from_policy: str = "rewrite"  # or "reject"
+    aliases: dict[str, str] = field(default_factory=dict)  # Config.aliases
+    local_hostname: str = ""  # this machine's host name, for user@<this host>
+    full_name: str | None = None  # -F
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str  # lower case
+    raw: bytes  # the whole field, continuation lines and final CRLF included
+
+    @property
+    def value(self) -> bytes:
+        """The unfolded value after the colon."""
+        return self.raw.partition(b":")[2].replace(b"\r\n", b"")
+
+
+def prepare(
+    header_block: bytes,
+    *,
+    extract_recipients: bool,
+    argv_recipients: list[str],
+    requested_sender: str | None,
+    policy: HeaderPolicy,
+    now: float | None = None,
+) -> tuple[bytes, Envelope]:
+    """Apply the header policy (module docstring) to a header block from `MessageReader`.
+
+    Returns the new header block, which always ends with the empty line, and the envelope
+    (eight_bit and size are left to `complete_envelope`). `argv_recipients` may be the raw
+    argument words or the output of `parse_recipient_args`.
+    """
+    fields = split_fields(header_block)
+    wanted = parse_recipient_args(argv_recipients)
+    if extract_recipients:
+        wanted += _header_recipients(fields)
+    recipients = _dedupe(
+        _envelope_address(resolve_local(address, policy.aliases, policy.local_hostname))
+        for address in wanted
+    )
+    if not recipients:
+        raise UsageError("no recipients: give them as arguments or use -t with To/Cc/Bcc headers")
+
+    fields = [f for f in fields if f.name not in ("bcc", "resent-bcc", "sender")]
+    fields, original_from = _apply_from_policy(fields, policy)
+    names = {f.name for f in fields}
+    if "date" not in names:
+        date = formatdate(now, localtime=True)
+        fields.append(_Field("date", f"Date: {date}\r\n".encode()))
+    if "message-id" in names:
+        message_id = _decode(next(f for f in fields if f.name == "message-id").value).strip()
+    else:
+        message_id = make_msgid(domain=_message_id_domain(policy))
+        fields.append(_Field("message-id", f"Message-ID: {message_id}\r\n".encode()))
+    if not names & {"to", "cc"}:
+        fields.append(_Field("to", b"To: undisclosed-recipients:;\r\n"))
+
+    envelope = Envelope(
+        sender=policy.sender,
+        recipients=recipients,
+        requested_sender=requested_sender or original_from,
+        smtputf8=not all(a.isascii() for a in [policy.sender, *recipients]),
+        message_id=message_id,
+    )
+    return b"".join(f.raw for f in fields) + b"\r\n", envelope
+
+
+def complete_envelope(envelope: Envelope, header_block: bytes, body: BodyInfo) -> Envelope:
+    """The envelope with eight_bit and size of the final message (header block + body)."""
+    return replace(
+        envelope,
+        eight_bit=body.eight_bit or not header_block.isascii(),
+        size=len(header_block) + body.size,
+    )
+
+
+def split_fields(header_block: bytes) -> list[_Field]:
+    """CRLF header block → fields, each with its continuation lines; the empty line is dropped."""
+    fields: list[_Field] = []
+    lines = header_block.split(b"\r\n")
+    if not lines[-1]:
+        lines.pop()  # the text after the final CRLF
+    for line in lines:
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] = _Field(fields[-1].name, fields[-1].raw + line + b"\r\n")
+        else:
+            name = line.partition(b":")[0].strip().decode("ascii", "replace").lower()
+            fields.append(_Field(name, line + b"\r\n"))
+    return fields
+
+
+def parse_recipient_args(args: list[str]) -> list[str]:
+    """Command-line words → addr-specs: ``a@x,b@y`` in one word, ``Name <a@x>``, bare ``root``."""
+    addresses = []
+    for arg in args:
+        header = _address_header("to", arg)
+        if header is None:
+            raise DataError(f"cannot parse recipient {_shown(arg)!r}")
+        addresses += [a.addr_spec for a in header.addresses]
+    return addresses
+
+
+def resolve_local(address: str, aliases: dict[str, str], local_hostname: str) -> str:
+    """A local name (``root``, ``user@<this host>``, ``user@localhost``) → its alias or the
+    ``default`` alias; any other address unchanged. Never returns a bare name."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local = address
+    elif domain.lower() not in {"localhost", local_hostname.lower()} - {""}:
+        return address
+    target = aliases.get(local.lower()) or aliases.get("default")
+    if not local or not target:
+        raise DataError(
+            f"local recipient {address!r} has no alias",
+            hint="set SMTP_ALIASES=name:address, "
+            f"e.g. SMTP_ALIASES={local.lower()}:you@example.com",
+        )
+    return target
+
+
+def _header_recipients(fields: list[_Field]) -> list[str]:
+    names = ("to", "cc", "bcc")
+    if any(f.name.startswith("resent-") for f in fields):
+        names = ("resent-to", "resent-cc", "resent-bcc")
+    addresses = []
+    for f in fields:
+        if f.name in names:
+            text = _decode(f.value)
+            header = _address_header(f.name, text)
+            if header is None:
+                label = f.raw.partition(b":")[0].decode("ascii", "replace")
+                raise DataError(f"cannot parse the addresses in {label}: {_shown(text)!r}")
+            addresses += [a.addr_spec for a in header.addresses]
+    return addresses
+
+
+def _address_header(name: str, text: str):
+    """`text` parsed as an address field under policy.SMTP; None if it has a real defect."""
+    try:
+        header = email_policy.SMTP.header_factory(name, text)
+    except Exception:  # the parser also crashes on some malformed input
+        # (ValueError for an encoded CR/LF, IndexError for "a@", HeaderParseError, TypeError,
+        # AttributeError found by the property test): all of it means "cannot parse"
+        return None
+    tolerated = (errors.ObsoleteHeaderDefect, errors.NonASCIILocalPartDefect)
+    for defect in header.defects:
+        if not isinstance(defect, tolerated) and str(defect) != _NO_DOMAIN:
+            return None
+    if any(not a.username for a in header.addresses):
+        return None
+    return header
+
+
+def _apply_from_policy(
+    fields: list[_Field], policy: HeaderPolicy
+) -> tuple[list[_Field], str | None]:
+    """From = the login (module docstring); returns the new fields and the original address."""
+    from_fields = [f for f in fields if f.name == "from"]
+    if not from_fields:
+        return [*fields, _login_field(policy.full_name or "", policy.sender)], None
+    text = _decode(from_fields[0].value)
+    header = _address_header("from", text)
+    mailboxes = header.addresses if header else ()
+    mailbox = mailboxes[0] if mailboxes else None
+    original = mailbox.addr_spec if mailbox else None
+    if len(from_fields) == 1 and len(mailboxes) == 1 and original.lower() == policy.sender.lower():
+        return fields, original
+    if policy.from_policy == "reject":
+        raise PolicyError(
+            f"From: {original or _shown(text)} differs from the login {policy.sender}",
+            hint="SMTP_FROM_POLICY=reject",
+        )
+    name = ""
+    if mailbox:
+        name = mailbox.display_name or " ".join(value_parser.get_address_list(text)[0].comments)
+    new = [_login_field(_shown(name) or policy.full_name or "", policy.sender)]
+    if mailbox and mailbox.domain and not any(f.name == "reply-to" for f in fields):
+        reply_to = _mailbox_field(
+            "Reply-To", mailbox.display_name, mailbox.username, mailbox.domain
+        )
+        new.append(reply_to)
+    first = fields.index(from_fields[0])
+    rest = [f for f in fields if f.name != "from"]
+    return rest[:first] + new + rest[first:], original
+
+
+def _mailbox_field(name: str, display_name: str, username: str, domain: str) -> _Field:
+    """One folded mailbox field; RFC 2047 for a non-ASCII name; CR/LF/NUL cannot get through."""
+    # a non-ASCII address needs SMTPUTF8 anyway; SMTP would RFC 2047-encode the address itself
+    pol = email_policy.SMTP if (username + domain).isascii() else email_policy.SMTPUTF8
+    header = pol.header_factory(name, Address(_shown(display_name), username, domain))
+    return _Field(name.lower(), pol.fold_binary(name, header))
+
+
+def _login_field(display_name: str, login: str) -> _Field:
+    username, at, domain = login.rpartition("@")
+    return _mailbox_field("From", display_name, username if at else login, domain)
+
+
+def _decode(raw: bytes) -> str:
+    """Raw header bytes → text: UTF-8, else GB18030 (python-deps.md §5.1)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("gb18030", "replace")
+
+
+def _shown(text: str) -> str:
+    return _CONTROL.sub(" ", text).strip()
+
+
+def _envelope_address(address: str) -> str:
+    """IDNA-encode a non-ASCII domain when the local part is ASCII (then no SMTPUTF8 is needed)."""
+    local, _, domain = address.rpartition("@")
+    if address.isascii() or not local.isascii():
+        return address
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        raise DataError(f"cannot IDNA-encode the domain of {address!r}") from None
+
+
+def _dedupe(addresses) -> list[str]:
+    seen, result = set(), []
+    for address in addresses:
+        if address.casefold() not in seen:
+            seen.add(address.casefold())
+            result.append(address)
+    return result
+
+
+def _message_id_domain(policy: HeaderPolicy) -> str:
+    _, at, domain = policy.sender.rpartition("@")
+    domain = at and domain or policy.local_hostname or "localhost"
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "localhost"
