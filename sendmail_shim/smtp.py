@@ -1,0 +1,578 @@
+"""One relay connection: verified TLS, an EHLO name without DNS, one AUTH attempt, streamed DATA,
+a redacted transcript, and every failure mapped to a `sendmail_shim.errors` exception.
+
+Built on `smtplib.SMTP` for reply parsing, EHLO features and the AUTH exchange; this module owns
+the socket (bounded name resolution, TCP_NODELAY, certificate checks) and the timeouts: each
+operation gets ``min(SMTP_TIMEOUT, time left before SMTP_DEADLINE)``.
+"""
+
+import hashlib
+import hmac
+import ipaddress
+import re
+import smtplib
+import socket
+import ssl
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from . import providers
+from .errors import (
+    ConfigError, DataError, ProtocolError, ShimError, SMTPFailure, TempFail, Unavailable,
+)
+from .secret import Secret
+
+CHUNK_SIZE = 64 * 1024
+
+# Preferred AUTH mechanisms. Under TLS the password is protected anyway and PLAIN is one round
+# trip; on a plaintext connection (SMTP_ALLOW_PLAINTEXT_AUTH=yes) CRAM-MD5 at least hides it.
+_MECHANISMS_TLS = ("PLAIN", "LOGIN", "CRAM-MD5")
+_MECHANISMS_PLAIN = ("CRAM-MD5", "PLAIN", "LOGIN")
+
+_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+")
+_UNTRUSTED = {18, 19, 20, 21, 27}  # OpenSSL X509_V_ERR_*: self-signed, unknown issuer, untrusted
+_NAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+@dataclass
+class SendResult:
+    reply: str  # final reply to the end of data, e.g. "250 Mail OK queued as X"
+    accepted: list[str]
+    refused: dict[str, tuple[int, str]]  # recipients the relay refused while accepting others
+    warnings: list[str] = field(default_factory=list)
+
+
+def helo_name(config, sock: socket.socket) -> str:
+    """SMTP_HELO, else the host name if it is a dotted domain, else the local address literal.
+
+    Never socket.getfqdn(): with a broken resolver it blocks for 10–20 s.
+    """
+    if config.helo:
+        return config.helo
+    name = socket.gethostname()
+    if _DOMAIN.fullmatch(name):
+        return name
+    address = ipaddress.ip_address(sock.getsockname()[0].split("%")[0])
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
+
+
+def dot_stuff(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The DATA wire form of CRLF-normalised message bytes: dot-stuffed, ended by CRLF "." CRLF.
+
+    Works chunk by chunk (constant memory); a line may start in one chunk and its dot be the
+    first byte of the next.
+    """
+    at_line_start = True
+    for chunk in chunks:
+        if not chunk:
+            continue
+        stuffed = chunk.replace(b"\n.", b"\n..")
+        yield b"." + stuffed if at_line_start and chunk[:1] == b"." else stuffed
+        at_line_start = chunk[-1:] == b"\n"
+    yield b".\r\n" if at_line_start else b"\r\n.\r\n"
+
+
+def xtext(text: str) -> str:
+    """RFC 3461 xtext, for ENVID."""
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in text)
+
+
+class _Clock:
+    """SMTP_TIMEOUT per operation, capped by what is left of SMTP_DEADLINE."""
+
+    def __init__(self, timeout: float, deadline: float):
+        self.timeout, self.deadline = timeout, deadline
+        self._end = time.monotonic() + deadline
+        self.cut_by_deadline = False  # whether the last budget was the deadline's, not the timeout
+
+    def budget(self, limit: float | None = None) -> float:
+        limit = self.timeout if limit is None else limit
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TempFail(f"gave up after SMTP_DEADLINE={self.deadline:g}s")
+        self.cut_by_deadline = left < limit
+        return min(limit, left)
+
+
+class _Wire(smtplib.SMTP):
+    """smtplib on our socket: each read and write is bounded by the clock, and written to the
+    transcript, with every client line of an AUTH exchange shown as ``***``."""
+
+    ehlo_msg = "EHLO"
+
+    def __init__(self, sock: socket.socket, clock: _Clock, transcript: Callable[[str], None] | None):
+        super().__init__(local_hostname="localhost")  # anything but None: None means getfqdn()
+        self.sock, self.file = sock, None
+        self.clock, self.transcript = clock, transcript
+        self.redact = False
+
+    def send(self, s):
+        if self.sock:
+            self.sock.settimeout(self.clock.budget())
+        super().send(s)
+
+    def putcmd(self, cmd, args=""):
+        self._note("C: " + self._shown(f"{cmd} {args}".rstrip()))
+        super().putcmd(cmd, args)
+
+    def putcmds(self, lines: list[str]) -> None:
+        """Several commands in one write (PIPELINING)."""
+        for line in lines:
+            self._note("C: " + line)
+        self.send("".join(line + "\r\n" for line in lines))
+
+    def getreply(self):
+        if self.sock:
+            self.sock.settimeout(self.clock.budget())
+        code, text = super().getreply()
+        if code == -1:  # smtplib has already cut the line; there is nothing useful to show
+            self._note("S: <not an SMTP reply>")
+            raise smtplib.SMTPResponseException(-1, text)
+        lines = text.decode("utf-8", "replace").split("\n")
+        for number, line in enumerate(lines, 1):
+            self._note(f"S: {code}{' ' if number == len(lines) else '-'}{line}".rstrip())
+        return code, text
+
+    def _shown(self, line: str) -> str:
+        if not self.redact:
+            return line
+        words = line.split(" ")
+        if words[0].upper() != "AUTH":
+            return "***"
+        return " ".join(words[:2]) + (" ***" if len(words) > 2 else "")
+
+    def _note(self, line: str) -> None:
+        if self.transcript:
+            self.transcript(line)
+
+
+class Relay:
+    """One connection to the configured relay; `open()` (or ``with``) before `send()`.
+
+    After `open()`: ``tls_version``, ``cipher``, ``peer_subject`` (when verified against CAs),
+    ``peer_fingerprint`` (SHA-256 hex), ``verified``, ``features`` (EHLO keywords → parameters),
+    ``auth_mechanism``, ``auth_result``, ``helo_name``, ``server_banner``.
+    """
+
+    chunk_size = CHUNK_SIZE
+
+    def __init__(self, config, password: Callable[[], Secret] | None = None, *,
+                 transcript: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None):
+        self.config = config
+        self._password = password
+        self._transcript = transcript
+        self._warn = warn or (lambda text: None)
+        self._wire: _Wire | None = None
+        self._clock: _Clock | None = None
+        self._broken = False  # transport failed: no QUIT on close
+        self._dirty = False  # a transaction was started since the last RSET
+        self.tls_version = self.cipher = self.peer_subject = self.peer_fingerprint = None
+        self.verified = False
+        self.features: dict[str, str] = {}
+        self.auth_mechanism = self.auth_result = self.helo_name = self.server_banner = None
+
+    @property
+    def where(self) -> str:
+        host = self.config.host or ""
+        return f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect, TLS, EHLO and AUTH (when SMTP_USER is set)."""
+        config = self.config
+        if not config.host:
+            raise ConfigError("SMTP_HOST is not set")
+        if config.user and config.security == "none" and not config.allow_plaintext_auth:
+            raise ConfigError(
+                f"refusing to send the password for {config.user} unencrypted to {self.where}",
+                hint="set SMTP_SECURITY=tls or starttls, or SMTP_ALLOW_PLAINTEXT_AUTH=yes on a trusted network",
+            )
+        context = self._tls_context() if config.security != "none" else None
+        self._clock = _Clock(config.timeout, config.deadline)
+        self._broken = self._dirty = False
+        try:
+            with self._at("connect"):
+                sock = self._connect()
+            self._note(f"* connected to {self.where}")
+            if config.security == "tls":
+                with self._at("tls"):
+                    sock = self._handshake(sock, context)
+            self._wire = _Wire(sock, self._clock, self._transcript)
+            with self._at("greeting"):
+                code, text = self._wire.getreply()
+                if code != 220:
+                    raise self._failure(code, text, "connect")
+            self.server_banner = _text(text)
+            self.helo_name = self._wire.local_hostname = helo_name(config, sock)
+            self._ehlo()
+            if config.security == "starttls":
+                self._starttls(context)
+            if config.user:
+                self._authenticate()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """QUIT when the connection is still sound; never raises."""
+        wire, self._wire = self._wire, None
+        if wire is None:
+            return
+        try:
+            if not self._broken and wire.sock:
+                wire.docmd("QUIT")
+        except (ShimError, OSError):
+            pass
+        finally:
+            wire.close()
+
+    def __enter__(self) -> "Relay":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _connect(self) -> socket.socket:
+        """TCP to the relay; name resolution and connecting share SMTP_CONNECT_TIMEOUT."""
+        budget = self._clock.budget(self.config.connect_timeout)
+        end = time.monotonic() + budget
+        error: OSError | None = None
+        for family, kind, proto, _, address in self._resolve(budget):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(max(end - time.monotonic(), 0.001))
+                sock.connect(address)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle stall on the dot
+            return sock
+        raise error or OSError(f"no address for {self.config.host}")
+
+    def _resolve(self, budget: float) -> list:
+        """getaddrinfo in a daemon thread, so a dead resolver costs at most the budget."""
+        host, port = self.config.host, self.config.port
+        outcome: dict = {}
+
+        def lookup():
+            try:
+                outcome["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=lookup, name="sendmail-shim resolver", daemon=True)
+        worker.start()
+        worker.join(budget)
+        if worker.is_alive():
+            raise TempFail(f"cannot resolve {host}: no answer within {budget:g}s", hint="check the DNS resolver")
+        if "error" in outcome:
+            reason = outcome["error"].strerror or str(outcome["error"])
+            raise TempFail(f"cannot resolve {host}: {reason.lower()}", hint="check SMTP_HOST and the DNS resolver")
+        return outcome["addresses"]
+
+    def _tls_context(self) -> ssl.SSLContext:
+        config = self.config
+        try:
+            context = ssl.create_default_context(cafile=config.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"SMTP_CA_FILE={config.ca_file}: cannot load it: {exc.strerror or exc}") from None
+        if config.tls_fingerprint or not config.tls_verify:
+            context.check_hostname = False  # the pin alone decides, or the user opted out
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _handshake(self, sock: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
+        config = self.config
+        try:
+            sock.settimeout(self._clock.budget())
+            tls = context.wrap_socket(sock, server_hostname=config.host)
+        except BaseException:
+            sock.close()
+            raise
+        der = tls.getpeercert(binary_form=True)
+        self.tls_version, self.cipher = tls.version(), tls.cipher()[0]
+        self.peer_fingerprint = hashlib.sha256(der).hexdigest() if der else None
+        if config.tls_fingerprint:
+            if not hmac.compare_digest(self.peer_fingerprint or "", config.tls_fingerprint):
+                tls.close()
+                raise Unavailable(
+                    f"the TLS certificate of {self.where} does not match SMTP_TLS_FINGERPRINT",
+                    hint=f"SMTP_TLS_FINGERPRINT is {config.tls_fingerprint}, the relay presented {self.peer_fingerprint}",
+                )
+            self.verified, how = True, "matches SMTP_TLS_FINGERPRINT"
+        elif config.tls_verify:
+            subject = tls.getpeercert().get("subject", ())
+            self.peer_subject = ", ".join(f"{key}={value}" for rdn in subject for key, value in rdn)
+            self.verified = True
+            how = f"verified against {'SMTP_CA_FILE' if config.ca_file else 'the system CAs'}"
+        else:
+            how = "NOT verified"
+            self._warn(f"TLS certificate of {self.where} not verified (SMTP_TLS_VERIFY=no): "
+                       "anyone on the path can read the password and the mail")
+        self._note(f"* {self.tls_version} {self.cipher}, certificate {how}")
+        return tls
+
+    def _ehlo(self) -> None:
+        with self._at("ehlo"):
+            code, text = self._wire.ehlo(self.helo_name)
+            if code != 250:
+                raise self._failure(code, text, "ehlo")
+        self.features = {keyword: value.strip() for keyword, value in self._wire.esmtp_features.items()}
+
+    def _starttls(self, context: ssl.SSLContext) -> None:
+        if "starttls" not in self.features:
+            raise Unavailable(
+                f"{self.where} does not offer STARTTLS",
+                hint="SMTP_SECURITY=starttls never falls back to plaintext; the relay (or something "
+                "between you and it) removed STARTTLS — for port 465 set SMTP_SECURITY=tls",
+            )
+        with self._at("starttls"):
+            code, text = self._wire.docmd("STARTTLS")
+            if code != 220:
+                raise self._failure(code, text, "starttls")
+            # RFC 3207: forget everything learnt before TLS, including unread bytes
+            self._wire.sock, self._wire.file = self._handshake(self._wire.sock, context), None
+        self._ehlo()
+
+    def _authenticate(self) -> None:
+        offered = self.features.get("auth", "").upper().split()
+        if not offered:
+            raise ConfigError(f"{self.where} does not offer AUTH, but SMTP_USER is set",
+                              hint="for a relay without login, unset SMTP_USER and set SMTP_FROM")
+        preference = _MECHANISMS_TLS if self.tls_version else _MECHANISMS_PLAIN
+        mechanism = next((m for m in preference if m in offered), None)
+        if mechanism is None:
+            raise Unavailable(f"{self.where} offers AUTH {' '.join(offered)}; sendmail-shim speaks "
+                              f"{', '.join(_MECHANISMS_TLS)}")
+        if self._password is None:
+            raise ConfigError("SMTP_USER is set but there is no password to log in with")
+        secret = self._password()  # only now: TLS is up and AUTH is certain
+        responder = _responder(mechanism, self.config.user, secret)
+        with self._at("auth"):
+            self._wire.redact = True
+            try:
+                code, text = self._wire.auth(mechanism, responder, initial_response_ok=mechanism == "PLAIN")
+            except UnicodeEncodeError:
+                raise ConfigError("the login or password has non-ASCII characters, which SMTP AUTH "
+                                  "through smtplib cannot send") from None
+            finally:
+                self._wire.redact = False
+        self.auth_mechanism, self.auth_result = mechanism, f"{code} {_text(text)}"
+
+    # -- mail transactions --------------------------------------------------------------------
+
+    def send(self, envelope, data: BinaryIO) -> SendResult:
+        """Deliver one message (``data`` positioned at its start, CRLF, not dot-stuffed)."""
+        if self._broken or not self._wire:
+            raise TempFail(f"the connection to {self.where} is no longer usable; open a new one")
+        warnings: list[str] = []
+        mail, rcpts, smtputf8 = self._commands(envelope, warnings)
+        pipelined = "pipelining" in self.features
+        with self._at("mail"):
+            self._reset()
+            self._dirty = True
+            if smtputf8:
+                self._wire.command_encoding = "utf-8"
+            if pipelined:  # RFC 2920: MAIL, every RCPT and DATA in one write, replies in order
+                self._wire.putcmds([mail, *rcpts, "DATA"])
+                replies = [self._wire.getreply() for _ in range(len(rcpts) + 2)]
+            else:
+                replies = [self._wire.docmd(mail)]
+        mail_reply, data_reply = replies[0], replies[-1] if pipelined else None
+        if not 200 <= mail_reply[0] < 300:
+            self._abandon(data_reply)
+            raise self._failure(*mail_reply, "mail")
+        with self._at("rcpt"):
+            rcpt_replies = replies[1:-1] if pipelined else [self._wire.docmd(line) for line in rcpts]
+        refused = {
+            rcpt: (code, _text(text))
+            for rcpt, (code, text) in zip(envelope.recipients, rcpt_replies) if not 200 <= code < 300
+        }
+        accepted = [rcpt for rcpt in envelope.recipients if rcpt not in refused]
+        if not accepted:
+            self._abandon(data_reply)
+            code, text = min(refused.values())  # a 4xx, if any, for it may go away
+            error = self._failure(code, text, "rcpt")
+            error.refused = refused
+            raise error
+        with self._at("data"):
+            code, text = data_reply if pipelined else self._wire.docmd("DATA")
+        if code != 354:
+            self._abandon()
+            raise self._failure(code, text, "data")
+        with self._at("dot"):
+            self._stream(data)
+            code, text = self._wire.getreply()
+            if not 200 <= code < 300:
+                raise self._failure(code, text, "dot")
+        return SendResult(f"{code} {_text(text)}", accepted, refused, warnings)
+
+    def verify_sender(self) -> str:
+        """MAIL FROM:<sender> then RSET: does the relay accept our sender? (for --check)"""
+        if not self.config.sender:
+            raise ConfigError("no sender: set SMTP_USER (or SMTP_FROM for a relay without login)")
+        with self._at("mail"):
+            self._reset()
+            self._dirty = True
+            code, text = self._wire.docmd(f"MAIL FROM:<{self.config.sender}>")
+            self._reset()
+        if not 200 <= code < 300:
+            raise self._failure(code, text, "mail")
+        return f"{code} {_text(text)}"
+
+    def _commands(self, envelope, warnings: list[str]) -> tuple[str, list[str], bool]:
+        """The MAIL and RCPT command lines for this relay's extensions, and whether SMTPUTF8."""
+        addresses = [envelope.sender, *envelope.recipients]
+        if not envelope.recipients:
+            raise DataError("the message has no recipients")
+        if any(c in address for address in addresses for c in "\r\n<>"):
+            raise DataError("an envelope address contains a line break or angle bracket")
+        features = self.features
+        params = []
+        if envelope.eight_bit:
+            if "8bitmime" in features:
+                params.append("BODY=8BITMIME")
+            else:
+                warnings.append(f"{self.where} does not offer 8BITMIME; the 8-bit message was sent anyway")
+        wide = next((address for address in addresses if not address.isascii()), None)
+        smtputf8 = bool(envelope.smtputf8 or wide)
+        if smtputf8:
+            if "smtputf8" not in features:
+                raise DataError(f"address {wide or envelope.sender} needs SMTPUTF8, which the relay does not offer")
+            params.append("SMTPUTF8")
+        if "size" in features and envelope.size:
+            params.append(f"SIZE={envelope.size}")
+        rcpt_params = []
+        if "dsn" in features:  # DSN requests are wishes: without the extension they are dropped
+            if envelope.dsn_ret:
+                params.append(f"RET={envelope.dsn_ret.upper()}")
+            if envelope.envid:
+                params.append(f"ENVID={xtext(envelope.envid)}")
+            if envelope.dsn_notify:
+                rcpt_params.append(f"NOTIFY={envelope.dsn_notify.upper()}")
+        mail = " ".join([f"MAIL FROM:<{envelope.sender}>", *params])
+        return mail, [" ".join([f"RCPT TO:<{rcpt}>", *rcpt_params]) for rcpt in envelope.recipients], smtputf8
+
+    def _stream(self, data: BinaryIO) -> None:
+        size = 0
+        for piece in dot_stuff(iter(lambda: data.read(self.chunk_size), b"")):
+            self._wire.send(piece)
+            size += len(piece)
+        self._note(f"C: <message, {size} bytes on the wire, ending with .>")
+
+    def _reset(self) -> None:
+        """RSET between transactions, so one connection can carry many messages."""
+        if self._dirty:
+            code, text = self._wire.docmd("RSET")
+            if code != 250:
+                raise self._failure(code, text, "rset")
+            self._wire.command_encoding = "ascii"
+            self._dirty = False
+
+    def _abandon(self, data_reply: tuple[int, bytes] | None = None) -> None:
+        """After a failed MAIL, RCPT or DATA: end a DATA that a broken pipelining server accepted,
+        then RSET. Failing that, the connection is not reused; the first error is what counts."""
+        try:
+            with self._at("rset"):
+                if data_reply and data_reply[0] == 354:
+                    self._wire.send(b".\r\n")
+                    self._wire.getreply()
+                self._reset()
+        except ShimError:
+            self._broken = True
+
+    # -- errors -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _at(self, stage: str):
+        """Translate whatever smtplib, ssl or socket raise during ``stage`` into a ShimError."""
+        try:
+            yield
+        except ShimError:
+            raise
+        except smtplib.SMTPResponseException as exc:
+            if exc.smtp_code == -1:
+                self._broken = True
+                raise ProtocolError(f"{self.where} answered with something that is not SMTP "
+                                    f"(at {stage.upper()})") from None
+            raise self._failure(exc.smtp_code, exc.smtp_error, stage) from None
+        except (OSError, ValueError) as exc:  # every smtplib and ssl error is one of these
+            self._broken = True
+            raise self._transport_error(exc, stage) from None
+
+    def _transport_error(self, exc: Exception, stage: str) -> ShimError:
+        where, config = self.where, self.config
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return self._untrusted(exc)
+        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+            if self._clock.cut_by_deadline:
+                return TempFail(f"gave up on {where} at {stage.upper()} after SMTP_DEADLINE={config.deadline:g}s")
+            hint = None
+            if stage == "dot":
+                hint = "the relay may have accepted the message anyway; a retry can deliver it twice"
+            elif stage == "greeting" and config.port == 465 and config.security != "tls":
+                hint = "port 465 expects implicit TLS: set SMTP_SECURITY=tls"
+            if stage == "connect":
+                return TempFail(f"cannot connect to {where}: timed out after {config.connect_timeout:g}s")
+            return TempFail(f"no answer from {where} within {config.timeout:g}s (at {stage.upper()})", hint=hint)
+        if isinstance(exc, ssl.SSLError):
+            hint = None
+            if exc.reason == "WRONG_VERSION_NUMBER" and config.security == "tls":
+                hint = "the relay does not speak implicit TLS on this port; for 587 or 25 set SMTP_SECURITY=starttls"
+            return ProtocolError(f"TLS with {where} failed: {exc.reason or exc}", hint=hint)
+        if isinstance(exc, smtplib.SMTPServerDisconnected):
+            return TempFail(f"{where} closed the connection (at {stage.upper()})")
+        if isinstance(exc, smtplib.SMTPException) or not isinstance(exc, OSError):
+            return ProtocolError(f"{where} broke the SMTP protocol at {stage.upper()}: {exc}")
+        reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+        if stage == "connect":
+            return TempFail(f"cannot connect to {where}: {reason}")
+        return TempFail(f"connection to {where} failed (at {stage.upper()}): {reason}")
+
+    def _untrusted(self, exc: ssl.SSLCertVerificationError) -> Unavailable:
+        config = self.config
+        hint = None
+        if exc.verify_code in _NAME_MISMATCH:
+            hint = f"the certificate is not issued for {config.host}; set SMTP_HOST to a name it carries"
+        elif exc.verify_code in _UNTRUSTED and config.ca_file:
+            hint = f"SMTP_CA_FILE={config.ca_file} does not hold the CA that issued the relay's certificate"
+        elif exc.verify_code in _UNTRUSTED:
+            hint = "set SMTP_CA_FILE to the relay's CA certificate, or pin it with SMTP_TLS_FINGERPRINT"
+        return Unavailable(f"the TLS certificate of {self.where} is not trusted: {exc.verify_message}", hint=hint)
+
+    def _failure(self, code: int, text, stage: str) -> ShimError:
+        reply = _text(text)
+        if stage == "mail" and code == 530 and not self.auth_mechanism:
+            if "tls" in reply.lower():
+                return ConfigError(f"{self.where} requires TLS: {code} {reply}",
+                                   hint="set SMTP_SECURITY=starttls (or tls for port 465)")
+            return ConfigError(f"{self.where} requires AUTH: {code} {reply}",
+                               hint="set SMTP_USER and store the password with sendmail-shim --set-password")
+        return SMTPFailure(code, reply, stage, hint=providers.reply_hint(self.config.provider, stage, code, reply))
+
+    def _note(self, line: str) -> None:
+        if self._transcript:
+            self._transcript(line)
+
+
+def _responder(mechanism: str, user: str, secret: Secret) -> Callable[..., str | None]:
+    """smtplib's ``authobject`` for one mechanism; the password stays inside the Secret."""
+    if mechanism == "PLAIN":
+        return lambda challenge=None: f"\0{user}\0{secret.reveal()}"
+    if mechanism == "CRAM-MD5":
+        return lambda challenge=None: None if challenge is None else (
+            user + " " + hmac.new(secret.reveal().encode("utf-8"), challenge, "md5").hexdigest())
+    answers = iter((lambda: user, secret.reveal))  # LOGIN: first the user, then the password
+    return lambda challenge=None: next(answers, lambda: "")()
+
+
+def _text(text) -> str:
+    return text.decode("utf-8", "replace").replace("\n", " ") if isinstance(text, bytes) else str(text)
