@@ -1,0 +1,58 @@
+"""Queue commands: -bp/mailq, -q, --show, --delete, --retry, --requeue."""
+
+from . import runner
+from .errors import EX_OK
+from .log import MessageLog
+from .queue import Queue
+
+
+def run(opts, config, stdout, stderr, environ) -> int:
+    queue = Queue(config.queue_dir)
+    if opts.mode == "list":
+        stdout.write(queue.listing())
+        return EX_OK
+    if opts.mode == "run-queue":
+        return _run_queue(opts, config, queue, stderr)
+    if opts.mode == "show":
+        stdout.flush()
+        getattr(stdout, "buffer", stdout).write(queue.show(opts.target))
+        return EX_OK
+    if opts.mode == "delete":
+        message = queue.delete(opts.target)
+        MessageLog.from_config(config).record(
+            message.id, status="deleted", sender=message.envelope.sender,
+            recipients=[r.address for r in message.pending], reply="deleted by the administrator",
+        )
+        print(f"sendmail-shim: {message.id} deleted", file=stdout)
+    elif opts.mode == "retry":
+        changed = queue.retry_now(None if opts.target == "all" else opts.target)
+        print(f"sendmail-shim: {len(changed)} message(s) due now; run sendmail-shim -q to deliver", file=stdout)
+    elif opts.mode == "requeue":
+        message = queue.requeue(opts.target)
+        print(f"sendmail-shim: {message.id} moved back to the queue", file=stdout)
+    return EX_OK
+
+
+def _run_queue(opts, config, queue, stderr) -> int:
+    selector = runner.Selector(*opts.queue_filter) if opts.queue_filter else None
+    progress = None
+    if opts.verbose and stderr.isatty():
+        progress = lambda done, total, line: _bar(stderr, done, total)  # noqa: E731
+    elif opts.verbose:
+        progress = lambda done, total, line: print(f"[{done}/{total}] {line}", file=stderr)  # noqa: E731
+    transcript = (lambda line: print(line, file=stderr)) if opts.verbose > 1 else None
+    stats = runner.run_queue(config, queue, log=MessageLog.from_config(config), selector=selector,
+                             progress=progress, transcript=transcript)
+    if opts.verbose:
+        print(
+            f"\nsendmail-shim: {stats.sent} sent, {stats.deferred} deferred, {stats.failed} failed, "
+            f"{stats.bounces} bounces, {stats.picked_up} picked up, {stats.busy} busy",
+            file=stderr,
+        )
+    return EX_OK
+
+
+def _bar(stream, done: int, total: int, width: int = 40) -> None:
+    filled = width * done // max(total, 1)
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    stream.flush()

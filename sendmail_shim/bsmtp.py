@@ -1,0 +1,183 @@
+"""`-bs`: an SMTP server on stdin/stdout (Symfony Mailer, Laravel, SwiftMailer defaults).
+
+The greeting goes out before anything is read; each message goes through the same path as
+``-t`` (`submit.accept`), and the reply to the final dot is 250 only once the message is
+delivered or durably queued. Nothing but SMTP replies is ever written to stdout.
+"""
+
+import dataclasses
+import socket
+import tempfile
+
+from . import message, submit
+from .errors import (
+    EX_OK, ConfigError, DataError, PolicyError, SMTPFailure, ShimError, TempFail, UsageError,
+)
+
+MAX_COMMAND = 2048  # RFC 5321 §4.5.3.1.4 says 512; clients with long parameters exist
+MAX_LINE = 64 * 1024  # a DATA line; the message reader breaks lines over 998 octets itself
+SPOOL_IN_MEMORY = 1 << 20
+
+
+class Session:
+    """One SMTP session: the command state machine and its replies."""
+
+    def __init__(self, opts, config, stdin, stdout, stderr, environ):
+        self.opts, self.config, self.environ = opts, config, environ
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.hostname = socket.gethostname()
+        self.reset()
+
+    def reset(self) -> None:
+        self.mail_from: str | None = None
+        self.recipients: list[str] = []
+
+    def reply(self, text: str) -> None:
+        self.stdout.write(text.encode("utf-8", "replace") + b"\r\n")
+        self.stdout.flush()
+
+    def serve(self) -> int:
+        self.reply(f"220 {self.hostname} ESMTP sendmail-shim")
+        while True:
+            line = self.stdin.readline(MAX_COMMAND + 1)
+            if not line:
+                return EX_OK  # EOF without QUIT ends the session cleanly
+            if len(line) > MAX_COMMAND and not line.endswith(b"\n"):
+                self._discard_rest_of_line()
+                self.reply("500 5.5.2 Line too long")
+                continue
+            command = line.rstrip(b"\r\n").decode("utf-8", "replace")
+            verb, _, argument = command.partition(" ")
+            handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isalpha() else None
+            if handler is None:
+                self.reply("502 5.5.2 Command not recognized")
+            elif handler(argument.strip()) is False:
+                return EX_OK
+
+    def _discard_rest_of_line(self) -> None:
+        while True:
+            chunk = self.stdin.readline(MAX_COMMAND)
+            if not chunk or chunk.endswith(b"\n"):
+                return
+
+    def smtp_HELO(self, argument: str):
+        if not argument:
+            return self.reply("501 5.5.4 Syntax: HELO hostname")
+        self.reset()
+        self.reply(f"250 {self.hostname}")
+
+    def smtp_EHLO(self, argument: str):
+        if not argument:
+            return self.reply("501 5.5.4 Syntax: EHLO hostname")
+        self.reset()
+        for line in (self.hostname, "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"):
+            self.stdout.write(f"250-{line}\r\n".encode())
+        self.reply("250 HELP")
+
+    def smtp_MAIL(self, argument: str):
+        if self.mail_from is not None:
+            return self.reply("503 5.5.1 Error: nested MAIL command")
+        address = _path(argument, "FROM:")
+        if address is None:
+            return self.reply("501 5.5.4 Syntax: MAIL FROM:<address>")
+        self.mail_from = address
+        self.reply("250 2.1.0 Ok")
+
+    def smtp_RCPT(self, argument: str):
+        if self.mail_from is None:
+            return self.reply("503 5.5.1 Error: need MAIL command")
+        address = _path(argument, "TO:")
+        if not address:
+            return self.reply("501 5.5.4 Syntax: RCPT TO:<address>")
+        try:
+            [resolved] = message.parse_recipient_args([address])
+            message.resolve_local(resolved, self.config.aliases, self.hostname)
+        except (DataError, ValueError) as exc:
+            return self.reply(f"550 5.1.1 {_one_line(exc)}")
+        self.recipients.append(address)
+        self.reply("250 2.1.5 Ok")
+
+    def smtp_DATA(self, argument: str):
+        if self.mail_from is None:
+            return self.reply("503 5.5.1 Error: need MAIL command")
+        if not self.recipients:
+            return self.reply("503 5.5.1 Error: need RCPT command")
+        self.reply("354 End data with <CR><LF>.<CR><LF>")
+        with tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY) as spool:
+            if not self._read_data(spool):
+                return False  # EOF inside DATA: the client went away; nothing was accepted
+            spool.seek(0)
+            self.reply(self._accept(spool))
+        self.reset()
+
+    def _read_data(self, spool) -> bool:
+        """Copy DATA lines up to the lone dot into `spool`, removing dot-stuffing."""
+        while True:
+            line = self.stdin.readline(MAX_LINE)
+            if not line:
+                return False
+            if line in (b".\r\n", b".\n"):
+                return True
+            spool.write(line[1:] if line.startswith(b".") else line)
+
+    def _accept(self, spool) -> str:
+        opts = dataclasses.replace(
+            self.opts, extract_recipients=False, recipients=list(self.recipients),
+            sender=self.mail_from or None, dot_ends=False,
+        )
+        try:
+            msg_id = submit.accept(message.MessageReader(spool, dot_ends=False), opts, self.config,
+                                   self.stderr, self.environ)
+        except ShimError as exc:
+            return reply_for(exc)
+        return f"250 2.0.0 Ok: queued as {msg_id}"
+
+    def smtp_RSET(self, argument: str):
+        self.reset()
+        self.reply("250 2.0.0 Ok")
+
+    def smtp_NOOP(self, argument: str):
+        self.reply("250 2.0.0 Ok")
+
+    def smtp_VRFY(self, argument: str):
+        self.reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def smtp_HELP(self, argument: str):
+        self.reply("214 2.0.0 HELO EHLO MAIL RCPT DATA RSET NOOP VRFY QUIT")
+
+    def smtp_QUIT(self, argument: str):
+        self.reply("221 2.0.0 Bye")
+        return False
+
+
+def _path(argument: str, keyword: str) -> str | None:
+    """``FROM:<a@b> BODY=8BITMIME`` → ``a@b`` (parameters are ours to choose, so ignored)."""
+    if argument[: len(keyword)].upper() != keyword:
+        return None
+    rest = argument[len(keyword):].strip()
+    if rest.startswith("<"):
+        end = rest.find(">")
+        return None if end < 0 else rest[1:end]
+    return rest.split(" ", 1)[0] if rest else None
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())
+
+
+def reply_for(exc: ShimError) -> str:
+    """The SMTP reply that makes the application raise the same failure the exit code would."""
+    text = _one_line(exc)
+    if isinstance(exc, SMTPFailure) and exc.code >= 400:
+        return f"{exc.code} {_one_line(exc.reply)}"
+    if isinstance(exc, (TempFail, ConfigError)):
+        return f"451 4.3.0 {text}"
+    if isinstance(exc, PolicyError):
+        return f"550 5.7.1 {text}"
+    if isinstance(exc, (DataError, UsageError)):
+        return f"554 5.6.0 {text}"
+    return f"451 4.3.0 {text}"
+
+
+def serve(opts, config, stdin, stdout, stderr, environ) -> int:
+    return Session(opts, config, stdin, getattr(stdout, "buffer", stdout), stderr, environ).serve()

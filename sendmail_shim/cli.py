@@ -1,0 +1,100 @@
+"""Entry point: `main()` is the only place that prints an error or chooses an exit status.
+
+Modules are imported per mode so that every call of the sendmail path pays only for what it
+uses (PHP and cron start one process per mail).
+"""
+
+import os
+import sys
+
+from . import __version__
+from .errors import EX_OK, EX_SOFTWARE, EX_TEMPFAIL, ShimError
+
+USAGE = """\
+usage: sendmail-shim [-t] [-i|-oi] [-f sender] [-F name] [-odb|-odi|-odq] [-v] [--] [recipient ...]
+       sendmail-shim -bs            SMTP on stdin/stdout (Symfony, Laravel, SwiftMailer)
+       sendmail-shim -bp | mailq    list the queue
+       sendmail-shim -q [-v] [-qR…|-qS…|-qI…]   deliver what is due
+       sendmail-shim --check [--to ADDR]          test the configuration (and send a test mail)
+       sendmail-shim --set-password | --delete-password
+       sendmail-shim --show ID | --delete ID | --retry ID|all | --requeue ID
+       sendmail-shim --config FILE …   read only FILE (also SENDMAIL_SHIM_CONFIG)
+       sendmail-shim --version | --help
+
+Sendmail options that change nothing here are accepted: -bm -B -N -R -V -oX -eX -h -L -A -O -p
+-G -U -m -n -x -c -d. -X and -C are refused. Configuration keys: see README.md.
+"""
+
+
+def main(argv=None, *, stdin=None, stdout=None, stderr=None, environ=None) -> int:
+    argv = sys.argv if argv is None else argv
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    environ = os.environ if environ is None else environ
+    verbose = False
+    try:
+        from . import options
+
+        opts = options.parse(list(argv[1:]), os.path.basename(argv[0]) if argv else "")
+        verbose = opts.verbose > 0
+        return run(opts, stdin, stdout, stderr, environ)
+    except ShimError as exc:
+        print(f"sendmail-shim: {exc}", file=stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sendmail-shim: interrupted; nothing was accepted", file=stderr)
+        return EX_TEMPFAIL
+    except Exception as exc:  # a bug: still one line and a non-zero exit, never a lost message
+        print(f"sendmail-shim: internal error: {type(exc).__name__}: {exc}", file=stderr)
+        if verbose:
+            import traceback
+
+            traceback.print_exc(file=stderr)
+        return EX_SOFTWARE
+
+
+def run(opts, stdin, stdout, stderr, environ) -> int:
+    """The program without error handling."""
+    if opts.mode == "help":
+        stdout.write(USAGE)
+        return EX_OK
+    if opts.mode == "version":
+        print(f"sendmail-shim {__version__}", file=stdout)
+        return EX_OK
+    if opts.mode == "newaliases":
+        return EX_OK  # aliases live in SMTP_ALIASES; there is no database to rebuild
+
+    from . import config as config_module
+
+    config = config_module.load(environ, opts.config_path)
+    if opts.mode == "send":
+        from . import submit
+
+        return submit.submit(opts, config, stdin, stderr, environ)
+    if opts.mode == "smtp":
+        from . import bsmtp
+
+        return bsmtp.serve(opts, config, stdin, stdout, stderr, environ)
+    if opts.mode == "check":
+        from . import check
+
+        return check.run(config, stdout, environ, to=opts.check_to, verbose=opts.verbose)
+    if opts.mode in ("set-password", "delete-password"):
+        return _password_command(opts.mode, config, stdin, stdout, stderr, environ)
+    from . import admin
+
+    return admin.run(opts, config, stdout, stderr, environ)
+
+
+def _password_command(mode, config, stdin, stdout, stderr, environ) -> int:
+    from . import credentials
+
+    if mode == "set-password":
+        secret = credentials.read_new_password(stdin, stderr, prompt=f"Password for {config.user}: ")
+        where = credentials.set_password(config, secret, environ)
+        print(f"sendmail-shim: password for {config.user} stored in {where}", file=stdout)
+    else:
+        where = credentials.delete_password(config, environ)
+        print(f"sendmail-shim: password for {config.user} removed from {where}", file=stdout)
+    return EX_OK

@@ -1,0 +1,132 @@
+"""The sendmail front end: read one message, apply the header policy, then queue or deliver it.
+
+Responsibility is taken at exactly one point: when the queue has the whole message on disk
+(`Spool.commit`), or — in direct mode — when the relay has accepted it. Every path before that
+ends in a non-zero exit, so a message is never dropped.
+"""
+
+import contextlib
+import socket
+import time
+
+from . import message
+from .errors import EX_OK, ConfigError, SMTPFailure, ShimError
+from .log import MessageLog
+
+
+def submit(opts, config, stdin, stderr, environ) -> int:
+    """sendmail's default mode: the message on `stdin`, recipients per `opts`."""
+    accept(message.MessageReader(stdin, dot_ends=opts.dot_ends), opts, config, stderr, environ)
+    return EX_OK
+
+
+def accept(reader, opts, config, stderr, environ) -> str:
+    """Take one message from `reader`, queue or deliver it per the delivery mode; return its id.
+
+    Returns only once the message is durably queued or delivered; raises a ShimError otherwise.
+    """
+    started = time.time()
+    if not config.sender:
+        raise ConfigError("neither SMTP_USER nor SMTP_FROM is set: one of them is the sender of every message")
+    with _draining(reader):
+        header_block = reader.read_header_block()
+        headers, envelope = message.prepare(
+            header_block,
+            extract_recipients=opts.extract_recipients,
+            argv_recipients=opts.recipients,
+            requested_sender=opts.sender,
+            policy=message.HeaderPolicy(
+                sender=config.sender,
+                from_policy=config.from_policy,
+                aliases=config.aliases,
+                local_hostname=socket.gethostname(),
+                full_name=opts.full_name,
+            ),
+        )
+    envelope.dsn_notify, envelope.dsn_ret, envelope.envid = opts.dsn_notify, opts.dsn_ret, opts.envid
+    log = MessageLog.from_config(config)
+    mode = opts.delivery or config.delivery
+    if mode == "direct":
+        return _deliver_direct(opts, config, reader, headers, envelope, log, stderr, environ, started)
+    return _enqueue(opts, config, mode, reader, headers, envelope, log, stderr, environ)
+
+
+@contextlib.contextmanager
+def _draining(reader):
+    """On a refusal, read the rest of the input first: the writer must not die of EPIPE."""
+    try:
+        yield
+    except ShimError:
+        reader.drain()
+        raise
+
+
+def _write(out, reader, headers: bytes, envelope):
+    """Spool the message to `out`; returns the envelope completed with size and 8-bit flag."""
+    out.write(headers)
+    with _draining(reader):
+        body = reader.copy_body(out)
+    out.flush()
+    return message.complete_envelope(envelope, headers, body)
+
+
+def _enqueue(opts, config, mode, reader, headers, envelope, log, stderr, environ) -> str:
+    from . import credentials, runner
+    from .queue import Queue
+
+    queue = Queue(config.queue_dir)
+    queue.ensure()
+    direct_access = queue.can_write() and credentials.readable(config, environ)
+    with queue.spool(drop=not direct_access) as spool:
+        envelope = _write(spool.file, reader, headers, envelope)
+        msg_id = spool.commit(envelope)
+    log.record(
+        msg_id, status="queued", sender=envelope.sender, requested=envelope.requested_sender,
+        recipients=envelope.recipients, size=envelope.size,
+        reply="in maildrop, waiting for the queue runner" if not direct_access else "",
+    )
+    if not direct_access or mode == "queue":
+        return msg_id
+    if mode == "background":
+        runner.deliver_in_background(config, queue, msg_id, log=log)
+        return msg_id
+    outcome = runner.deliver_now(config, queue, msg_id, log=log, transcript=_transcript(opts, stderr))
+    if outcome.error is not None and not outcome.kept:
+        raise outcome.error
+    if outcome.error is not None:  # temporary failure: it stays queued and will be retried
+        print(f"sendmail-shim: {msg_id} queued for retry: {outcome.error}", file=stderr)
+    return msg_id
+
+
+def _deliver_direct(opts, config, reader, headers, envelope, log, stderr, environ, started) -> str:
+    """No queue (read-only systems): deliver from a temporary file or fail with the exit code."""
+    import tempfile
+
+    from . import credentials
+    from .queue import new_id
+    from .smtp import Relay
+
+    msg_id = new_id()
+    with tempfile.TemporaryFile() as spool:
+        envelope = _write(spool, reader, headers, envelope)
+        spool.seek(0)
+        fields = dict(sender=envelope.sender, requested=envelope.requested_sender,
+                      recipients=envelope.recipients, relay=f"{config.host}:{config.port}", size=envelope.size)
+        try:
+            with Relay(config, lambda: credentials.get_password(config, environ), transcript=_transcript(opts, stderr),
+                       warn=lambda text: print(f"sendmail-shim: warning: {text}", file=stderr)) as relay:
+                result = relay.send(envelope, spool)
+        except ShimError as exc:
+            status = "refused" if isinstance(exc, SMTPFailure) and exc.permanent else "deferred"
+            log.record(msg_id, status=status, delay=time.time() - started, reply=str(exc), **fields)
+            raise
+    log.record(msg_id, status="sent", delay=time.time() - started, reply=result.reply, **fields)
+    for rcpt, (code, text) in result.refused.items():
+        print(f"sendmail-shim: {rcpt} refused: {code} {text}", file=stderr)
+    return msg_id
+
+
+def _transcript(opts, stderr):
+    if not opts.verbose:
+        return None
+    return lambda line: print(line, file=stderr)

@@ -1,0 +1,231 @@
+"""End to end: the real console script, piped a message, talking to the real test relay."""
+
+import grp
+import os
+import re
+import stat
+import time
+
+import pytest
+
+from tests.relay import RELAY_PASSWORD
+from sendmail_shim.errors import (
+    EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE,
+)
+
+pytestmark = pytest.mark.e2e
+
+PHP_MAIL = (
+    "To: bob@example.com, Two <two@example.com>\r\n"
+    "Subject: 欢迎注册 DokuWiki\r\n"
+    "From: 网站 <www-data@web1.local>\r\n"
+    "Cc: carol@example.com\r\n"
+    "Bcc: secret-bcc@example.com\r\n"
+    "\r\n"
+    "line1\n.\n..dots\n中文正文\nlast line\r\n"
+).encode()
+
+
+def headers_of(data: bytes) -> str:
+    return data.split(b"\r\n\r\n", 1)[0].decode().replace("\r\n", "\n")
+
+
+def wait_for(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_php_mail_is_delivered_with_sender_equal_to_login(shim, relay):
+    result = shim.run("-t", "-i", "-fwww-data@web1.local", stdin=PHP_MAIL)
+    assert (result.stdout, result.stderr) == (b"", "")
+    [msg] = relay.messages
+    assert msg.mail_from == relay.login and msg.login == relay.login and msg.tls
+    assert msg.rcpt_tos == ["bob@example.com", "two@example.com", "carol@example.com", "secret-bcc@example.com"]
+    assert "BODY=8BITMIME" in msg.mail_options
+    head = headers_of(msg.data)
+    assert "secret-bcc" not in msg.data.decode()
+    assert re.search(r"^From: =\?utf-8\?[bq]\?.*\?= <alice@163\.test>$", head, re.M | re.I)
+    assert "Reply-To: =?utf-8?b?572R56uZ?= <www-data@web1.local>" in head
+    assert "Subject: 欢迎注册 DokuWiki" in head  # raw UTF-8 header passes byte for byte
+    assert re.search(r"^Date: ", head, re.M) and re.search(r"^Message-ID: <.+@163\.test>$", head, re.M)
+    assert msg.data.endswith(b"\r\n\r\nline1\r\n.\r\n..dots\r\n" + "中文正文".encode() + b"\r\nlast line\r\n")
+    [line] = [ln for ln in shim.log_lines() if "status=sent" in ln]
+    assert f"from=<{relay.login}>" in line and "requested=<www-data@web1.local>" in line
+    assert "to=<bob@example.com>,<two@example.com>,<carol@example.com>,<secret-bcc@example.com>" in line
+    assert f"relay=127.0.0.1:{relay.port}" in line
+
+
+def test_default_mode_answers_at_once_and_delivers_in_the_background(shim_factory, relay):
+    shim = shim_factory(relay)  # SENDMAIL_SHIM_DELIVERY unset: background
+    result = shim.run("-t", "-i", stdin=PHP_MAIL)
+    assert (result.stdout, result.stderr) == (b"", "")
+    assert wait_for(lambda: len(relay.messages) == 1)
+    assert wait_for(lambda: any("status=sent" in ln for ln in shim.log_lines()))
+    assert wait_for(lambda: not list((shim.queue_dir / "queue").iterdir()))
+
+
+def test_relay_down_queues_then_q_delivers(shim_factory, relay):
+    shim = shim_factory(relay, SENDMAIL_SHIM_DELIVERY="interactive", SMTP_PORT="1")
+    result = shim.run("-t", "-i", stdin=PHP_MAIL)
+    assert "queued for retry" in result.stderr and result.stderr.count("\n") == 1
+    assert relay.messages == []
+    listing = shim.run("-bp").stdout.decode()
+    assert "bob@example.com" in listing
+    shim.write_config({**shim.settings, "SMTP_PORT": str(relay.port)})
+    shim.run("--retry", "all")
+    shim.run("-q")
+    assert len(relay.messages) == 1
+    assert not list((shim.queue_dir / "queue").iterdir())
+    assert any("status=sent" in ln for ln in shim.log_lines())
+
+
+def test_direct_mode_relay_down_exits_75(shim_factory, relay):
+    shim = shim_factory(relay, SENDMAIL_SHIM_DELIVERY="direct", SMTP_PORT="1")
+    result = shim.run("-t", "-i", stdin=PHP_MAIL, expect_exit=EX_TEMPFAIL)
+    assert result.stderr.startswith("sendmail-shim: ") and "connect" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_direct_mode_delivers(shim_factory, relay):
+    shim = shim_factory(relay, SENDMAIL_SHIM_DELIVERY="direct")
+    shim.run("-i", "bob@example.com", stdin=b"Subject: direct\n\nhello\n")
+    assert relay.messages[0].rcpt_tos == ["bob@example.com"]
+
+
+def test_reject_policy_refuses_before_connecting(shim_factory, relay):
+    shim = shim_factory(relay, SENDMAIL_SHIM_DELIVERY="interactive", SMTP_FROM_POLICY="reject")
+    result = shim.run("-t", "-i", stdin=PHP_MAIL, expect_exit=EX_NOPERM)
+    assert "www-data@web1.local" in result.stderr and relay.login in result.stderr
+    assert relay.commands == [] and relay.messages == []
+    assert not (shim.queue_dir / "queue").exists() or not list((shim.queue_dir / "queue").iterdir())
+
+
+@pytest.mark.parametrize("args, stdin, code, text", [
+    (["-t"], b"Subject: nobody\n\nbody\n", EX_USAGE, "no recipients"),
+    (["-i", "bad@@example.com"], b"Subject: x\n\nbody\n", EX_DATAERR, "bad@@example.com"),
+    (["-t", "-i"], b"To: a@example.com\n\nnul\0byte\n", EX_DATAERR, "NUL"),
+    (["-Z"], b"", EX_USAGE, "unknown option -Z"),
+    (["-t", "-i", "-X", "/var/www/x.php"], b"To: a@example.com\n\nx\n", EX_USAGE, "refusing -X"),
+], ids=["no-recipient", "bad-address", "nul", "unknown-flag", "cve-2016-10033"])
+def test_refusals_exit_with_sysexits_and_one_line(shim, relay, args, stdin, code, text):
+    result = shim.run(*args, stdin=stdin, expect_exit=code)
+    assert text in result.stderr and result.stderr.count("\n") == 1 and result.stdout == b""
+    assert relay.messages == []
+
+
+def test_local_names_go_through_aliases_like_cron(shim_factory, relay):
+    shim = shim_factory(relay, SENDMAIL_SHIM_DELIVERY="interactive", SMTP_ALIASES="root:admin@example.com")
+    cron = b"From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@host> ls\n\n.\nafter\n"
+    shim.run("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root", stdin=cron, env={"PATH": "/usr/bin:/bin"})
+    [msg] = relay.messages
+    assert msg.rcpt_tos == ["admin@example.com"]
+    assert "From: Cron Daemon <alice@163.test>" in headers_of(msg.data)
+    assert msg.data.endswith(b"\r\n\r\n.\r\nafter\r\n")
+
+
+def test_missing_alias_is_refused(shim, relay):
+    result = shim.run("-i", "www-data", stdin=b"x\n", expect_exit=EX_DATAERR)
+    assert "SMTP_ALIASES" in result.stderr
+
+
+def test_dot_ends_the_message_without_dash_i(shim, relay):
+    shim.run("bob@example.com", stdin=b"Subject: dots\n\n..leading\n.\nnot sent\n")
+    assert relay.messages[0].data.endswith(b"\r\n\r\n.leading\r\n")
+
+
+def test_verbose_transcript_is_redacted(shim, relay):
+    result = shim.run("-v", "-i", "bob@example.com", stdin=b"Subject: v\n\nx\n")
+    assert "C: AUTH" in result.stderr and "***" in result.stderr
+    assert "S: 235" in result.stderr
+
+
+def test_wrong_password_keeps_the_message_and_says_why(shim_factory, relay):
+    shim = shim_factory(relay, password="not-the-code", SENDMAIL_SHIM_DELIVERY="interactive")
+    result = shim.run("-i", "bob@example.com", stdin=b"Subject: x\n\nx\n")
+    assert "queued for retry" in result.stderr and "535" in result.stderr
+    assert sum(c.startswith("AUTH") for c in relay.commands) == 1
+
+
+def test_wrong_password_direct_exits_77(shim_factory, relay):
+    shim = shim_factory(relay, password="not-the-code", SENDMAIL_SHIM_DELIVERY="direct")
+    result = shim.run("-i", "bob@example.com", stdin=b"Subject: x\n\nx\n", expect_exit=EX_NOPERM)
+    assert "535" in result.stderr and "--set-password" in result.stderr
+
+
+def test_untrusted_certificate_direct_exits_69(shim_factory, relay_factory):
+    relay = relay_factory(cert="untrusted")
+    shim = shim_factory(relay, SENDMAIL_SHIM_DELIVERY="direct")
+    result = shim.run("-i", "bob@example.com", stdin=b"x\n", expect_exit=EX_UNAVAILABLE)
+    assert "SMTP_CA_FILE" in result.stderr
+    assert not any(c.startswith("AUTH") for c in relay.commands)
+
+
+def test_missing_password_exits_78_with_the_fix(shim_factory, relay):
+    shim = shim_factory(relay, password=None, SENDMAIL_SHIM_DELIVERY="direct")
+    result = shim.run("-i", "bob@example.com", stdin=b"x\n", expect_exit=EX_CONFIG)
+    assert "--set-password" in result.stderr
+
+
+def test_set_password_makes_an_owner_only_file(shim):
+    st = os.stat(shim.credentials_file)
+    try:
+        service_gid = grp.getgrnam("sendmail-shim").gr_gid
+    except KeyError:
+        service_gid = None
+    if os.geteuid() == 0 and service_gid is not None:  # root writes the system-style file
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, service_gid)
+    else:
+        assert stat.S_IMODE(st.st_mode) == 0o600
+    assert RELAY_PASSWORD.encode() not in shim.run("--delete-password").stdout
+    result = shim.run("-i", "x@example.com", stdin=b"x\n", env={"SENDMAIL_SHIM_DELIVERY": "direct"},
+                      expect_exit=EX_CONFIG)
+    assert "no password stored" in result.stderr
+
+
+def test_unknown_config_key_names_file_and_line(shim):
+    shim.config_file.write_text("SMTP_HOST=127.0.0.1\nSMTP_HOSTT=typo\n")
+    result = shim.run("-i", "x@example.com", stdin=b"x\n", expect_exit=EX_CONFIG)
+    assert f"{shim.config_file}:2: unknown key SMTP_HOSTT" in result.stderr
+
+
+def test_check_reports_every_step_and_a_verdict(shim, relay):
+    out = shim.run("--check").stdout.decode()
+    assert "TLS: TLS" in out and "verified" in out
+    assert "AUTH: PLAIN accepted" in out
+    assert "sender check: 250" in out
+    assert out.rstrip().splitlines()[-1].startswith("verdict: OK")
+    assert relay.messages == []
+    shim.run("--check", "--to", "bob@example.com")
+    assert relay.messages[0].rcpt_tos == ["bob@example.com"]
+
+
+def test_check_with_wrong_password_gives_the_hint(shim_factory, relay):
+    shim = shim_factory(relay, password="wrong", SMTP_PROVIDER="163", SMTP_HOST="127.0.0.1",
+                        SMTP_PORT=str(relay.port))
+    result = shim.run("--check", expect_exit=EX_NOPERM)
+    verdict = result.stdout.decode().rstrip().splitlines()[-1]
+    assert verdict.startswith("verdict: FAILED") and "535" in verdict and "授权码" in verdict
+
+
+def test_bs_mode_speaks_smtp_on_stdin_stdout(shim, relay):
+    session = (
+        b"HELO [127.0.0.1]\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<bob@example.com>\r\n"
+        b"RCPT TO:<bcc@example.com>\r\nDATA\r\nFrom: App <app@example.com>\r\nSubject: bs\r\n\r\n"
+        b"..leading dot\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n"
+    )
+    replies = shim.run("-bs", stdin=session).stdout.decode().splitlines()
+    codes = [r[:3] for r in replies]
+    assert codes == ["220", "250", "250", "250", "250", "354", "250", "250", "221"]
+    [msg] = relay.messages
+    assert msg.rcpt_tos == ["bob@example.com", "bcc@example.com"] and msg.mail_from == relay.login
+    assert msg.data.endswith(b"\r\n\r\n.leading dot\r\nbody\r\n")
+
+
+def test_version_and_help_and_newaliases(shim):
+    assert shim.run("--version").stdout.startswith(b"sendmail-shim ")
+    assert b"usage:" in shim.run("--help").stdout
+    assert shim.run("-bi").stdout == b""
