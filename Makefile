@@ -7,6 +7,8 @@ APT_PACKAGES := python3 python3-venv python3-keyring python3-dotenv ca-certifica
 
 .PHONY: test test-venv test-debian demo apt-deps clean
 
+include packaging/deb.mk
+
 test: test-venv test-debian
 
 test-venv: $(VENV)/.installed
@@ -30,10 +32,10 @@ apt-deps:
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(MAKE) apt-deps
-	$(PYTHON) -m venv $(VENV)
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -219,11 +219,11 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = ()) -> Con
         aliases=parse_aliases(get("SMTP_ALIASES") or ""),
         password_command=get("SMTP_PASSWORD_COMMAND"),
         keyring_backend=get("SMTP_KEYRING_BACKEND"),
-        credentials_file=get("SENDMAIL_SHIM_CREDENTIALS_FILE"),
+        credentials_file=get("SENDMAIL_SHIM_CREDENTIALS_FILE") or default_credentials_file(environ, sources),
         log_file=get("SENDMAIL_SHIM_LOG_FILE"),
         syslog=_flag(values, "SENDMAIL_SHIM_SYSLOG", True),
         delivery=delivery,
-        queue_dir=get("SENDMAIL_SHIM_QUEUE_DIR") or default_queue_dir(environ),
+        queue_dir=get("SENDMAIL_SHIM_QUEUE_DIR") or default_queue_dir(environ, sources),
         max_queue_age=_seconds(values, "SENDMAIL_SHIM_MAX_QUEUE_AGE", 5 * 86400.0),
         bounce_to=get("SENDMAIL_SHIM_BOUNCE_TO"),
         sources=sources,
@@ -242,20 +242,32 @@ def parse_aliases(text: str) -> dict[str, str]:
     return aliases
 
 
-def default_queue_dir(environ) -> str:
-    """The system spool for root and the service user, the per-user state directory otherwise."""
-    if _is_system_user():
+def default_queue_dir(environ, sources: tuple[str, ...] = ()) -> str:
+    """The system spool or the per-user state directory, see `uses_system_paths`."""
+    if uses_system_paths(environ, sources):
         return SYSTEM_QUEUE
     base = environ.get("XDG_STATE_HOME") or os.path.join(_home(environ), ".local", "state")
     return os.path.join(base, "sendmail-shim")
 
 
-def default_credentials_file(environ) -> str:
-    """Same rule as the queue: the system file for root and the service user, else per user."""
-    if _is_system_user():
+def default_credentials_file(environ, sources: tuple[str, ...] = ()) -> str:
+    """The system credential file or the per-user one, see `uses_system_paths`."""
+    if uses_system_paths(environ, sources):
         return SYSTEM_CREDENTIALS
     base = environ.get("XDG_CONFIG_HOME") or os.path.join(_home(environ), ".config")
     return os.path.join(base, "sendmail-shim", "credentials")
+
+
+def uses_system_paths(environ, sources: tuple[str, ...] = ()) -> bool:
+    """System queue and credentials for root and the service user, and for every other user of
+    a system install (www-data must reach the system maildrop) unless that user has a config
+    file of their own; per-user paths otherwise."""
+    if _is_system_user():
+        return True
+    own = config_files(environ, None)[-1]
+    if own in sources:
+        return False
+    return SYSTEM_CONFIG in sources
 
 
 def _is_system_user() -> bool:

@@ -1,0 +1,139 @@
+"""Failure reports (bounces): an RFC 3464 multipart/report, built as CRLF bytes (pure).
+
+The report has the three parts RFC 3464 §2 and RFC 6522 describe: a human-readable notice, a
+``message/delivery-status`` part with one block per failed recipient, and the headers of the
+original message (``text/rfc822-headers``). Its envelope sender is the login (the relay accepts
+no other), so it is marked as a bounce in the queue instead of with ``MAIL FROM:<>``; a bounce is
+never bounced.
+"""
+
+import re
+from dataclasses import dataclass
+from email.utils import formatdate
+
+from .errors import DataError
+
+MAX_ORIGINAL_HEADERS = 64 << 10
+_REPLY = re.compile(r"([245])\d\d(?:[ -]+([245]\.\d{1,3}\.\d{1,3}))?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+@dataclass(frozen=True)
+class Failure:
+    recipient: str
+    reply: str  # the relay's reply ("550 5.1.1 no such user") or why we gave up
+    expired: bool = False  # given up after SENDMAIL_SHIM_MAX_QUEUE_AGE rather than refused
+
+
+def recipient_for(bounce_to: str | None, requested_sender: str | None, login: str,
+                  aliases: dict[str, str], local_hostname: str) -> str:
+    """SENDMAIL_SHIM_BOUNCE_TO, else the sender the caller asked for (a local name through the
+    alias map), else the login."""
+    if bounce_to:
+        return bounce_to
+    if requested_sender and not any(c in requested_sender for c in " \t\r\n<>,;"):
+        from .message import resolve_local
+
+        try:
+            return resolve_local(requested_sender, aliases, local_hostname)
+        except DataError:
+            pass  # a local name without an alias
+    return login
+
+
+def status_code(failure: Failure) -> str:
+    """RFC 3463 status: the enhanced code of the reply, else the class of its basic code;
+    4.4.7 (delivery time expired) when we gave up on a temporary failure."""
+    match = _REPLY.match(failure.reply)
+    if failure.expired and not (match and match.group(1) == "5"):
+        return "4.4.7"
+    if match and match.group(2):
+        return match.group(2)
+    return f"{match.group(1)}.0.0" if match else "5.0.0"
+
+
+def header_block(message: bytes) -> bytes:
+    """The header block of a stored (CRLF) message, at most MAX_ORIGINAL_HEADERS, whole lines."""
+    end = message.find(b"\r\n\r\n")
+    block = message[: end + 2] if end >= 0 else message
+    if len(block) > MAX_ORIGINAL_HEADERS:
+        block = block[: block.rfind(b"\r\n", 0, MAX_ORIGINAL_HEADERS) + 2]
+    return block
+
+
+def build(
+    *,
+    failures: list[Failure],
+    original_headers: bytes,
+    queue_id: str,
+    arrival: float,
+    sender: str,
+    to: str,
+    reporting_mta: str,
+    remote_mta: str | None,
+    message_id: str,
+    boundary: str,
+    now: float,
+) -> bytes:
+    """The report as CRLF bytes. `sender` is the login (From: and the envelope sender)."""
+    global_ = not all(f.recipient.isascii() for f in failures)
+    lines = [
+        f"From: Mail Delivery System <{sender}>",
+        f"To: <{to}>",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Date: {formatdate(now, localtime=True)}",
+        f"Message-ID: {message_id}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Description: Notification",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        f"This is the mail system (sendmail-shim) at {reporting_mta}.",
+        "",
+        "Your message could not be delivered to one or more recipients.",
+        "It is attached below (headers only).",
+        "",
+    ]
+    for failure in failures:
+        how = "gave up after retrying" if failure.expired else "refused"
+        lines.append(f"<{failure.recipient}>: {how}: {_clean(failure.reply)}")
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Description: Delivery report",
+        f"Content-Type: message/{'global-' if global_ else ''}delivery-status",
+        "",
+        f"Reporting-MTA: dns; {reporting_mta}",
+        f"X-Sendmail-Shim-Queue-ID: {queue_id}",
+        f"Arrival-Date: {formatdate(arrival, localtime=True)}",
+    ]
+    for failure in failures:
+        address_type = "rfc822" if failure.recipient.isascii() else "utf-8"
+        lines += ["", f"Final-Recipient: {address_type}; {failure.recipient}", "Action: failed",
+                  f"Status: {status_code(failure)}"]
+        if remote_mta:
+            lines.append(f"Remote-MTA: dns; {remote_mta}")
+        if _REPLY.match(failure.reply):
+            lines.append(f"Diagnostic-Code: smtp; {_clean(failure.reply)}")
+        lines.append(f"Last-Attempt-Date: {formatdate(now, localtime=True)}")
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Description: Undelivered Message Headers",
+        "Content-Type: text/rfc822-headers",
+        "",
+    ]
+    head = ("\r\n".join(lines) + "\r\n").encode("utf-8")
+    headers = original_headers.rstrip(b"\r\n")
+    return head + headers + (b"\r\n" if headers else b"") + f"\r\n--{boundary}--\r\n".encode()
+
+
+def _clean(text: str) -> str:
+    """One line, at most 900 characters: a reply must not break the report's structure."""
+    return _CONTROL.sub(" ", text).strip()[:900]

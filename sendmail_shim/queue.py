@@ -1,0 +1,802 @@
+"""The durable queue: a message is either entirely on disk or not there at all.
+
+Layout under the queue directory (one directory per state, as in Postfix)::
+
+    tmp/<id>/             embryonic messages and messages being removed (locked while in use)
+    queue/<id>/data       the message: CRLF line ends, not dot-stuffed, never modified
+    queue/<id>/envelope.json   envelope + per-recipient state; replaced atomically
+    failed/<id>/          given up (permanent refusal or too old); same shape, reason included
+    maildrop-tmp/         submissions being written by users who may not write queue/
+    maildrop/             finished submissions (untrusted) for the runner to pick up
+    corrupt/              maildrop files the runner refused, kept for inspection
+
+Committing a message is one rename of its whole directory from tmp/ into queue/ followed by an
+fsync of queue/; `Spool.commit` returns only after that, and only then may the caller exit 0.
+
+A system spool (owned by the service user, mode 0711) has ``maildrop-tmp/`` and ``maildrop/``
+mode 3733: any user may create files there but nobody but the owner can list them, and the
+setgid bit gives each file the service group, which the runner reads it through (Postfix's
+maildrop without a setgid binary). A dropped file is written in maildrop-tmp/ and renamed into
+maildrop/ when complete, so maildrop/ holds only finished files and the runner empties it on every
+run (a systemd ``DirectoryNotEmpty=`` trigger never spins on a file still being written). A dropped
+file is the message followed by one JSON trailer line; the runner validates it and rewrites it
+into queue/ (`pickup`) — nothing in it is trusted beyond what the front end would accept from any
+caller.
+
+Locks are ``flock`` on ``data`` (an inode that never changes, moving with its directory): whoever
+holds it owns the message. After taking it, the holder checks the message is still where it was.
+"""
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO, Callable
+
+from .config import SERVICE_USER, SYSTEM_QUEUE
+from .envelope import Envelope
+from .errors import CantCreate, DataError, PolicyError, ShimError, TempFail, UsageError
+
+ID_PATTERN = re.compile(r"[0-9A-F]{16}\Z")
+DROP_PATTERN = re.compile(r"([0-9A-F]{16})\.[0-9a-f]{16}\Z")  # <id>.<64 random bits>
+MAX_DROP_SIZE = 64 << 20  # larger than any provider accepts
+MAX_TRAILER = 64 << 10
+TMP_GRACE = 60.0  # seconds an unlocked temporary entry is left alone (its writer may be starting)
+MIN_BACKOFF, MAX_BACKOFF = 60.0, 3600.0
+STATES = ("pending", "sent", "failed")
+
+
+def crash_point(step: str) -> None:
+    """TEST ONLY: die by SIGKILL at `step` when SENDMAIL_SHIM_TEST_CRASH names it.
+
+    The crash-safety tests use this to stop the process at each step of queueing and delivery.
+    """
+    if os.environ.get("SENDMAIL_SHIM_TEST_CRASH") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def new_id(now: float | None = None) -> str:
+    """16 hex digits: milliseconds since the epoch (so ids sort by arrival) + 20 random bits."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:011X}{secrets.randbits(20):05X}"
+
+
+def next_attempt_after(attempts: int, now: float) -> float:
+    """Exponential backoff: 1 min after the first failed attempt, doubling, at most 1 h."""
+    return now + min(MIN_BACKOFF * 2 ** max(attempts - 1, 0), MAX_BACKOFF)
+
+
+@dataclass
+class Recipient:
+    address: str
+    state: str = "pending"  # pending | sent | failed
+    attempts: int = 0
+    reply: str = ""  # the last reply (or reason) for this recipient
+
+
+@dataclass
+class QueuedMessage:
+    id: str
+    path: str  # the message directory
+    envelope: Envelope
+    recipients: list[Recipient]
+    arrival: float
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str = ""
+    bounce: bool = False  # a failure report: it is never bounced itself
+    uid: int | None = None  # the submitting user
+    drop: str | None = None  # the maildrop file it came from (removed when the message is done)
+    failure: str | None = None  # why it is in failed/
+
+    data_file = None  # not a field: the open, locked data file while `Queue.lock` holds it
+
+    @property
+    def data_path(self) -> str:
+        return os.path.join(self.path, "data")
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == "pending"]
+
+    @property
+    def size(self) -> int:
+        return self.envelope.size
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        del data["path"]
+        data["envelope"] = self.envelope.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str) -> "QueuedMessage":
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "path"}
+        fields["envelope"] = Envelope.from_dict(data["envelope"])
+        fields["recipients"] = [Recipient(**r) for r in data["recipients"]]
+        return cls(path=path, **fields)
+
+
+@dataclass
+class PickupResult:
+    accepted: list[QueuedMessage] = field(default_factory=list)
+    rejected: list[tuple[str, int, str]] = field(default_factory=list)  # (file, uid, reason)
+
+
+class Queue:
+    def __init__(self, root: str):
+        self.root = root = os.path.abspath(root)
+        self.tmp = os.path.join(root, "tmp")
+        self.queue = os.path.join(root, "queue")
+        self.failed = os.path.join(root, "failed")
+        self.maildrop = os.path.join(root, "maildrop")
+        self.droptmp = os.path.join(root, "maildrop-tmp")
+        self.corrupt = os.path.join(root, "corrupt")
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def ensure(self) -> None:
+        """Create what is missing: the root (0700; the system spool 0711 owned by the service
+        user when root creates it and that user exists, as tmpfiles.d would), its
+        sub-directories 0700 owned like the root, and maildrop/ and maildrop-tmp/ 3733 when the
+        root lets others in, else 0700. Existing directories are left alone."""
+        try:
+            if not os.path.isdir(self.root):
+                self._make_root()
+            st = os.stat(self.root)
+            if os.geteuid() not in (0, st.st_uid):
+                return  # someone else's spool: we only ever drop into its maildrop/
+            shared = bool(st.st_mode & 0o001)
+            for path in (self.tmp, self.queue, self.failed, self.corrupt, self.droptmp, self.maildrop):
+                if not os.path.isdir(path):
+                    mode = 0o3733 if shared and path in (self.droptmp, self.maildrop) else 0o700
+                    _mkdir(path, mode, st.st_uid, st.st_gid)
+        except OSError as exc:
+            raise CantCreate(f"cannot create the queue in {self.root}: {exc.strerror}") from None
+
+    def _make_root(self) -> None:
+        os.makedirs(os.path.dirname(self.root), exist_ok=True)
+        owner = _service_owner() if os.geteuid() == 0 and self.root == SYSTEM_QUEUE else None
+        uid, gid = owner or (os.geteuid(), os.getegid())
+        _mkdir(self.root, 0o711 if owner else 0o700, uid, gid)
+
+    def can_write(self) -> bool:
+        """May this process put messages into queue/ itself (else it must use maildrop/)?"""
+        return all(_may(path, os.W_OK | os.X_OK) for path in (self.tmp, self.queue))
+
+    def check_access(self) -> None:
+        """Listing, running and administering the queue need its owner (or root)."""
+        everything = os.R_OK | os.W_OK | os.X_OK
+        if os.path.isdir(self.root) and not all(_may(p, everything) for p in (self.tmp, self.queue, self.failed)):
+            raise PolicyError(
+                f"cannot read the queue in {self.root}",
+                hint="run this as root or as the owner of the queue directory",
+            )
+
+    def _owner(self) -> tuple[int, int]:
+        st = os.stat(self.root)
+        return st.st_uid, st.st_gid
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def spool(self, *, drop: bool = False) -> "Spool":
+        """A new message: write it to ``.file``, then ``.commit(envelope)``. Use as a context
+        manager: leaving it without a commit removes every trace of the message. `drop` writes
+        to maildrop/ for the runner to pick up (when `can_write` is False)."""
+        return Spool(self, drop)
+
+    def save(self, message: QueuedMessage) -> None:
+        """Replace envelope.json atomically (the caller holds the message's lock)."""
+        _write_json(message.path, "envelope.json", message.to_dict(), self._owner())
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        """Ids in queue/, oldest first."""
+        return _ids_in(self.queue)
+
+    def failed_ids(self) -> list[str]:
+        return _ids_in(self.failed)
+
+    def load(self, msg_id: str) -> QueuedMessage | None:
+        """The message in queue/ (or failed/), or None when it is not there (any more)."""
+        for directory in (self.queue, self.failed):
+            message = self._read(os.path.join(directory, _checked_id(msg_id)))
+            if message is not None:
+                return message
+        return None
+
+    def find(self, msg_id: str) -> QueuedMessage:
+        """`load` for administration: an unknown id is the user's error."""
+        self.check_access()
+        message = self.load(msg_id)
+        if message is None:
+            raise UsageError(f"no message {msg_id} in {self.root}")
+        return message
+
+    def _read(self, path: str) -> QueuedMessage | None:
+        try:
+            with open(os.path.join(path, "envelope.json"), encoding="utf-8") as stream:
+                return QueuedMessage.from_dict(json.load(stream), path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path}/envelope.json is unreadable: {exc}") from None
+
+    @contextmanager
+    def lock(self, msg_id: str):
+        """Yield the message with its data file open and locked, or None when another process
+        holds it or it is gone. The data file is positioned at its start."""
+        path = os.path.join(self.queue, _checked_id(msg_id))
+        try:
+            data = open(os.path.join(path, "data"), "rb")
+        except FileNotFoundError:
+            yield None
+            return
+        with data:
+            try:
+                fcntl.flock(data.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            # it may have been delivered or moved between open() and flock()
+            message = self._read(path) if _same_file(data.fileno(), data.name) else None
+            if message is not None:
+                message.data_file = data
+            yield message
+
+    # -- state changes (the caller holds the lock) -------------------------------------------
+
+    def finish(self, message: QueuedMessage) -> None:
+        """Remove a message that needs nothing more (delivered, or deleted by the admin)."""
+        self._forget_drop(message)
+        trash = os.path.join(self.tmp, f"{message.id}.done.{secrets.token_hex(4)}")
+        os.rename(message.path, trash)  # one atomic step; a crash leaves only tmp/ garbage
+        _fsync_dir(os.path.dirname(message.path))
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def fail(self, message: QueuedMessage, reason: str) -> None:
+        """Move a message to failed/ with the reason (no more attempts)."""
+        message.failure = reason
+        self.save(message)
+        self._forget_drop(message)
+        target = os.path.join(self.failed, message.id)
+        os.rename(message.path, target)
+        _fsync_dir(self.failed)
+        _fsync_dir(self.queue)
+        message.path = target
+
+    def _forget_drop(self, message: QueuedMessage) -> None:
+        """A picked-up message's maildrop file must be gone before the message is: otherwise a
+        runner that crashed between commit and unlink would have it picked up again."""
+        if not message.drop or not DROP_PATTERN.match(message.drop):
+            return
+        with self._pickup_lock():
+            _unlink(os.path.join(self.maildrop, message.drop))
+
+    # -- administration ----------------------------------------------------------------------
+
+    def delete(self, msg_id: str) -> QueuedMessage:
+        """Remove a message from queue/ or failed/; refuses one being delivered right now."""
+        message = self.find(msg_id)
+        if os.path.dirname(message.path) == self.failed:
+            with _locked(message.data_path) as ok:
+                if not ok:
+                    raise TempFail(f"{msg_id} is in use; try again")
+                self.finish(message)
+            return message
+        with self.lock(msg_id) as locked:
+            if locked is None:
+                raise TempFail(f"{msg_id} is being delivered; try again when it is done")
+            self.finish(locked)
+            return locked
+
+    def retry_now(self, msg_id: str | None = None) -> list[str]:
+        """Make one message (or all) due now; returns the ids changed (busy ones are skipped)."""
+        ids = [self.find(msg_id).id] if msg_id else self.ids()
+        changed = []
+        for one in ids:
+            with self.lock(one) as message:
+                if message is None:
+                    continue
+                message.next_attempt = time.time()
+                self.save(message)
+                changed.append(one)
+        return changed
+
+    def requeue(self, msg_id: str) -> QueuedMessage:
+        """failed/<id> → queue/<id>: failed recipients become pending, the clock restarts."""
+        self.check_access()
+        path = os.path.join(self.failed, _checked_id(msg_id))
+        message = self._read(path)
+        if message is None:
+            raise UsageError(f"no message {msg_id} in {self.failed}")
+        with _locked(message.data_path) as ok:
+            if not ok:
+                raise TempFail(f"{msg_id} is in use; try again")
+            for rcpt in message.recipients:
+                if rcpt.state == "failed":
+                    rcpt.state, rcpt.attempts = "pending", 0
+            message.failure, message.attempts = None, 0
+            message.arrival = message.next_attempt = time.time()
+            self.save(message)
+            target = os.path.join(self.queue, message.id)
+            os.rename(path, target)
+            _fsync_dir(self.queue)
+            message.path = target
+        return message
+
+    def listing(self, now: float | None = None) -> str:
+        """`-bp` / mailq text."""
+        self.check_access()
+        messages = [m for m in map(self.load, self.ids()) if m is not None]
+        failed = [m for m in (self._read(os.path.join(self.failed, i)) for i in self.failed_ids()) if m]
+        busy = {m.id for m in messages if _is_locked(m.data_path)}
+        return format_listing(messages, failed, busy, time.time() if now is None else now)
+
+    def show(self, msg_id: str) -> bytes:
+        """A description of the message and its state, then the message itself."""
+        message = self.find(msg_id)
+        with open(message.data_path, "rb") as data:
+            return describe(message).encode("utf-8", "replace") + b"\n" + data.read()
+
+    # -- maildrop (runner side) --------------------------------------------------------------
+
+    def pickup(self, accept: Callable[[dict, BinaryIO, BinaryIO], Envelope]) -> PickupResult:
+        """Move valid maildrop files into queue/, refused ones into corrupt/.
+
+        ``accept(fields, data, out)`` gets the dropped trailer's fields and the dropped message
+        (a stream of exactly the declared size); it writes the message to trust to `out` and
+        returns its envelope, or raises ShimError to refuse it.
+        """
+        result = PickupResult()
+        names = sorted(_listdir(self.maildrop))  # all of them: maildrop/ must end up empty
+        if not names:
+            return result
+        with self._pickup_lock():
+            for name in names:
+                self._pickup_one(name, accept, result)
+        return result
+
+    def _pickup_one(self, name: str, accept, result: PickupResult) -> None:
+        path = os.path.join(self.maildrop, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self._refuse(name, _lstat_uid(path), f"cannot open: {exc.strerror}", result)
+            return
+        with open(fd, "rb") as source:
+            st = os.fstat(fd)
+            match = DROP_PATTERN.match(name)
+            if match and (self._exists(match.group(1))):
+                _unlink(path)  # already picked up by a runner that died before removing it
+                _fsync_dir(self.maildrop)
+                return
+            try:
+                fields, size = _check_drop(source, st, match)
+                msg_id = match.group(1)
+                # a pickup that died half-way (we hold the pickup lock: nobody else writes it)
+                shutil.rmtree(os.path.join(self.tmp, msg_id), ignore_errors=True)
+                with Spool(self, False, msg_id) as spool:
+                    envelope = accept(fields, _Bounded(source, size), spool.file)
+                    spool.commit(envelope, uid=st.st_uid, arrival=min(st.st_ctime, time.time()), drop=name)
+            except CantCreate:
+                raise  # our disk, not their file: leave it in maildrop/ for the next run
+            except ShimError as exc:
+                self._refuse(name, st.st_uid, str(exc), result)
+                return
+        crash_point("pickup-committed")
+        _unlink(path)
+        _fsync_dir(self.maildrop)
+        result.accepted.append(spool.message)
+
+    def _exists(self, msg_id: str) -> bool:
+        return any(os.path.lexists(os.path.join(d, msg_id)) for d in (self.queue, self.failed))
+
+    def _refuse(self, name: str, uid: int, reason: str, result: PickupResult) -> None:
+        try:
+            os.rename(os.path.join(self.maildrop, name), os.path.join(self.corrupt, name))
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # e.g. a directory some user made there, which we may not move
+            reason += f"; cannot move it to {self.corrupt}: {exc.strerror}"
+        result.rejected.append((name, uid, reason))
+
+    @contextmanager
+    def _pickup_lock(self):
+        """Serialises pickups with the removal of picked-up messages (see `_forget_drop`)."""
+        fd = os.open(self.maildrop, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- crash leftovers ---------------------------------------------------------------------
+
+    def clean_tmp(self, grace: float = TMP_GRACE) -> list[str]:
+        """Remove what crashed writers left: unlocked entries of tmp/ (and, when readable,
+        maildrop-tmp/) older than `grace` seconds. Returns the names removed."""
+        removed = []
+        cutoff = time.time() - grace
+        for name in _listdir(self.tmp):
+            path = os.path.join(self.tmp, name)
+            if _abandoned(path, os.path.join(path, "data"), cutoff):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+        if os.access(self.droptmp, os.R_OK):
+            for name in _listdir(self.droptmp):
+                path = os.path.join(self.droptmp, name)
+                if _abandoned(path, path, cutoff):
+                    _unlink(path)
+                    removed.append(name)
+        return removed
+
+
+class Spool:
+    """One message being written; see `Queue.spool`."""
+
+    def __init__(self, queue: Queue, drop: bool, msg_id: str | None = None):
+        self.queue = queue
+        self.drop = drop
+        self.id = msg_id or new_id()
+        self.committed = False
+        self.path = None
+        self.message: QueuedMessage | None = None  # after a commit to queue/
+        try:
+            if drop:
+                self._name = f"{self.id}.{secrets.token_hex(8)}"
+                self.path = os.path.join(queue.droptmp, self._name)
+                # the runner reads it through the directory's group, whatever our umask says
+                fd = _create(self.path, 0o640)
+            else:
+                self.path = os.path.join(queue.tmp, self.id)
+                os.mkdir(self.path, 0o700)
+                fd = _create(os.path.join(self.path, "data"), 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "being written": clean_tmp keeps out
+        except OSError as exc:
+            self._remove()
+            where = queue.droptmp if drop else queue.tmp
+            raise CantCreate(f"cannot write to the queue ({where}): {exc.strerror}") from None
+        self.file = open(fd, "wb")
+
+    def __enter__(self) -> "Spool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.file.close()
+        if not self.committed:
+            self._remove()
+
+    def commit(self, envelope: Envelope, *, bounce: bool = False, uid: int | None = None,
+               arrival: float | None = None, drop: str | None = None) -> str:
+        """Make the message durable; returns its id. Only after this may the caller exit 0.
+
+        `bounce` marks a failure report (never bounced itself); `uid`, `arrival` and `drop` are
+        for `Queue.pickup` (default: this process's user, now, not from maildrop/).
+        """
+        now = time.time()
+        crash_point("spool-written")
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            crash_point("spool-synced")
+            if self.drop:
+                self._commit_drop(envelope)
+            else:
+                self._commit_queue(envelope, bounce, uid, arrival or now, drop)
+        except OSError as exc:
+            raise CantCreate(f"cannot write to the queue: {exc.strerror}") from None
+        self.committed = True
+        crash_point("spool-committed")
+        return self.id
+
+    def _commit_queue(self, envelope: Envelope, bounce: bool, uid, arrival: float, drop) -> None:
+        queue = self.queue
+        owner = queue._owner()
+        message = QueuedMessage(
+            id=self.id, path=self.path, envelope=envelope,
+            recipients=[Recipient(a) for a in envelope.recipients], arrival=arrival,
+            next_attempt=arrival, uid=os.getuid() if uid is None else uid, drop=drop, bounce=bounce,
+        )
+        self.message = message
+        for path in (self.path, os.path.join(self.path, "data")):
+            _give(path, owner)
+        _write_json(self.path, "envelope.json", message.to_dict(), owner)
+        target = os.path.join(queue.queue, self.id)
+        os.rename(self.path, target)  # fails rather than replaces when the id exists
+        _fsync_dir(queue.queue)
+        self.path = message.path = target
+
+    def _commit_drop(self, envelope: Envelope) -> None:
+        size = self.file.tell()
+        trailer = dict(envelope.to_dict(), version=1, size=size)
+        self.file.write(json.dumps(trailer, ensure_ascii=True).encode() + b"\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        target = os.path.join(self.queue.maildrop, self._name)
+        os.rename(self.path, target)
+        self.path = target
+        # maildrop/ is not readable by droppers, so it cannot be opened to fsync it; a second
+        # fsync of the renamed file commits the rename on ext4, xfs and btrfs (journalled inode)
+        if not _fsync_dir(self.queue.maildrop, may_refuse=True):
+            os.fsync(self.file.fileno())
+
+    def _remove(self) -> None:
+        if self.path is None:
+            return
+        if self.drop:
+            _unlink(self.path)
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+# -- formatting (pure) -------------------------------------------------------------------------
+
+
+def format_listing(messages: list[QueuedMessage], failed: list[QueuedMessage], busy: set[str],
+                   now: float) -> str:
+    """Postfix's mailq layout; ``*`` marks a message being delivered, ``!`` one in failed/.
+
+    Under each message: its undelivered recipients, grouped under the last reply for them in
+    parentheses (with the next try), as Postfix shows the deferral reason.
+    """
+    if not messages and not failed:
+        return "Mail queue is empty\n"
+    indent = " " * 48  # where the sender column starts
+    lines = [f"{'-Queue ID-':17} --Size-- ----Arrival Time---- -Sender/Recipient-------"]
+    entries = [(m, "*" if m.id in busy else " ") for m in messages] + [(m, "!") for m in failed]
+    for message, mark in entries:
+        lines.append(f"{message.id}{mark} {message.size:8d} {_ctime(message.arrival)}  {message.envelope.sender}")
+        undelivered = [r for r in message.recipients if r.state != "sent"]
+        for reply, group in _by_reply(undelivered):
+            if mark == "!":
+                lines.append(f"(failed: {reply or message.failure})")
+            elif reply:
+                due = "now" if message.next_attempt <= now else _ctime(message.next_attempt)
+                lines.append(f"({reply}; next try {due})")
+            lines.extend(indent + r.address for r in group)
+        lines.append("")
+    total = sum(m.size for m in messages)
+    count = len(messages)
+    summary = f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}."
+    if failed:
+        summary += f" {len(failed)} failed (marked !, not retried)."
+    return "\n".join(lines + [summary]) + "\n"
+
+
+def describe(message: QueuedMessage) -> str:
+    """The envelope and state of one message, for ``--show``."""
+    env = message.envelope
+    where = os.path.basename(os.path.dirname(message.path))
+    lines = [
+        f"Queue-ID: {message.id} ({where})",
+        f"Arrival: {_ctime(message.arrival)}",
+        f"Sender: {env.sender}" + (f" (requested {env.requested_sender})" if env.requested_sender else ""),
+        f"Message-ID: {env.message_id or '-'}",
+        f"Size: {env.size}",
+        f"Attempts: {message.attempts}",
+    ]
+    if where == "queue":
+        lines.append(f"Next-Attempt: {_ctime(message.next_attempt)}")
+    if message.failure:
+        lines.append(f"Failure: {message.failure}")
+    if message.bounce:
+        lines.append("Bounce: yes (never bounced itself)")
+    for rcpt in message.recipients:
+        lines.append(f"Recipient: {rcpt.address} {rcpt.state} attempts={rcpt.attempts}"
+                     + (f" ({rcpt.reply})" if rcpt.reply else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _by_reply(recipients: list[Recipient]) -> list[tuple[str, list[Recipient]]]:
+    groups: dict[str, list[Recipient]] = {}
+    for rcpt in recipients:
+        groups.setdefault(rcpt.reply, []).append(rcpt)
+    return list(groups.items())
+
+
+def _ctime(when: float) -> str:
+    return time.strftime("%a %b %d %H:%M:%S", time.localtime(when))
+
+
+# -- maildrop validation -----------------------------------------------------------------------
+
+
+def _check_drop(source: BinaryIO, st: os.stat_result, match) -> tuple[dict, int]:
+    """Structural checks of a dropped file: (trailer fields, message size) or DataError."""
+    if not match:
+        raise DataError("not a maildrop file name")
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        raise DataError("not a plain file")
+    if st.st_size > MAX_DROP_SIZE + MAX_TRAILER:
+        raise DataError(f"larger than {MAX_DROP_SIZE} bytes")
+    tail_size = min(st.st_size, MAX_TRAILER)
+    source.seek(st.st_size - tail_size)
+    tail = source.read(tail_size)
+    start = tail.rfind(b"\n", 0, len(tail) - 1) + 1
+    if not tail.endswith(b"\n") or (start == 0 and tail_size == MAX_TRAILER):
+        raise DataError("no trailer")
+    try:
+        fields = json.loads(tail[start:])
+    except ValueError:
+        raise DataError("unreadable trailer") from None
+    if not isinstance(fields, dict) or fields.get("version") != 1:
+        raise DataError("unknown trailer version")
+    size = fields.get("size")
+    if not isinstance(size, int) or size != st.st_size - (len(tail) - start) or size > MAX_DROP_SIZE:
+        raise DataError("trailer size does not match the file")
+    source.seek(0)
+    return fields, size
+
+
+class _Bounded:
+    """A read-only view of the first `size` bytes of a file (the dropper may still append)."""
+
+    def __init__(self, stream: BinaryIO, size: int):
+        self._stream = stream
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._stream.read(n) if n else b""
+        self._left -= len(data)
+        return data
+
+    def isatty(self) -> bool:
+        return False
+
+
+# -- file-system helpers -----------------------------------------------------------------------
+
+
+def _create(path: str, mode: int) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    os.fchmod(fd, mode)  # the umask must not decide
+    return fd
+
+
+def _mkdir(path: str, mode: int, uid: int, gid: int) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    _give(path, (uid, gid))
+    os.chmod(path, mode)  # after chown, which may clear the setgid bit
+
+
+def _give(path: str, owner: tuple[int, int]) -> None:
+    """Root writing into a spool it does not own gives what it creates to the spool's owner, so
+    that the service user's runner can work on it."""
+    if os.geteuid() == 0 and owner != (0, 0):
+        os.chown(path, *owner, follow_symlinks=False)
+
+
+def _may(path: str, mode: int) -> bool:
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
+def _service_owner() -> tuple[int, int] | None:
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _write_json(directory: str, name: str, data: dict, owner: tuple[int, int]) -> None:
+    temp = os.path.join(directory, name + ".tmp")
+    _unlink(temp)  # a crash's leftover
+    fd = _create(temp, 0o600)
+    with open(fd, "wb") as stream:
+        stream.write(json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8"))
+        stream.flush()
+        os.fsync(fd)
+    _give(temp, owner)
+    os.rename(temp, os.path.join(directory, name))
+    _fsync_dir(directory)
+
+
+def _fsync_dir(path: str, may_refuse: bool = False) -> bool:
+    """fsync a directory; False when `may_refuse` and we may not open it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        if may_refuse:
+            return False
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, PermissionError):
+        return []
+
+
+def _ids_in(directory: str) -> list[str]:
+    return sorted(n for n in _listdir(directory) if ID_PATTERN.match(n))
+
+
+def _checked_id(msg_id: str) -> str:
+    if not ID_PATTERN.match(msg_id or ""):
+        raise UsageError(f"{msg_id!r} is not a queue id (16 hex digits, as shown by mailq)")
+    return msg_id
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _lstat_uid(path: str) -> int:
+    try:
+        return os.lstat(path).st_uid
+    except OSError:
+        return -1
+
+
+@contextmanager
+def _locked(path: str):
+    """Hold the flock of `path` if it is free: yields True, else False."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _is_locked(path: str) -> bool:
+    with _locked(path) as free:
+        return not free and os.path.exists(path)
+
+
+def _abandoned(entry: str, lock_path: str, cutoff: float) -> bool:
+    """`entry` is older than cutoff and no writer holds `lock_path` (a crashed writer's lock died
+    with it)."""
+    try:
+        if os.lstat(entry).st_mtime > cutoff:
+            return False
+    except OSError:
+        return False
+    try:
+        with _locked(lock_path) as free:
+            return free or not os.path.exists(lock_path)  # no data: died before creating it
+    except PermissionError:
+        return True  # not ours to read: only a hostile file is, and it is stale

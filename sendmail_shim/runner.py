@@ -1,0 +1,454 @@
+"""Delivery from the queue: the queue run (``-q``), one message now (``-odi``), in the background.
+
+Per attempt, each still-pending recipient gets a verdict:
+
+- accepted → sent;
+- refused with 5xx (at RCPT, or the whole message at MAIL/DATA/end of data) → failed, and a
+  failure report (`bounce`) goes to the sender — immediately, not after the retries;
+- anything else → stays pending: 4xx replies, but also every failure to connect, verify TLS or
+  log in (the set-up may be fixed by then). The message is tried again after a backoff (1 min,
+  doubling, at most 1 h) until it is older than SENDMAIL_SHIM_MAX_QUEUE_AGE, then it fails too.
+
+A message whose recipients are all settled leaves queue/: removed when everything was sent,
+moved to failed/ otherwise. The connection dying after the whole message went out and before the
+relay's reply is logged as ``status=ambiguous`` and retried (the recipient may get it twice, as
+with every MTA); so is a crash between the relay's acceptance and the state update on disk.
+
+One connection serves a whole queue run (smtp.Relay sends RSET between messages and pipelines
+when the relay offers PIPELINING). A message is only touched under its lock (`Queue.lock`), so
+concurrent runners and background deliveries never send it twice.
+"""
+
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, replace
+from email.utils import make_msgid
+from typing import Callable
+
+from . import bounce
+from .envelope import Envelope
+from .errors import ConfigError, DataError, ShimError, SMTPFailure
+from .queue import Queue, QueuedMessage, crash_point, next_attempt_after
+
+_DSN_NOTIFY = {"never", "success", "failure", "delay"}
+_MAX_RECIPIENTS = 1000
+
+
+@dataclass
+class Outcome:
+    """What `deliver_now` did with one message."""
+
+    msg_id: str
+    status: str  # sent | deferred | failed | busy (another process is delivering it)
+    error: ShimError | None = None  # why it is not (entirely) sent
+    kept: bool = False  # still in queue/, to be retried
+
+
+@dataclass
+class RunStats:
+    picked_up: int = 0  # maildrop files accepted into the queue
+    refused_drops: int = 0  # maildrop files refused (moved to corrupt/)
+    sent: int = 0  # messages done: every recipient accepted
+    deferred: int = 0  # messages tried and kept for a retry
+    failed: int = 0  # messages moved to failed/
+    bounces: int = 0  # failure reports queued
+    busy: int = 0  # skipped: another process holds them
+
+
+@dataclass(frozen=True)
+class Selector:
+    """``-qI``/``-qR``/``-qS`` substring (case-insensitive) of the id, a recipient or the sender.
+    Selected messages are tried now, whatever their next-attempt time (as Postfix's flush)."""
+
+    kind: str  # I, R or S
+    text: str
+
+    def matches(self, message: QueuedMessage) -> bool:
+        text = self.text.lower()
+        if self.kind == "I":
+            return text in message.id.lower()
+        if self.kind == "R":
+            return any(text in r.address.lower() for r in message.pending)
+        env = message.envelope
+        return any(text in (a or "").lower() for a in (env.sender, env.requested_sender))
+
+
+def run_queue(config, queue: Queue, *, log, selector: Selector | None = None,
+              progress: Callable[[int, int, str], None] | None = None, password=None,
+              transcript: Callable[[str], None] | None = None) -> RunStats:
+    """``-q``: take in maildrop/, then try every due (or selected) message over one connection.
+
+    `progress(done, total, line)` is called after each message with its log line. `password` (a
+    Secret) skips the credential lookup. Raises PolicyError when this user may not run the
+    queue and ConfigError when no sender is configured; delivery problems are only counted.
+    """
+    _require_sender(config)
+    queue.ensure()
+    queue.check_access()
+    stats = RunStats()
+    queue.clean_tmp()
+    _pick_up(config, queue, log, stats)
+    work = queue.ids()
+    session = _Session(config, password, transcript)
+    try:
+        for done, msg_id in enumerate(work, 1):
+            try:
+                with queue.lock(msg_id) as message:
+                    if message is None:
+                        stats.busy += 1
+                        continue
+                    if selector and not selector.matches(message):
+                        continue
+                    if not selector and message.next_attempt > time.time():
+                        continue
+                    crash_point("deliver-locked")
+                    attempt = _Attempt(config, queue, session, log, interactive=False)
+                    outcome = attempt.run(message)
+            except DataError as exc:  # a damaged envelope.json: kept for the administrator
+                log.record(msg_id, status="deferred", reply=str(exc))
+                continue
+            _count(stats, outcome)
+            stats.bounces += len(attempt.bounces)
+            work.extend(attempt.bounces)  # reports go out in the same run, over the same connection
+            if progress:
+                progress(done, len(work), attempt.last_line)
+    finally:
+        session.close()
+    return stats
+
+
+def deliver_now(config, queue: Queue, msg_id: str, *, log, password=None,
+                transcript: Callable[[str], None] | None = None, interactive: bool = True) -> Outcome:
+    """Try one queued message now (``-odi``, and the background child).
+
+    Interactive (the caller waits): permanent refusals are the caller's to report — the message is
+    not kept and no bounce is sent; `Outcome.error` carries the SMTPFailure (its exit_code is the
+    caller's exit status). Temporary failures keep it queued (``kept``). Not interactive: as a
+    queue run would (bounce, failed/).
+    """
+    _require_sender(config)
+    session = _Session(config, password, transcript)
+    try:
+        with queue.lock(msg_id) as message:
+            if message is None:
+                return Outcome(msg_id, "busy", kept=True)
+            crash_point("deliver-locked")
+            attempt = _Attempt(config, queue, session, log, interactive=interactive)
+            outcome = attempt.run(message)
+        for report in attempt.bounces:
+            with queue.lock(report) as message:
+                if message is not None:
+                    _Attempt(config, queue, session, log, interactive=False).run(message)
+        return outcome
+    finally:
+        session.close()
+
+
+def deliver_in_background(config, queue: Queue, msg_id: str, *, log) -> None:
+    """Start `deliver_now` in a detached process and return at once.
+
+    Double fork and a new session: the caller (PHP, cron) is not the parent and never waits; the
+    child has /dev/null as stdin/stdout/stderr and no other inherited descriptor, so nothing the
+    caller reads from stays open.
+    """
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)  # the middle process exits at once
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        _detach()
+        log = type(log)(log.log_file, log.use_syslog)  # its syslog socket was closed with the rest
+        try:
+            deliver_now(config, queue, msg_id, log=log, interactive=False)
+        except Exception as exc:  # nobody else would ever see it; the queue runner will retry
+            log.record(msg_id, status="deferred", reply=f"background delivery: {type(exc).__name__}: {exc}")
+    finally:
+        os._exit(0)
+
+
+def _detach() -> None:
+    import syslog
+
+    syslog.closelog()  # before its descriptor goes: a stale one could later name another file
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+
+
+def _require_sender(config) -> None:
+    if not config.sender:
+        raise ConfigError("SMTP_USER is not set: the login is the sender of every message")
+
+
+def _count(stats: RunStats, outcome: Outcome) -> None:
+    if outcome.status == "sent":
+        stats.sent += 1
+    elif outcome.status == "failed":
+        stats.failed += 1
+    elif outcome.status == "deferred":
+        stats.deferred += 1
+
+
+# -- maildrop ----------------------------------------------------------------------------------
+
+
+def _pick_up(config, queue: Queue, log, stats: RunStats) -> None:
+    result = queue.pickup(lambda fields, data, out: accept_drop(config, fields, data, out))
+    for message in result.accepted:
+        env = message.envelope
+        log.record(message.id, status="queued", sender=env.sender, requested=env.requested_sender,
+                   recipients=env.recipients, size=env.size, reply=f"picked up from maildrop, uid={message.uid}")
+    for name, uid, reason in result.rejected:
+        log.record(name, status="refused", reply=f"maildrop file of uid {uid} refused: {reason}")
+    stats.picked_up += len(result.accepted)
+    stats.refused_drops += len(result.rejected)
+
+
+def accept_drop(config, fields: dict, data, out) -> Envelope:
+    """Validate a dropped message as the front end would a caller's: the header policy runs
+    again (From = login, Bcc removed, recipients parsed and aliased); only the recipients, the
+    requested sender and the DSN wishes are taken from the untrusted trailer, after checks."""
+    from . import message
+
+    recipients = fields.get("recipients")
+    if (not isinstance(recipients, list) or not recipients or len(recipients) > _MAX_RECIPIENTS
+            or not all(isinstance(r, str) and r.isprintable() and len(r) <= 320 for r in recipients)):
+        raise DataError("bad recipient list")
+    requested = _optional_text(fields, "requested_sender", 320)
+    reader = message.MessageReader(data, dot_ends=False)
+    header_block = reader.read_header_block()
+    headers, envelope = message.prepare(
+        header_block, extract_recipients=False, argv_recipients=recipients, requested_sender=requested,
+        policy=message.HeaderPolicy(sender=config.sender, from_policy=config.from_policy,
+                                    aliases=config.aliases, local_hostname=socket.gethostname()),
+    )
+    out.write(headers)
+    body = reader.copy_body(out)
+    envelope = message.complete_envelope(envelope, headers, body)
+    notify = _optional_text(fields, "dsn_notify", 40)
+    if notify and not set(notify.lower().split(",")) <= _DSN_NOTIFY:
+        raise DataError("bad DSN NOTIFY")
+    ret = _optional_text(fields, "dsn_ret", 4)
+    if ret and ret.lower() not in ("hdrs", "full"):
+        raise DataError("bad DSN RET")
+    envelope.dsn_notify, envelope.dsn_ret = notify, ret
+    envelope.envid = _optional_text(fields, "envid", 100)
+    return envelope
+
+
+def _optional_text(fields: dict, key: str, limit: int) -> str | None:
+    value = fields.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isprintable() or len(value) > limit:
+        raise DataError(f"bad {key}")
+    return value
+
+
+# -- one attempt -------------------------------------------------------------------------------
+
+
+class _Session:
+    """The relay connection of a run: opened on first use, reopened after a broken transaction;
+    when opening fails, every later message of the run is deferred with the same reason."""
+
+    def __init__(self, config, password, transcript):
+        self.config = config
+        self.transcript = transcript
+        self._password = password
+        self.relay = None
+        self.down: ShimError | None = None
+
+    def connect(self):
+        from .smtp import Relay
+
+        if self.down:
+            raise self.down
+        if self.relay is None:
+            relay = Relay(self.config, self._get_password, transcript=self.transcript)
+            try:
+                relay.open()
+            except ShimError as exc:
+                self.down = exc
+                raise
+            self.relay = relay
+        return self.relay
+
+    def _get_password(self):
+        if self._password is None:
+            from . import credentials
+
+            self._password = credentials.get_password(self.config)
+        return self._password
+
+    def close(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.close()
+
+
+class _Tracked:
+    """The message data as the relay reads it; `exhausted` once all of it was handed over, after
+    which a lost connection leaves it unknown whether the relay took the message."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.exhausted = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.exhausted = self.exhausted or not data
+        return data
+
+
+class _Attempt:
+    """One delivery attempt of one locked message, and everything that follows from it."""
+
+    def __init__(self, config, queue: Queue, session: _Session, log, *, interactive: bool):
+        self.config, self.queue, self.session, self.log = config, queue, session, log
+        self.interactive = interactive
+        self.bounces: list[str] = []
+        self.last_line = ""
+
+    def run(self, message: QueuedMessage) -> Outcome:
+        now = time.time()
+        if now - message.arrival > self.config.max_queue_age:
+            return self._expire(message, now)
+        pending = message.pending
+        if not pending:
+            return self._settle(message, [], None, now)
+        verdicts, error, ambiguous = self._send(message, pending)
+        for rcpt in pending:
+            rcpt.attempts += 1
+            rcpt.state, rcpt.reply = verdicts[rcpt.address]
+        message.attempts += 1
+        message.last_reply = _reply_text(error) if error else next(iter(verdicts.values()))[1]
+        message.next_attempt = next_attempt_after(message.attempts, now)
+        self._log(message, pending, "sent", now)
+        self._log(message, pending, "failed", now)
+        self._log(message, pending, "pending", now, ambiguous=ambiguous)
+        return self._settle(message, [r for r in pending if r.state == "failed"], error, now)
+
+    def _send(self, message: QueuedMessage, pending) -> tuple[dict, ShimError | None, bool]:
+        """{address: (state, reply)}, the error that affected the whole attempt, ambiguity."""
+        addresses = [r.address for r in pending]
+        try:
+            relay = self.session.connect()
+        except ShimError as exc:  # connection, TLS, login: retry, the set-up may be fixed
+            return {a: ("pending", _reply_text(exc)) for a in addresses}, exc, False
+        data = _Tracked(message.data_file)
+        message.data_file.seek(0)
+        try:
+            result = relay.send(replace(message.envelope, recipients=addresses), data)
+        except SMTPFailure as exc:
+            if exc.stage not in ("mail", "rcpt", "data", "dot"):
+                self.session.close()
+                return {a: ("pending", _reply_text(exc)) for a in addresses}, exc, False
+            refused = getattr(exc, "refused", None) or {a: (exc.code, exc.reply) for a in addresses}
+            return {a: _verdict(*refused[a]) for a in addresses}, exc, False
+        except DataError as exc:  # this relay can never take it (e.g. SMTPUTF8 not offered)
+            return {a: ("failed", str(exc)) for a in addresses}, exc, False
+        except ShimError as exc:  # the connection broke
+            self.session.close()
+            return {a: ("pending", _reply_text(exc)) for a in addresses}, exc, data.exhausted
+        crash_point("deliver-sent")
+        verdicts = {a: ("sent", result.reply) for a in result.accepted}
+        verdicts.update({a: _verdict(code, text) for a, (code, text) in result.refused.items()})
+        # what the -odi caller hears about: a permanent refusal first, else a temporary one
+        refusals = sorted(result.refused.items(), key=lambda item: not _permanent(item[1][0]))
+        error = next((SMTPFailure(code, f"{text} <{a}>", "rcpt") for a, (code, text) in refusals), None)
+        return verdicts, error, False
+
+    def _expire(self, message: QueuedMessage, now: float) -> Outcome:
+        age = _duration(now - message.arrival)
+        failed = message.pending
+        for rcpt in failed:
+            rcpt.state = "failed"
+            rcpt.reply = rcpt.reply or "never tried"
+        self.last_line = self._record(message, failed, "expired", now,
+                                      f"gave up after {age}; last reply: {message.last_reply or 'none'}")
+        return self._settle(message, failed, None, now, expired=True)
+
+    def _settle(self, message: QueuedMessage, failed, error, now: float, expired: bool = False) -> Outcome:
+        """Persist the attempt: bounce first (a crash then repeats a report, never loses one)."""
+        if failed and not self.interactive and not message.bounce:
+            self.bounces.append(self._bounce(message, failed, now, expired))
+        if message.pending:
+            self.queue.save(message)
+            status, kept = "deferred", True
+        elif any(r.state == "failed" for r in message.recipients) and not self.interactive:
+            reason = f"expired after {_duration(now - message.arrival)}" if expired else message.last_reply
+            self.queue.fail(message, reason)
+            status, kept = "failed", False
+        else:
+            self.queue.finish(message)
+            status, kept = ("failed" if failed else "sent"), False
+        crash_point("deliver-recorded")
+        return Outcome(message.id, status, error, kept)
+
+    def _bounce(self, message: QueuedMessage, failed, now: float, expired: bool) -> str:
+        config, env = self.config, message.envelope
+        hostname = socket.gethostname()
+        to = bounce.recipient_for(config.bounce_to, env.requested_sender, config.sender,
+                                  config.aliases, hostname)
+        message.data_file.seek(0)
+        original = bounce.header_block(message.data_file.read(bounce.MAX_ORIGINAL_HEADERS + 4))
+        data = bounce.build(
+            failures=[bounce.Failure(r.address, r.reply, expired) for r in failed],
+            original_headers=original, queue_id=message.id, arrival=message.arrival,
+            sender=config.sender, to=to, reporting_mta=config.helo or hostname, remote_mta=config.host,
+            message_id=make_msgid("bounce", domain=config.sender.rpartition("@")[2] or "localhost"),
+            boundary=f"={secrets.token_hex(12)}", now=now,
+        )
+        report = Envelope(sender=config.sender, recipients=[to], eight_bit=not data.isascii(),
+                          smtputf8=not to.isascii(), size=len(data))
+        with self.queue.spool() as spool:
+            spool.file.write(data)
+            report_id = spool.commit(report, bounce=True)
+        self.log.record(report_id, status="queued", sender=config.sender, recipients=[to],
+                        size=len(data), reply=f"failure report for {message.id}")
+        return report_id
+
+    def _log(self, message, pending, state: str, now: float, ambiguous: bool = False) -> None:
+        group = [r for r in pending if r.state == state]
+        if not group:
+            return
+        refused = "refused" if self.interactive or message.bounce else "bounced"  # no report sent
+        status = {"sent": "sent", "failed": refused, "pending": "ambiguous" if ambiguous else "deferred"}[state]
+        self.last_line = self._record(message, group, status, now, group[0].reply)
+
+    def _record(self, message, recipients, status: str, now: float, reply: str) -> str:
+        env = message.envelope
+        relay = f"{self.config.host}:{self.config.port}" if self.config.host else None
+        return self.log.record(
+            message.id, status=status, sender=env.sender, requested=env.requested_sender,
+            recipients=[r.address for r in recipients], relay=relay, size=env.size,
+            delay=now - message.arrival, reply=reply,
+        )
+
+
+def _verdict(code: int, text: str) -> tuple[str, str]:
+    return ("failed" if _permanent(code) else "pending"), f"{code} {text}"
+
+
+def _permanent(code: int) -> bool:
+    return 500 <= code < 600
+
+
+def _reply_text(error: ShimError) -> str:
+    if isinstance(error, SMTPFailure):
+        return f"{error.code} {error.reply}"
+    return str(error)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"

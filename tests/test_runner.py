@@ -1,0 +1,510 @@
+"""Delivery from the queue against a real relay on 127.0.0.1: queue runs, retries, bounces, the
+ambiguous case, crashes at every step, concurrency, background delivery and privilege separation.
+Everything is counted at the relay, by Message-ID."""
+
+import email
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from sendmail_shim import config as config_module
+from sendmail_shim.envelope import Envelope
+from sendmail_shim.errors import SMTPFailure
+from sendmail_shim.log import MessageLog
+from sendmail_shim.queue import Queue
+from sendmail_shim.runner import Selector, deliver_now, run_queue
+from tests.relay import RELAY_LOGIN
+from tests.shim import OUTPUTS
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+# Runs in a subprocess, configured by the environment: submit a message (stdin) or run the queue.
+HELPER = r"""
+import os, sys, time
+from sendmail_shim import config, runner
+from sendmail_shim.envelope import Envelope
+from sendmail_shim.log import MessageLog
+from sendmail_shim.queue import Queue
+conf = config.load()
+queue = Queue(conf.queue_dir)
+log = MessageLog.from_config(conf)
+action, args = sys.argv[1], sys.argv[2:]
+if action == "submit":
+    queue.ensure()
+    data = sys.stdin.buffer.read()
+    with queue.spool(drop=not queue.can_write()) as spool:
+        spool.file.write(data)
+        msg_id = spool.commit(Envelope(sender=conf.sender, recipients=args, size=len(data)))
+    print(msg_id, flush=True)
+    if os.environ.get("BACKGROUND"):
+        runner.deliver_in_background(conf, queue, msg_id, log=log)
+elif action == "run":
+    print(runner.run_queue(conf, queue, log=log))
+elif action == "flush-until":  # queue runs until the file args[0] exists, then one more
+    while True:
+        last = os.path.exists(args[0])
+        runner.run_queue(conf, queue, log=log)
+        if last:
+            break
+        time.sleep(0.02)
+"""
+
+
+def message_bytes(to: str = "bob@example.org", subject: str = "hello") -> tuple[bytes, str]:
+    message_id = f"<{uuid.uuid4().hex}@163.test>"
+    data = (f"From: Alice <{RELAY_LOGIN}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Date: Mon, 25 Nov 2024 13:00:00 +0000\r\nMessage-ID: {message_id}\r\n\r\n"
+            f"line one\r\n.a line with a leading dot\r\n").encode()
+    return data, message_id
+
+
+def received(relay) -> Counter:
+    return Counter(email.message_from_bytes(m.data)["Message-ID"] for m in relay.messages)
+
+
+class Site:
+    """A queue, a log and a config pointing at one relay; the password comes from a command."""
+
+    def __init__(self, base: Path, relay, password: str, **overrides):
+        self.base = base
+        self.password_file = base / "password"
+        self.password_file.write_text(password + "\n")
+        self.password_file.chmod(0o600)
+        self.log_file = base / "mail.log"
+        self.settings = {
+            **relay.config_env(),
+            "SENDMAIL_SHIM_QUEUE_DIR": str(base / "spool"),
+            "SENDMAIL_SHIM_LOG_FILE": str(self.log_file),
+            "SENDMAIL_SHIM_SYSLOG": "no",
+            "SMTP_PASSWORD_COMMAND": f"cat {self.password_file}",
+            **overrides,
+        }
+        self.config = config_module.build(self.settings, {})
+        self.queue = Queue(self.config.queue_dir)
+        self.queue.ensure()
+        self.log = MessageLog.from_config(self.config)
+
+    def submit(self, *recipients, requested: str | None = None, **commit) -> tuple[str, str]:
+        data, message_id = message_bytes(recipients[0] if recipients else "bob@example.org")
+        env = Envelope(sender=self.config.sender, recipients=list(recipients or ["bob@example.org"]),
+                       requested_sender=requested, message_id=message_id, size=len(data))
+        with self.queue.spool() as spool:
+            spool.file.write(data)
+            return spool.commit(env, **commit), message_id
+
+    def run(self, **options):
+        return run_queue(self.config, self.queue, log=self.log, **options)
+
+    def log_text(self) -> str:
+        text = self.log_file.read_text() if self.log_file.exists() else ""
+        OUTPUTS.append(text)
+        return text
+
+    def environ(self, **extra) -> dict:
+        return {"PATH": "/usr/bin:/bin", "HOME": str(self.base), "LANG": "C.UTF-8",
+                "PYTHONPATH": str(ROOT), **self.settings, **extra}
+
+    def helper(self, *args, stdin: bytes = b"", python: str = sys.executable, user: str | None = None,
+               timeout: float = 30, **extra) -> subprocess.CompletedProcess:
+        command = [python, "-c", HELPER, *args]
+        if user:
+            command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
+        proc = subprocess.run(command, input=stdin, capture_output=True, timeout=timeout,
+                              env=self.environ(**extra), cwd="/")
+        OUTPUTS.extend([proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")])
+        return proc
+
+    def files_text(self) -> list[str]:
+        return [p.read_bytes().decode(errors="replace") for p in Path(self.queue.root).rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def site_factory(tmp_path, relay_password):
+    made = []
+
+    def make(relay, password: str = relay_password, **overrides) -> Site:
+        base = tmp_path / f"site{len(made)}"
+        base.mkdir()
+        made.append(Site(base, relay, password, **overrides))
+        return made[-1]
+
+    yield make
+    for site in made:  # the password must be in no log line and no queue file
+        site.log_text()
+        OUTPUTS.extend(site.files_text())
+
+
+@pytest.fixture
+def site(site_factory, relay) -> Site:
+    return site_factory(relay)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 15.0):
+    """Wait for something another process does; fails only if it never happens."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("the expected event did not happen")
+        time.sleep(0.02)
+
+
+# -- the basic cycle ---------------------------------------------------------------------------
+
+
+def test_relay_down_then_up(relay, site_factory):
+    down = site_factory(relay, SMTP_PORT=str(free_port()))
+    msg_id, message_id = down.submit()
+    stats = down.run()
+    assert stats.deferred == 1 and down.queue.ids() == [msg_id]
+    assert f"{msg_id}: " in down.log_text() and "status=deferred (cannot connect" in down.log_text()
+    queued = down.queue.load(msg_id)
+    assert queued.attempts == 1 and queued.next_attempt > time.time()
+    assert down.run().deferred == 0  # not due yet: no second attempt
+
+    up = replace(down.config, port=relay.port)  # the relay is back
+    down.queue.retry_now()
+    stats = run_queue(up, down.queue, log=down.log)
+    assert stats.sent == 1 and down.queue.ids() == [] and received(relay) == {message_id: 1}
+    assert relay.messages[0].mail_from == RELAY_LOGIN and relay.messages[0].rcpt_tos == ["bob@example.org"]
+    assert relay.messages[0].data.endswith(b"line one\r\n.a line with a leading dot\r\n")
+    last = down.log_text().splitlines()[-1]
+    assert f"{msg_id}: from=<{RELAY_LOGIN}> to=<bob@example.org> relay=127.0.0.1:{relay.port}" in last
+    assert "status=sent (250 " in last
+    assert os.listdir(down.queue.tmp) == []
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelining"])
+def test_one_connection_serves_the_whole_run(relay_factory, site_factory, pipelining):
+    relay = relay_factory(security="tls", pipelining=pipelining)
+    site = site_factory(relay)
+    ids = [site.submit(f"r{i}@example.org")[1] for i in range(3)]
+    assert site.run().sent == 3
+    assert received(relay) == dict.fromkeys(ids, 1)
+    verbs = [c.split(" ")[0].upper() for c in relay.commands]
+    assert verbs.count("EHLO") == 1 and verbs.count("AUTH") == 1 and verbs.count("RSET") == 2
+
+
+def test_temporary_failure_then_success(site, relay):
+    relay.reply_at["mail"] = "451 4.3.0 try again later"
+    msg_id, message_id = site.submit()
+    assert site.run().deferred == 1
+    queued = site.queue.load(msg_id)
+    assert queued.last_reply == "451 4.3.0 try again later"
+    assert [(r.state, r.attempts) for r in queued.recipients] == [("pending", 1)]
+    assert "(451 4.3.0 try again later; next try " in site.queue.listing()
+    del relay.reply_at["mail"]
+    site.queue.retry_now(msg_id)
+    assert site.run().sent == 1
+    assert received(relay) == {message_id: 1} and site.queue.ids() == []
+    statuses = [line.split("status=")[1].split()[0] for line in site.log_text().splitlines()]
+    assert statuses == ["deferred", "sent"]
+
+
+def test_permanent_refusal_fails_and_bounces_to_the_sender(site, relay):
+    relay.refuse["bob@example.org"] = "550 5.1.1 <bob@example.org>: no such user"
+    msg_id, message_id = site.submit("bob@example.org", requested="webmaster@example.org")
+    stats = site.run()
+    assert (stats.failed, stats.bounces, stats.sent) == (1, 1, 1)  # the report went out in the same run
+    assert site.queue.ids() == [] and site.queue.failed_ids() == [msg_id]
+    failed = site.queue.load(msg_id)
+    assert failed.failure == "550 5.1.1 <bob@example.org>: no such user"
+    (report,) = relay.messages
+    assert report.mail_from == RELAY_LOGIN and report.rcpt_tos == ["webmaster@example.org"]
+    parsed = email.message_from_bytes(report.data)
+    assert parsed.get_content_type() == "multipart/report"
+    status = parsed.get_payload()[1].get_payload()[1]
+    assert status["Final-Recipient"] == "rfc822; bob@example.org" and status["Status"] == "5.1.1"
+    assert status["Diagnostic-Code"] == "smtp; 550 5.1.1 <bob@example.org>: no such user"
+    assert message_id in parsed.get_payload()[2].get_payload()
+    assert "status=bounced (550 5.1.1" in site.log_text()
+
+
+def test_partial_refusal_is_handled_per_recipient(site, relay):
+    relay.refuse["bob@example.org"] = "550 5.1.1 no such user"
+    relay.refuse["carol@example.org"] = "452 4.2.2 mailbox full"
+    msg_id, message_id = site.submit("dave@example.org", "bob@example.org", "carol@example.org")
+    site.run()
+    original, report = relay.messages
+    assert original.rcpt_tos == ["dave@example.org"]
+    assert report.rcpt_tos == [RELAY_LOGIN]  # no requested sender: the login gets the report
+    assert "bob@example.org" in report.data.decode() and "carol@example.org" not in report.data.decode()
+    queued = site.queue.load(msg_id)
+    assert {r.address: r.state for r in queued.recipients} == {
+        "dave@example.org": "sent", "bob@example.org": "failed", "carol@example.org": "pending"}
+    listing = site.queue.listing()
+    assert "carol@example.org" in listing and "dave@example.org" not in listing
+
+    del relay.refuse["carol@example.org"]
+    site.queue.retry_now()
+    site.run()
+    assert relay.messages[2].rcpt_tos == ["carol@example.org"]  # only the one still pending
+    assert received(relay)[message_id] == 2 and len(relay.messages) == 3  # no second report
+    assert site.queue.ids() == [] and site.queue.failed_ids() == [msg_id]
+
+
+def test_whole_message_refusal_fails_and_a_failing_bounce_is_never_bounced(site, relay):
+    relay.reply_at["data"] = "554 5.7.1 rejected as spam"
+    msg_id, _ = site.submit()
+    stats = site.run()
+    assert stats.failed == 2 and stats.bounces == 1  # the message, then its report (same 554)
+    assert relay.messages == [] and site.queue.ids() == []
+    original, report = (site.queue.load(i) for i in site.queue.failed_ids())
+    assert original.id == msg_id and original.failure == "554 5.7.1 rejected as spam"
+    assert report.bounce and report.envelope.recipients == [RELAY_LOGIN]
+    assert site.run().bounces == 0 and len(site.queue.failed_ids()) == 2
+
+
+def test_too_old_goes_to_failed_with_a_report(site, relay):
+    msg_id, message_id = site.submit(arrival=time.time() - 6 * 86400)
+    stats = site.run()
+    assert stats.failed == 1 and site.queue.failed_ids() == [msg_id]
+    assert site.queue.load(msg_id).failure.startswith("expired after 6.0d")
+    (report,) = relay.messages  # the message itself was not tried any more
+    status = email.message_from_bytes(report.data).get_payload()[1].get_payload()[1]
+    assert status["Status"] == "4.4.7" and status["Action"] == "failed"
+    assert "status=expired (gave up after 6.0d" in site.log_text()
+
+
+def test_the_ambiguous_case_is_logged_and_retried(site, relay):
+    relay.close_at.add("dot")  # the connection dies after the final dot, before the reply
+    msg_id, message_id = site.submit()
+    assert site.run().deferred == 1
+    assert "status=ambiguous" in site.log_text() and site.queue.ids() == [msg_id]
+    relay.close_at.clear()
+    site.queue.retry_now()
+    assert site.run().sent == 1 and received(relay) == {message_id: 1}
+
+
+def test_selector_delivers_only_matching_messages_now(site, relay):
+    relay.reply_at["mail"] = "451 4.3.0 later"
+    first, first_mid = site.submit("bob@example.org")
+    second, _ = site.submit("carol@example.org")
+    site.run()
+    del relay.reply_at["mail"]
+    assert site.run(selector=Selector("R", "BOB@")).sent == 1  # though not due yet
+    assert received(relay) == {first_mid: 1} and site.queue.ids() == [second]
+    assert site.run(selector=Selector("I", second[-6:].lower())).sent == 1
+    assert site.queue.ids() == []
+
+
+# -- -odi --------------------------------------------------------------------------------------
+
+
+def test_interactive_outcomes(site, relay):
+    msg_id, message_id = site.submit()
+    outcome = deliver_now(site.config, site.queue, msg_id, log=site.log)
+    assert (outcome.status, outcome.error, outcome.kept) == ("sent", None, False)
+    assert received(relay) == {message_id: 1} and site.queue.ids() == []
+
+    relay.reply_at["dot"] = "554 5.7.1 rejected as spam"
+    msg_id, _ = site.submit()
+    outcome = deliver_now(site.config, site.queue, msg_id, log=site.log)
+    assert outcome.status == "failed" and not outcome.kept
+    assert isinstance(outcome.error, SMTPFailure) and outcome.error.exit_code == 69
+    assert site.queue.ids() == [] and site.queue.failed_ids() == []  # not kept, no report
+    assert len(relay.messages) == 1
+
+    relay.reply_at["dot"] = "451 4.3.0 greylisted"
+    msg_id, _ = site.submit()
+    outcome = deliver_now(site.config, site.queue, msg_id, log=site.log)
+    assert outcome.status == "deferred" and outcome.kept and outcome.error.exit_code == 75
+    assert site.queue.ids() == [msg_id]
+
+
+def test_wrong_password_keeps_the_message(site_factory, relay):
+    site = site_factory(relay, password="wrong")
+    msg_id, _ = site.submit()
+    outcome = deliver_now(site.config, site.queue, msg_id, log=site.log)
+    assert outcome.kept and "535" in str(outcome.error) and site.queue.ids() == [msg_id]
+
+
+def test_a_locked_message_is_left_to_its_holder(site, relay):
+    msg_id, _ = site.submit()
+    with site.queue.lock(msg_id):
+        assert deliver_now(site.config, site.queue, msg_id, log=site.log).status == "busy"
+        assert site.run().busy == 1
+    assert relay.messages == []
+
+
+# -- crashes, concurrency, background ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("step, copies", [
+    ("deliver-locked", 1),
+    ("deliver-sent", 2),  # the relay said 250, we died before writing it down: the documented case
+    ("deliver-recorded", 1),
+    ("pickup-committed", 1),
+])
+def test_sigkill_during_delivery(site, relay, step, copies):
+    data, message_id = message_bytes()
+    if step == "pickup-committed":
+        with site.queue.spool(drop=True) as spool:
+            spool.file.write(data)
+            spool.commit(Envelope(sender=RELAY_LOGIN, recipients=["bob@example.org"], size=len(data)))
+    else:
+        site.submit()
+        message_id = next(iter(Counter(m.envelope.message_id for m in map(site.queue.load, site.queue.ids()))))
+    proc = site.helper("run", SENDMAIL_SHIM_TEST_CRASH=step)
+    assert proc.returncode == -signal.SIGKILL
+    site.queue.retry_now()
+    site.run()
+    site.run()
+    assert received(relay) == {message_id: copies}
+    assert site.queue.ids() == [] and site.queue.failed_ids() == [] and os.listdir(site.queue.maildrop) == []
+
+
+def test_fifty_concurrent_submissions_two_runners_each_delivered_once(site, relay, tmp_path):
+    stop = tmp_path / "stop"
+    runners = [subprocess.Popen([sys.executable, "-c", HELPER, "flush-until", str(stop)],
+                                env=site.environ(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               for _ in range(2)]
+    messages = [message_bytes(f"r{i}@example.org") for i in range(50)]
+    submitters = [subprocess.Popen([sys.executable, "-c", HELPER, "submit", f"r{i}@example.org"],
+                                   env=site.environ(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                  for i in range(50)]
+    for proc, (data, _) in zip(submitters, messages):
+        proc.stdin.write(data)
+        proc.stdin.close()
+    assert [proc.wait(timeout=60) for proc in submitters] == [0] * 50
+    stop.touch()
+    for proc in runners:
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+        proc.stderr.close()
+    for proc in submitters:
+        proc.stdout.close()
+    site.run()  # what the runners skipped while a submitter still held it
+    assert received(relay) == {message_id: 1 for _, message_id in messages}
+    assert site.queue.ids() == [] and os.listdir(site.queue.tmp) == []
+    assert site.log_text().count("status=sent") == 50
+
+
+def test_background_delivery_detaches_from_the_caller(site, relay):
+    data, message_id = message_bytes()
+    proc = site.helper("submit", "bob@example.org", stdin=data, BACKGROUND="1")
+    assert proc.returncode == 0
+    msg_id = proc.stdout.decode().strip()
+    wait_for(lambda: received(relay) == {message_id: 1} and site.queue.ids() == [])
+    wait_for(lambda: f"{msg_id}: " in site.log_text() and "status=sent" in site.log_text())
+    wait_for(lambda: "QUIT" in relay.commands)
+
+
+def test_background_child_holds_no_descriptor_of_the_caller(site_factory, relay):
+    with socket.socket() as silent:  # accepts connections, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        site = site_factory(relay, SMTP_PORT=str(silent.getsockname()[1]), SMTP_TIMEOUT="50")
+        data, _ = message_bytes()
+        # capture_output waits for EOF on stdout/stderr: it returns while the child still waits
+        # for a greeting only if the child holds neither of them
+        proc = site.helper("submit", "bob@example.org", stdin=data, BACKGROUND="1", timeout=20)
+        assert proc.returncode == 0 and proc.stderr == b""
+        silent.settimeout(20)
+        connection, _ = silent.accept()  # the child is there, after the caller has exited
+        connection.close()  # it gives up and leaves the message queued
+    msg_id = proc.stdout.decode().strip()
+    wait_for(lambda: f"{msg_id}: " in site.log_text() and "status=deferred" in site.log_text())
+    assert site.queue.ids() == [msg_id]
+
+
+# -- privilege separation ----------------------------------------------------------------------
+
+
+@contextmanager
+def accounts():
+    """A throwaway service user (in the role of sendmail-shim) and caller (in the role of
+    www-data), each with its own group; removed afterwards. Unique names: the real account's
+    existence changes what other tests expect, and another test run may be going on."""
+    names = [f"shim{role}{os.getpid() % 100000}" for role in ("svc", "www")]
+    created = []
+    try:
+        for name in names:
+            subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                            "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
+            created.append(name)
+        yield [pwd.getpwnam(name) for name in names]
+    finally:
+        for name in reversed(created):
+            subprocess.run(["userdel", name], capture_output=True)
+            subprocess.run(["groupdel", name], capture_output=True)
+
+
+def as_user(user: str, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command],
+                          capture_output=True, cwd="/")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating users and switching to them needs root")
+@pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON) or not shutil.which("setpriv"),
+                    reason="needs /usr/bin/python3 and setpriv")
+def test_unprivileged_caller_drops_and_the_service_runner_delivers(relay, relay_password):
+    base = Path(tempfile.mkdtemp(prefix="shim-system-", dir="/tmp"))  # traversable by other users
+    try:
+        base.chmod(0o755)
+        with accounts() as (service, caller):
+            spool = base / "spool"
+            spool.mkdir()
+            os.chown(spool, service.pw_uid, service.pw_gid)
+            spool.chmod(0o711)  # as tmpfiles.d makes /var/spool/sendmail-shim
+            Queue(str(spool)).ensure()  # as root: the rest, owned like the spool
+            ca_file = shutil.copy(relay.ca_file, base / "ca.pem")  # pytest's tmp_path is root's only
+            site = Site(base, relay, relay_password, SENDMAIL_SHIM_QUEUE_DIR=str(spool), SMTP_CA_FILE=str(ca_file))
+            for path in (site.password_file, site.log_file):
+                path.touch()
+                os.chown(path, service.pw_uid, service.pw_gid)
+            site.log_file.chmod(0o640)
+
+            expected_modes = {"": 0o711, "tmp": 0o700, "queue": 0o700, "failed": 0o700, "corrupt": 0o700,
+                              "maildrop": 0o3733, "maildrop-tmp": 0o3733}
+            for name, expected in expected_modes.items():
+                st = os.stat(spool / name)
+                assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (expected, service.pw_uid, service.pw_gid)
+
+            assert as_user(caller.pw_name, "cat", str(site.password_file)).returncode != 0
+            assert as_user(caller.pw_name, "ls", str(spool / "maildrop")).returncode != 0
+            data, message_id = message_bytes()
+            data = data.replace(f"From: Alice <{RELAY_LOGIN}>".encode(), b"From: www-data@web.example")
+            proc = site.helper("submit", "bob@example.org", stdin=data, python=SYSTEM_PYTHON, user=caller.pw_name)
+            assert proc.returncode == 0, proc.stderr.decode()
+            (dropped,) = (spool / "maildrop").iterdir()
+            st = dropped.stat()
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (caller.pw_uid, service.pw_gid, 0o640)
+            assert received(relay) == {}
+
+            proc = site.helper("run", python=SYSTEM_PYTHON, user=service.pw_name)
+            assert proc.returncode == 0, proc.stderr.decode()
+            (delivered,) = relay.messages
+            assert delivered.mail_from == RELAY_LOGIN and received(relay) == {message_id: 1}
+            headers = email.message_from_bytes(delivered.data)
+            assert RELAY_LOGIN in headers["From"] and headers["Reply-To"] == "www-data@web.example"
+            assert list((spool / "maildrop").iterdir()) == [] and list((spool / "queue").iterdir()) == []
+            assert f"picked up from maildrop, uid={caller.pw_uid}" in site.log_text()
+
+            msg_id, _ = site.submit()  # root submitting: the files go to the service user
+            for path in [spool / "queue" / msg_id, *(spool / "queue" / msg_id).iterdir()]:
+                st = path.stat()
+                assert (st.st_uid, st.st_gid) == (service.pw_uid, service.pw_gid)
+                assert stat.S_IMODE(st.st_mode) & 0o077 == 0
+            OUTPUTS.extend(site.files_text())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
