@@ -96,6 +96,11 @@ class Config:
         """The envelope sender of every message: the login, else SMTP_FROM."""
         return self.user or self.from_address
 
+    def require_sender(self) -> str:
+        if not self.sender:
+            raise ConfigError("neither SMTP_USER nor SMTP_FROM is set: one of them is the sender of every message")
+        return self.sender
+
     def redacted(self) -> dict[str, str]:
         """Settings for display; the password command is shown only as set/unset."""
         shown = {}

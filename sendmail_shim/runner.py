@@ -29,7 +29,7 @@ from typing import Callable
 
 from . import bounce
 from .envelope import Envelope
-from .errors import ConfigError, DataError, ShimError, SMTPFailure
+from .errors import DataError, ShimError, SMTPFailure
 from .queue import Queue, QueuedMessage, crash_point, next_attempt_after
 
 _DSN_NOTIFY = {"never", "success", "failure", "delay"}
@@ -84,7 +84,7 @@ def run_queue(config, queue: Queue, *, log, selector: Selector | None = None,
     Secret) skips the credential lookup. Raises PolicyError when this user may not run the
     queue and ConfigError when no sender is configured; delivery problems are only counted.
     """
-    _require_sender(config)
+    config.require_sender()
     queue.ensure()
     queue.check_access()
     stats = RunStats()
@@ -128,7 +128,7 @@ def deliver_now(config, queue: Queue, msg_id: str, *, log, password=None,
     caller's exit status). Temporary failures keep it queued (``kept``). Not interactive: as a
     queue run would (bounce, failed/).
     """
-    _require_sender(config)
+    config.require_sender()
     session = _Session(config, password, transcript)
     try:
         with queue.lock(msg_id) as message:
@@ -179,11 +179,6 @@ def _detach() -> None:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-
-
-def _require_sender(config) -> None:
-    if not config.sender:
-        raise ConfigError("SMTP_USER is not set: the login is the sender of every message")
 
 
 def _count(stats: RunStats, outcome: Outcome) -> None:

@@ -10,7 +10,7 @@ import socket
 import time
 
 from . import message
-from .errors import EX_OK, ConfigError, SMTPFailure, ShimError
+from .errors import EX_OK, SMTPFailure, ShimError
 from .log import MessageLog
 
 
@@ -26,8 +26,7 @@ def accept(reader, opts, config, stderr, environ) -> str:
     Returns only once the message is durably queued or delivered; raises a ShimError otherwise.
     """
     started = time.time()
-    if not config.sender:
-        raise ConfigError("neither SMTP_USER nor SMTP_FROM is set: one of them is the sender of every message")
+    config.require_sender()
     with _draining(reader):
         header_block = reader.read_header_block()
         headers, envelope = message.prepare(
