@@ -1,0 +1,42 @@
+"""Provider presets are data; the hints for the classic failure replies say what to do."""
+
+import pytest
+
+from sendmail_shim import config, providers
+
+
+@pytest.mark.parametrize("name", sorted(providers.PRESETS))
+def test_preset_resolves_to_a_verified_tls_relay(name):
+    cfg = config.build({"SMTP_PROVIDER": name, "SMTP_USER": "a@example.com"}, {})
+    preset = providers.PRESETS[name]
+    assert (cfg.host, cfg.port, cfg.security) == (preset.host, preset.port, preset.security)
+    assert cfg.security in ("tls", "starttls") and cfg.tls_verify
+    assert cfg.host.startswith("smtp.") and cfg.host.count(".") >= 2
+
+
+def test_preset_values_can_be_overridden():
+    cfg = config.build({"SMTP_PROVIDER": "163", "SMTP_SECURITY": "starttls"}, {})
+    assert (cfg.host, cfg.port, cfg.security) == ("smtp.163.com", 587, "starttls")
+    cfg = config.build({"SMTP_PROVIDER": "gmail", "SMTP_PORT": "2525", "SMTP_HOST": "127.0.0.1"}, {})
+    assert (cfg.host, cfg.port) == ("127.0.0.1", 2525)
+
+
+@pytest.mark.parametrize("provider, stage, code, reply, expected", [
+    ("163", "mail", 553, "Mail from must equal authorized user", "SMTP_USER"),
+    ("qq", "mail", 501, "mail from address must be same as authorization user", "SMTP_USER"),
+    ("163", "auth", 535, "Error: authentication failed", "授权码"),
+    ("126", "mail", 550, "User has no permission", "POP3/SMTP"),
+    ("qq", "auth", 535, "Login fail", "授权码"),
+    ("gmail", "auth", 535, "5.7.8 Username and Password not accepted", "app password"),
+    ("outlook", "auth", 535, "5.7.139 Authentication unsuccessful", "app password"),
+    ("custom", "auth", 535, "authentication failed", "wrong login or password"),
+    ("custom", "auth", 538, "Encryption required", "SMTP_SECURITY"),
+    ("custom", "mail", 530, "Authentication required", "SMTP_USER"),
+    ("custom", "data", 552, "too big", "larger"),
+], ids=lambda v: str(v))
+def test_reply_hints(provider, stage, code, reply, expected):
+    assert expected in providers.reply_hint(provider, stage, code, reply)
+
+
+def test_no_hint_for_an_ordinary_refusal():
+    assert providers.reply_hint("163", "rcpt", 550, "Mailbox not found") is None
