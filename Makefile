@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 # Debian's interpreter and libraries: the .deb runs on them, so CI runs the end-to-end tests on them too.
-APT_PACKAGES := python3 python3-venv python3-keyring python3-dotenv ca-certificates
+APT_PACKAGES := python3 python3-venv python3-keyring python3-dotenv ca-certificates \
+  php-cli php-mbstring libphp-phpmailer php-symfony-mailer php-swiftmailer git git-email libmailtools-perl mailutils mutt swaks
 
 .PHONY: test test-venv test-debian demo apt-deps clean
 
@@ -39,3 +40,27 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+
+# sendmail-shim against msmtp on this machine (installs msmtp from Debian when root); the table goes
+# to bench/results/. bench-smoke: tiny counts, only proves the script still works (CI).
+.PHONY: bench bench-smoke
+bench: $(VENV)/.installed apt-deps
+	$(VPY) bench/run.py
+
+bench-smoke: $(VENV)/.installed apt-deps
+	$(VPY) bench/run.py --smoke
+
+# Translations (needs Debian's gettext): re-extract the messages from the source into the
+# template, merge it into each catalog, compile the catalogs. The .mo files are committed, so a
+# clean clone, pip install and the Debian build need no gettext; tests/test_i18n.py fails when a
+# message has no translation or a .mo is older than its .po.
+.PHONY: po
+po:
+	xgettext --language=Python --keyword=_ --from-code=UTF-8 --no-wrap --sort-by-file \
+		--package-name=sendmail-shim --msgid-bugs-address= -o po/sendmail-shim.pot sendmail_shim/*.py
+	for po in po/*.po; do \
+		lang=$$(basename $$po .po); \
+		msgmerge --quiet --update --no-wrap --backup=none $$po po/sendmail-shim.pot && \
+		mkdir -p sendmail_shim/locale/$$lang/LC_MESSAGES && \
+		msgfmt --check --statistics -o sendmail_shim/locale/$$lang/LC_MESSAGES/sendmail-shim.mo $$po || exit 1; \
+	done

@@ -2,6 +2,7 @@
 
 from . import runner
 from .errors import EX_OK
+from .i18n import _, localize
 from .log import MessageLog
 from .queue import Queue
 
@@ -23,13 +24,14 @@ def run(opts, config, stdout, stderr, environ) -> int:
             message.id, status="deleted", sender=message.envelope.sender,
             recipients=[r.address for r in message.pending], reply="deleted by the administrator",
         )
-        print(f"sendmail-shim: {message.id} deleted", file=stdout)
+        done = _("{id} deleted").format(id=message.id)
     elif opts.mode == "retry":
         changed = queue.retry_now(None if opts.target == "all" else opts.target)
-        print(f"sendmail-shim: {len(changed)} message(s) due now; run sendmail-shim -q to deliver", file=stdout)
-    elif opts.mode == "requeue":
+        done = _("{count} message(s) due now; run sendmail-shim -q to deliver").format(count=len(changed))
+    else:
         message = queue.requeue(opts.target)
-        print(f"sendmail-shim: {message.id} moved back to the queue", file=stdout)
+        done = _("{id} moved back to the queue").format(id=message.id)
+    print(f"sendmail-shim: {localize(done, environ)}", file=stdout)
     return EX_OK
 
 

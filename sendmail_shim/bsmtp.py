@@ -6,6 +6,7 @@ delivered or durably queued. Nothing but SMTP replies is ever written to stdout.
 """
 
 import dataclasses
+import os
 import socket
 import tempfile
 
@@ -17,6 +18,10 @@ from .errors import (
 MAX_COMMAND = 2048  # RFC 5321 §4.5.3.1.4 says 512; clients with long parameters exist
 MAX_LINE = 64 * 1024  # a DATA line; the message reader breaks lines over 998 octets itself
 SPOOL_IN_MEMORY = 1 << 20
+# EHLO keywords. SIZE without a number: the limit is the relay's, learnt only when delivering.
+# No PIPELINING (replies are written one by one anyway), no AUTH or STARTTLS (a local pipe).
+EXTENSIONS = ("8BITMIME", "SIZE", "SMTPUTF8", "ENHANCEDSTATUSCODES")
+_BODY_TYPES = ("7BIT", "8BITMIME")
 
 
 class Session:
@@ -37,22 +42,30 @@ class Session:
         self.stdout.flush()
 
     def serve(self) -> int:
-        self.reply(f"220 {self.hostname} ESMTP sendmail-shim")
-        while True:
-            line = self.stdin.readline(MAX_COMMAND + 1)
-            if not line:
-                return EX_OK  # EOF without QUIT ends the session cleanly
-            if len(line) > MAX_COMMAND and not line.endswith(b"\n"):
-                self._discard_rest_of_line()
-                self.reply("500 5.5.2 Line too long")
-                continue
-            command = line.rstrip(b"\r\n").decode("utf-8", "replace")
-            verb, _, argument = command.partition(" ")
-            handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isalpha() else None
-            if handler is None:
-                self.reply("502 5.5.2 Command not recognized")
-            elif handler(argument.strip()) is False:
-                return EX_OK
+        try:
+            self.reply(f"220 {self.hostname} ESMTP sendmail-shim")
+            while self._command():
+                pass
+        except BrokenPipeError:  # the client closed its end without QUIT: as EOF, the session is over
+            _discard_unwritten(self.stdout)
+        return EX_OK
+
+    def _command(self) -> bool:
+        """Read and answer one command; False when the session is over."""
+        line = self.stdin.readline(MAX_COMMAND + 1)
+        if not line:
+            return False  # EOF without QUIT ends the session cleanly
+        if len(line) > MAX_COMMAND and not line.endswith(b"\n"):
+            self._discard_rest_of_line()
+            self.reply("500 5.5.2 Line too long")
+            return True
+        command = line.rstrip(b"\r\n").decode("utf-8", "replace")
+        verb, _, argument = command.partition(" ")
+        handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isalpha() else None
+        if handler is None:
+            self.reply("502 5.5.2 Command not recognized")
+            return True
+        return handler(argument.strip()) is not False
 
     def _discard_rest_of_line(self) -> None:
         while True:
@@ -70,25 +83,32 @@ class Session:
         if not argument:
             return self.reply("501 5.5.4 Syntax: EHLO hostname")
         self.reset()
-        for line in (self.hostname, "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"):
+        for line in (self.hostname, *EXTENSIONS):
             self.stdout.write(f"250-{line}\r\n".encode())
         self.reply("250 HELP")
 
     def smtp_MAIL(self, argument: str):
         if self.mail_from is not None:
             return self.reply("503 5.5.1 Error: nested MAIL command")
-        address = _path(argument, "FROM:")
-        if address is None:
+        parsed = _path(argument, "FROM:")
+        if parsed is None:
             return self.reply("501 5.5.4 Syntax: MAIL FROM:<address>")
+        address, parameters = parsed
+        refusal = _check_mail_parameters(parameters)
+        if refusal:
+            return self.reply(refusal)
         self.mail_from = address
         self.reply("250 2.1.0 Ok")
 
     def smtp_RCPT(self, argument: str):
         if self.mail_from is None:
             return self.reply("503 5.5.1 Error: need MAIL command")
-        address = _path(argument, "TO:")
-        if not address:
+        parsed = _path(argument, "TO:")
+        if parsed is None or not parsed[0]:
             return self.reply("501 5.5.4 Syntax: RCPT TO:<address>")
+        address, parameters = parsed
+        if parameters:  # NOTIFY/ORCPT belong to DSN, which is not offered
+            return self.reply(f"555 5.5.4 Unsupported option: {parameters[0]}")
         try:
             [resolved] = message.parse_recipient_args([address])
             message.resolve_local(resolved, self.config.aliases, self.hostname)
@@ -105,20 +125,33 @@ class Session:
         self.reply("354 End data with <CR><LF>.<CR><LF>")
         with tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY) as spool:
             if not self._read_data(spool):
-                return False  # EOF inside DATA: the client went away; nothing was accepted
+                # The client went away: nothing was accepted, and the exit status says so.
+                raise DataError("input ended inside DATA, before the final '.': the message was not accepted")
             spool.seek(0)
             self.reply(self._accept(spool))
         self.reset()
 
     def _read_data(self, spool) -> bool:
-        """Copy DATA lines up to the lone dot into `spool`, removing dot-stuffing."""
+        """Copy DATA lines up to the lone dot into `spool`, removing dot-stuffing; False at EOF.
+
+        As Postfix's smtpd_forbid_bare_newline=normalize: a bare-LF line is a line (and is
+        un-stuffed), but only <CR><LF>.<CR><LF> ends the data, so a body can never smuggle a
+        second message past the end.
+        """
+        at_line_start = True  # a line longer than MAX_LINE arrives in pieces
+        after_crlf = True
         while True:
             line = self.stdin.readline(MAX_LINE)
             if not line:
                 return False
-            if line in (b".\r\n", b".\n"):
-                return True
-            spool.write(line[1:] if line.startswith(b".") else line)
+            if at_line_start:
+                if line == b".\r\n" and after_crlf:
+                    return True
+                if line.startswith(b"."):
+                    line = line[1:]
+            at_line_start = line.endswith(b"\n")
+            after_crlf = line.endswith(b"\r\n")
+            spool.write(line)
 
     def _accept(self, spool) -> str:
         opts = dataclasses.replace(
@@ -150,15 +183,52 @@ class Session:
         return False
 
 
-def _path(argument: str, keyword: str) -> str | None:
-    """``FROM:<a@b> BODY=8BITMIME`` → ``a@b`` (parameters are ours to choose, so ignored)."""
+def _path(argument: str, keyword: str) -> tuple[str, list[str]] | None:
+    """``FROM:<a@b> BODY=8BITMIME`` → (``a@b``, [``BODY=8BITMIME``]); None on a syntax error."""
     if argument[: len(keyword)].upper() != keyword:
         return None
     rest = argument[len(keyword):].strip()
     if rest.startswith("<"):
         end = rest.find(">")
-        return None if end < 0 else rest[1:end]
-    return rest.split(" ", 1)[0] if rest else None
+        if end < 0:
+            return None
+        return rest[1:end], rest[end + 1:].split()
+    words = rest.split()
+    return (words[0], words[1:]) if words else None
+
+
+def _check_mail_parameters(parameters: list[str]) -> str | None:
+    """The refusal for MAIL FROM parameters we did not offer or cannot honour, else None.
+
+    The values change nothing: 8-bit content and the size are measured on the message itself.
+    """
+    for parameter in parameters:
+        name, eq, value = parameter.partition("=")
+        name = name.upper()
+        if name == "SIZE" and eq and value.isdigit() and value.isascii():
+            continue
+        if name == "BODY" and eq and value.upper() in _BODY_TYPES:
+            continue
+        if name == "SMTPUTF8" and not eq:
+            continue
+        if name in ("SIZE", "BODY", "SMTPUTF8"):
+            return f"501 5.5.4 Bad parameter: {parameter}"
+        return f"555 5.5.4 Unsupported option: {parameter}"
+    return None
+
+
+def _discard_unwritten(stdout) -> None:
+    """Point a broken stdout at /dev/null: the buffered reply left in it would otherwise fail
+    again when Python flushes at exit, printing a traceback and exiting 120."""
+    import os
+
+    try:
+        fd = stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a file descriptor (a test's BytesIO): nothing is flushed at exit
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def _one_line(exc) -> str:

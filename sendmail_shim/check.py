@@ -10,43 +10,54 @@ import socket
 
 from . import credentials, message
 from .errors import EX_OK, ShimError
+from .i18n import _, describe, localize
 from .smtp import Relay
 
 
 def run(config, out, environ, *, to: str | None = None, verbose: int = 0) -> int:
-    say = lambda text="": print(text, file=out, flush=True)  # noqa: E731
-    say("configuration:")
+    say = lambda text="": print(localize(text, environ), file=out, flush=True)  # noqa: E731
+    say(_("configuration:"))
     for key, value in config.redacted().items():
         say(f"  {key} = {value}")
-    say(f"\nconnecting to {config.host}:{config.port} ({config.security}) …")
+    say()
+    say(_("connecting to {host}:{port} ({security}) …").format(host=config.host, port=config.port, security=config.security))
     relay = Relay(config, lambda: credentials.get_password(config, environ),
-                  transcript=lambda line: say(f"  {line}"), warn=lambda text: say(f"warning: {text}"))
+                  transcript=lambda line: say(f"  {line}"),
+                  warn=lambda text: say(_("warning: {text}").format(text=text)))
     try:
         with relay:
             _describe(relay, say)
-            say(f"sender check: {relay.verify_sender()}")
+            say(_("sender check: {reply}").format(reply=relay.verify_sender()))
             if to:
                 result = relay.send(*_test_message(config, to))
-                say(f"test message to {to}: {result.reply}")
+                say(_("test message to {to}: {reply}").format(to=to, reply=result.reply))
     except ShimError as exc:
-        say(f"\nverdict: FAILED — {exc}")
+        say()
+        say(_("verdict: FAILED — {error}").format(error=describe(exc, environ)))
         return exc.exit_code
-    sent = f", test message sent to {to}" if to else ""
-    say(f"\nverdict: OK — {config.host}:{config.port} accepts {config.sender} as sender{sent}")
+    say()
+    if to:
+        say(_("verdict: OK — {host}:{port} accepts {sender} as sender, test message sent to {to}").format(
+            host=config.host, port=config.port, sender=config.sender, to=to))
+    else:
+        say(_("verdict: OK — {host}:{port} accepts {sender} as sender").format(
+            host=config.host, port=config.port, sender=config.sender))
     return EX_OK
 
 
 def _describe(relay, say) -> None:
     if relay.tls_version:
-        how = "pinned fingerprint" if relay.config.tls_fingerprint else (
-            "verified" if relay.verified else "NOT verified (SMTP_TLS_VERIFY=no)")
-        say(f"TLS: {relay.tls_version} {relay.cipher}; certificate {relay.peer_subject} — {how}")
-        say(f"certificate SHA-256 fingerprint: {relay.peer_fingerprint}")
+        how = _("pinned fingerprint") if relay.config.tls_fingerprint else (
+            _("verified") if relay.verified else _("NOT verified (SMTP_TLS_VERIFY=no)"))
+        say(_("TLS: {version} {cipher}; certificate {subject} — {how}").format(
+            version=relay.tls_version, cipher=relay.cipher, subject=relay.peer_subject, how=how))
+        say(_("certificate SHA-256 fingerprint: {fingerprint}").format(fingerprint=relay.peer_fingerprint))
     else:
-        say("TLS: none (SMTP_SECURITY=none)")
+        say(_("TLS: none (SMTP_SECURITY=none)"))
     say("EHLO " + relay.helo_name + ": " + ", ".join(
         f"{k.upper()} {v}".strip() for k, v in relay.features.items()))
-    say(f"AUTH: {relay.auth_mechanism} accepted" if relay.auth_mechanism else "AUTH: not used (no SMTP_USER)")
+    say(_("AUTH: {mechanism} accepted").format(mechanism=relay.auth_mechanism) if relay.auth_mechanism
+        else _("AUTH: not used (no SMTP_USER)"))
 
 
 def _test_message(config, to: str):

@@ -9,13 +9,15 @@ import sys
 
 from . import __version__
 from .errors import EX_OK, EX_SOFTWARE, EX_TEMPFAIL, ShimError
+from .i18n import _, describe, localize
 
-USAGE = """\
+USAGE = _("""\
 usage: sendmail-shim [-t] [-i|-oi] [-f sender] [-F name] [-odb|-odi|-odq] [-v] [--] [recipient ...]
        sendmail-shim -bs            SMTP on stdin/stdout (Symfony, Laravel, SwiftMailer)
        sendmail-shim -bp | mailq    list the queue
        sendmail-shim -q [-v] [-qR…|-qS…|-qI…]   deliver what is due
        sendmail-shim --check [--to ADDR]          test the configuration (and send a test mail)
+       sendmail-shim --setup [--provider P --user ADDR --password-stdin --yes …]   guided setup
        sendmail-shim --set-password | --delete-password
        sendmail-shim --show ID | --delete ID | --retry ID|all | --requeue ID
        sendmail-shim --config FILE …   read only FILE (also SENDMAIL_SHIM_CONFIG)
@@ -23,7 +25,7 @@ usage: sendmail-shim [-t] [-i|-oi] [-f sender] [-F name] [-odb|-odi|-odq] [-v] [
 
 Sendmail options that change nothing here are accepted: -bm -B -N -R -V -oX -eX -h -L -A -O -p
 -G -U -m -n -x -c -d. -X and -C are refused. Configuration keys: see README.md.
-"""
+""")
 
 
 def main(argv=None, *, stdin=None, stdout=None, stderr=None, environ=None) -> int:
@@ -40,13 +42,15 @@ def main(argv=None, *, stdin=None, stdout=None, stderr=None, environ=None) -> in
         verbose = opts.verbose > 0
         return run(opts, stdin, stdout, stderr, environ)
     except ShimError as exc:
-        print(f"sendmail-shim: {exc}", file=stderr)
+        print(f"sendmail-shim: {describe(exc, environ)}", file=stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("sendmail-shim: interrupted; nothing was accepted", file=stderr)
+        interrupted = _("interrupted; nothing was accepted")
+        print(f"sendmail-shim: {localize(interrupted, environ)}", file=stderr)
         return EX_TEMPFAIL
     except Exception as exc:  # a bug: still one line and a non-zero exit, never a lost message
-        print(f"sendmail-shim: internal error: {type(exc).__name__}: {exc}", file=stderr)
+        bug = _("internal error: {error}").format(error=f"{type(exc).__name__}: {exc}")
+        print(f"sendmail-shim: {localize(bug, environ)}", file=stderr)
         if verbose:
             import traceback
 
@@ -57,7 +61,7 @@ def main(argv=None, *, stdin=None, stdout=None, stderr=None, environ=None) -> in
 def run(opts, stdin, stdout, stderr, environ) -> int:
     """The program without error handling."""
     if opts.mode == "help":
-        stdout.write(USAGE)
+        stdout.write(localize(USAGE, environ))
         return EX_OK
     if opts.mode == "version":
         print(f"sendmail-shim {__version__}", file=stdout)
@@ -65,6 +69,10 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
     if opts.mode == "newaliases":
         return EX_OK  # aliases live in SMTP_ALIASES; there is no database to rebuild
 
+    if opts.mode == "setup":
+        from . import wizard
+
+        return wizard.run(opts, stdin, stdout, stderr, environ)
     from . import config as config_module
 
     config = config_module.load(environ, opts.config_path)
@@ -91,10 +99,12 @@ def _password_command(mode, config, stdin, stdout, stderr, environ) -> int:
     from . import credentials
 
     if mode == "set-password":
-        secret = credentials.read_new_password(stdin, stderr, prompt=f"Password for {config.user}: ")
+        prompt = localize(_("Password for {user}: ").format(user=config.user), environ)
+        secret = credentials.read_new_password(stdin, stderr, prompt=prompt)
         where = credentials.set_password(config, secret, environ)
-        print(f"sendmail-shim: password for {config.user} stored in {where}", file=stdout)
+        done = _("password for {user} stored in {where}").format(user=config.user, where=where)
     else:
         where = credentials.delete_password(config, environ)
-        print(f"sendmail-shim: password for {config.user} removed from {where}", file=stdout)
+        done = _("password for {user} removed from {where}").format(user=config.user, where=where)
+    print(f"sendmail-shim: {localize(done, environ)}", file=stdout)
     return EX_OK

@@ -8,11 +8,14 @@ Precedence, highest first:
   4. provider preset (``SMTP_PROVIDER``), then built-in defaults.
 """
 
+import functools
 import os
+import sys
 from dataclasses import dataclass, field
 
 from . import providers
 from .errors import ConfigError
+from .i18n import _
 
 SYSTEM_DIR = "/etc/sendmail-shim"
 SYSTEM_CONFIG = os.path.join(SYSTEM_DIR, "sendmail-shim.env")
@@ -54,8 +57,8 @@ KEYS = {
 }
 
 _FORBIDDEN = {
-    "SMTP_PASSWORD": "a password never goes in a config file or the environment; "
-    "store it with sendmail-shim --set-password or set SMTP_PASSWORD_COMMAND",
+    "SMTP_PASSWORD": _("a password never goes in a config file or the environment; "
+                       "store it with sendmail-shim --set-password or set SMTP_PASSWORD_COMMAND"),
 }
 
 _TRUE = {"yes", "true", "on", "1"}
@@ -98,7 +101,7 @@ class Config:
 
     def require_sender(self) -> str:
         if not self.sender:
-            raise ConfigError("neither SMTP_USER nor SMTP_FROM is set: one of them is the sender of every message")
+            raise ConfigError(_("neither SMTP_USER nor SMTP_FROM is set: one of them is the sender of every message"))
         return self.sender
 
     def redacted(self) -> dict[str, str]:
@@ -140,36 +143,72 @@ def load(environ=None, explicit: str | None = None) -> Config:
             values[key] = environ[key]
     for key, why in _FORBIDDEN.items():
         if key in values:
-            raise ConfigError(f"{key} is not accepted: {why}")
+            raise ConfigError(_("{key} is not accepted: {why}").format(key=key, why=why))
     return build(values, environ, tuple(sources))
 
 
 def read_file(path: str) -> dict[str, str]:
     """Parse one dotenv file strictly: an unparsable line or unknown key is an error."""
-    from dotenv.parser import parse_stream  # python-dotenv; dotenv_values() drops bad lines silently
-
+    parse_stream = _dotenv_parser().parse_stream  # dotenv_values() would drop bad lines silently
     try:
         with open(path, encoding="utf-8-sig") as stream:
+            _check_trusted(path, os.fstat(stream.fileno()))
             bindings = list(parse_stream(stream))
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(_("cannot read config file {path}: {reason}").format(path=path, reason=exc.strerror)) from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+        raise ConfigError(_("{path}: not UTF-8 text").format(path=path)) from None
     values = {}
     for binding in bindings:
         line = binding.original.line
         if binding.error:
-            raise ConfigError(f"{path}:{line}: cannot parse this line")
+            raise ConfigError(_("{path}:{line}: cannot parse this line").format(path=path, line=line))
         if binding.key is None:
             continue
         if binding.key in _FORBIDDEN:
-            raise ConfigError(f"{path}:{line}: {binding.key} is not accepted: {_FORBIDDEN[binding.key]}")
+            raise ConfigError(_("{path}:{line}: {key} is not accepted: {why}").format(
+                path=path, line=line, key=binding.key, why=_FORBIDDEN[binding.key]))
         if binding.key not in KEYS:
-            raise ConfigError(f"{path}:{line}: unknown key {binding.key}")
+            raise ConfigError(_("{path}:{line}: unknown key {key}").format(path=path, line=line, key=binding.key))
         if binding.value is None:
-            raise ConfigError(f"{path}:{line}: {binding.key} has no value (write {binding.key}=…)")
+            raise ConfigError(_("{path}:{line}: {key} has no value (write {key}=…)").format(
+                path=path, line=line, key=binding.key))
         values[binding.key] = binding.value
     return values
+
+
+@functools.cache
+def _dotenv_parser():
+    """python-dotenv's parser module, loaded on its own: ``import dotenv.parser`` would first run
+    dotenv/__init__.py, whose dotenv.main imports logging and tempfile (~10 ms of every sendmail
+    call, python-deps.md §3)."""
+    if "dotenv.parser" in sys.modules:
+        return sys.modules["dotenv.parser"]
+    from importlib.machinery import PathFinder
+    from importlib.util import module_from_spec
+
+    package = PathFinder.find_spec("dotenv")
+    spec = package and PathFinder.find_spec("dotenv.parser", package.submodule_search_locations)
+    if spec is None:  # not a plain directory on sys.path: the ordinary import finds it (or fails)
+        from dotenv import parser
+
+        return parser
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_trusted(path: str, st: os.stat_result) -> None:
+    """Like ssh's StrictModes: whoever can change the config can redirect mail and the password
+    (SMTP_HOST, SMTP_TLS_VERIFY=no, SMTP_PASSWORD_COMMAND), so only root or the caller may."""
+    directory = os.stat(os.path.dirname(os.path.abspath(path)))
+    loose_dir = directory.st_mode & 0o002 and not directory.st_mode & 0o1000
+    if st.st_mode & 0o022 or st.st_uid not in (0, os.geteuid()) or loose_dir:
+        raise ConfigError(
+            _("refusing config file {path}: others can change it (mode {mode}, owner uid {uid})").format(
+                path=path, mode=f"{st.st_mode & 0o7777:04o}", uid=st.st_uid),
+            _("make it belong to root or to you, writable only by its owner: chmod go-w {path}").format(path=path),
+        )
 
 
 def build(values: dict[str, str], environ, sources: tuple[str, ...] = ()) -> Config:
@@ -177,11 +216,12 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = ()) -> Con
     get = lambda key: (values.get(key) or "").strip() or None  # noqa: E731
     provider = (get("SMTP_PROVIDER") or "custom").lower()
     if provider not in providers.PROVIDERS:
-        raise ConfigError(f"SMTP_PROVIDER={provider}: expected one of {', '.join(providers.PROVIDERS)}")
+        raise ConfigError(_("SMTP_PROVIDER={value}: expected one of {choices}").format(
+            value=provider, choices=", ".join(providers.PROVIDERS)))
     preset = providers.PRESETS.get(provider)
     security = (get("SMTP_SECURITY") or (preset.security if preset else "starttls")).lower()
     if security not in SECURITIES:
-        raise ConfigError(f"SMTP_SECURITY={security}: expected tls, starttls or none")
+        raise ConfigError(_("SMTP_SECURITY={value}: expected tls, starttls or none").format(value=security))
     if get("SMTP_PORT"):
         port = int(_number("SMTP_PORT", get("SMTP_PORT")))
     elif preset and security == preset.security:
@@ -189,22 +229,23 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = ()) -> Con
     else:
         port = providers.DEFAULT_PORTS[security]
     if not 0 < port < 65536:
-        raise ConfigError(f"SMTP_PORT={port}: not a port number")
+        raise ConfigError(_("SMTP_PORT={value}: not a port number").format(value=port))
     from_policy = (get("SMTP_FROM_POLICY") or "rewrite").lower()
     if from_policy not in FROM_POLICIES:
-        raise ConfigError(f"SMTP_FROM_POLICY={from_policy}: expected rewrite or reject")
+        raise ConfigError(_("SMTP_FROM_POLICY={value}: expected rewrite or reject").format(value=from_policy))
     delivery = (get("SENDMAIL_SHIM_DELIVERY") or "background").lower()
     if delivery not in DELIVERY_MODES:
-        raise ConfigError(f"SENDMAIL_SHIM_DELIVERY={delivery}: expected {', '.join(DELIVERY_MODES)}")
+        raise ConfigError(_("SENDMAIL_SHIM_DELIVERY={value}: expected {choices}").format(
+            value=delivery, choices=", ".join(DELIVERY_MODES)))
     fingerprint = get("SMTP_TLS_FINGERPRINT")
     if fingerprint:
         fingerprint = fingerprint.replace(":", "").lower()
         if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
-            raise ConfigError("SMTP_TLS_FINGERPRINT: expected a SHA-256 fingerprint (64 hex digits)")
+            raise ConfigError(_("SMTP_TLS_FINGERPRINT: expected a SHA-256 fingerprint (64 hex digits)"))
     user, from_address = get("SMTP_USER"), get("SMTP_FROM")
     for key, address in (("SMTP_USER", user), ("SMTP_FROM", from_address)):
         if address and ("@" not in address or any(c in address for c in " \t\r\n<>,;")):
-            raise ConfigError(f"{key}={address}: expected a plain address such as alice@163.com")
+            raise ConfigError(_("{key}={value}: expected a plain address such as alice@163.com").format(key=key, value=address))
     return Config(
         host=get("SMTP_HOST") or (preset.host if preset else None),
         port=port,
@@ -242,7 +283,7 @@ def parse_aliases(text: str) -> dict[str, str]:
         name, sep, address = item.partition(":")
         name, address = name.strip().lower(), address.strip()
         if not sep or not name or "@" not in address or any(c in address for c in " \t\r\n<>;:"):
-            raise ConfigError(f"SMTP_ALIASES: cannot read {item!r} (expected name:address)")
+            raise ConfigError(_("SMTP_ALIASES: cannot read {item!r} (expected name:address)").format(item=item))
         aliases[name] = address
     return aliases
 
@@ -310,7 +351,7 @@ def _flag(values, key: str, default: bool) -> bool:
         return True
     if word in _FALSE:
         return False if word else default
-    raise ConfigError(f"{key}={raw}: expected yes or no")
+    raise ConfigError(_("{key}={value}: expected yes or no").format(key=key, value=raw))
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -323,7 +364,7 @@ def _seconds(values, key: str, default: float) -> float:
     unit = _UNITS.get(raw[-1])
     number = _number(key, raw[:-1] if unit else raw)
     if number <= 0:
-        raise ConfigError(f"{key}={raw}: must be positive")
+        raise ConfigError(_("{key}={value}: must be positive").format(key=key, value=raw))
     return number * (unit or 1)
 
 
@@ -331,4 +372,4 @@ def _number(key: str, raw: str) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise ConfigError(f"{key}={raw}: not a number") from None
+        raise ConfigError(_("{key}={value}: not a number").format(key=key, value=raw)) from None

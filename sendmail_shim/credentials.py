@@ -13,6 +13,7 @@ import re
 
 from . import credstore, providers
 from .errors import ConfigError, UsageError
+from .i18n import _
 from .secret import Secret
 
 SERVICE = "sendmail-shim"
@@ -41,9 +42,10 @@ def get_password(config, environ=None) -> Secret:
     else:
         backend = _load_backend(config.keyring_backend)
         password = _call(config.keyring_backend, backend.get_password, SERVICE, user)
-        where = f"keyring backend {config.keyring_backend}"
+        where = _("keyring backend {backend}").format(backend=config.keyring_backend)
     if not password:
-        raise ConfigError(f"no password stored for {user} in {where}", _set_password_hint(config))
+        raise ConfigError(_("no password stored for {user} in {where}").format(user=user, where=where),
+                          _set_password_hint(config))
     return Secret(password)
 
 
@@ -51,11 +53,11 @@ def set_password(config, password: Secret, environ=None) -> str:
     """Store the password for ``config.user``; returns where it went (for the CLI message)."""
     user = _user(config)
     if not password:
-        raise UsageError("the password is empty; nothing stored")
+        raise UsageError(_("the password is empty; nothing stored"))
     if config.password_command:
         raise ConfigError(
-            "SMTP_PASSWORD_COMMAND is set, so a stored password would never be used",
-            "change what the command prints, or unset SMTP_PASSWORD_COMMAND",
+            _("SMTP_PASSWORD_COMMAND is set, so a stored password would never be used"),
+            _("change what the command prints, or unset SMTP_PASSWORD_COMMAND"),
         )
     if _uses_own_store(config):
         store = credstore.locate(config.credentials_file, environ)
@@ -66,7 +68,7 @@ def set_password(config, password: Secret, environ=None) -> str:
         config.keyring_backend, backend.set_password, SERVICE, user, password.reveal(),
         secret=password.reveal(),
     )
-    return f"keyring backend {config.keyring_backend}"
+    return _("keyring backend {backend}").format(backend=config.keyring_backend)
 
 
 def delete_password(config, environ=None) -> str:
@@ -75,11 +77,12 @@ def delete_password(config, environ=None) -> str:
     if _uses_own_store(config):
         store = credstore.locate(config.credentials_file, environ)
         if not store.delete(SERVICE, user):
-            raise ConfigError(f"no password stored for {user} in {store.path}; nothing to delete")
+            raise ConfigError(_("no password stored for {user} in {where}; nothing to delete").format(
+                user=user, where=store.path))
         return store.path
     backend = _load_backend(config.keyring_backend)
     _call(config.keyring_backend, backend.delete_password, SERVICE, user)
-    return f"keyring backend {config.keyring_backend}"
+    return _("keyring backend {backend}").format(backend=config.keyring_backend)
 
 
 def readable(config, environ=None) -> bool:
@@ -108,15 +111,15 @@ def read_new_password(stdin, stderr, *, prompt: str = "Password: ") -> Secret:
             line = line.decode("utf-8")
         line = line.removesuffix("\n").removesuffix("\r")
     if not line:
-        raise UsageError("the password is empty; nothing stored")
+        raise UsageError(_("the password is empty; nothing stored"))
     return Secret(line)
 
 
 def _user(config) -> str:
     if not config.user:
         raise ConfigError(
-            "SMTP_USER is not set",
-            "set SMTP_USER to the login (the full mailbox address) in the config file",
+            _("SMTP_USER is not set"),
+            _("set SMTP_USER to the login (the full mailbox address) in the config file"),
         )
     return config.user
 
@@ -126,11 +129,11 @@ def _uses_own_store(config) -> bool:
 
 
 def _set_password_hint(config) -> str:
-    hint = "run: sendmail-shim --set-password"
     preset = providers.PRESETS.get(config.provider)
     if preset and preset.password_name != "password":
-        hint += f" and enter the {config.provider} {preset.password_name}, not the web login password"
-    return hint
+        return _("run: sendmail-shim --set-password and enter the {provider} {name}, not the web login password").format(
+            provider=config.provider, name=preset.password_name)
+    return _("run: sendmail-shim --set-password")
 
 
 def _run_password_command(command: str, timeout: float, environ) -> Secret:
@@ -147,7 +150,7 @@ def _run_password_command(command: str, timeout: float, environ) -> Secret:
             start_new_session=True,  # its own process group, killed as a whole on timeout
         )
     except OSError as exc:
-        raise ConfigError(f"cannot run SMTP_PASSWORD_COMMAND: {exc.strerror}") from None
+        raise ConfigError(_("cannot run SMTP_PASSWORD_COMMAND: {reason}").format(reason=exc.strerror)) from None
     with proc:
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -156,27 +159,28 @@ def _run_password_command(command: str, timeout: float, environ) -> Secret:
             out = None  # the exception holds partial output: raise outside this block
     if out is None:
         raise ConfigError(
-            f"SMTP_PASSWORD_COMMAND did not finish within {timeout:g} s",
-            "it must print the password without waiting for input (its stdin is /dev/null)",
+            _("SMTP_PASSWORD_COMMAND did not finish within {timeout:g} s").format(timeout=timeout),
+            _("it must print the password without waiting for input (its stdin is /dev/null)"),
         )
     lines = out.splitlines()
     if proc.returncode != 0:
         status = (
-            f"was killed by signal {-proc.returncode}" if proc.returncode < 0
-            else f"failed with exit status {proc.returncode}"
+            _("SMTP_PASSWORD_COMMAND was killed by signal {signal}").format(signal=-proc.returncode)
+            if proc.returncode < 0
+            else _("SMTP_PASSWORD_COMMAND failed with exit status {status}").format(status=proc.returncode)
         )
-        raise ConfigError(f"SMTP_PASSWORD_COMMAND {status}", _stderr_excerpt(err, lines) or None)
+        raise ConfigError(status, _stderr_excerpt(err, lines) or None)
     first = lines[0] if lines else b""
     try:
         password = first.decode("utf-8")
     except UnicodeDecodeError:
         password = None  # the exception holds the bytes: raise outside this block
     if password is None:
-        raise ConfigError("SMTP_PASSWORD_COMMAND printed a password that is not UTF-8")
+        raise ConfigError(_("SMTP_PASSWORD_COMMAND printed a password that is not UTF-8"))
     if not password:
         raise ConfigError(
-            "SMTP_PASSWORD_COMMAND printed nothing on its first line",
-            "it must print the password on the first line of its standard output",
+            _("SMTP_PASSWORD_COMMAND printed nothing on its first line"),
+            _("it must print the password on the first line of its standard output"),
         )
     return Secret(password)
 
@@ -210,23 +214,23 @@ def _load_backend(path: str):
 
     import keyring.backend
 
-    module_name, _, class_name = path.rpartition(".")
+    module_name, _dot, class_name = path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as exc:
         raise ConfigError(
-            f"SMTP_KEYRING_BACKEND={path}: cannot import it ({type(exc).__name__})",
-            "give a backend class path such as keyring.backends.SecretService.Keyring, "
-            "or unset it to use sendmail-shim's credential file",
+            _("SMTP_KEYRING_BACKEND={path}: cannot import it ({error})").format(path=path, error=type(exc).__name__),
+            _("give a backend class path such as keyring.backends.SecretService.Keyring, "
+              "or unset it to use sendmail-shim's credential file"),
         ) from None
     if not (isinstance(cls, type) and issubclass(cls, keyring.backend.KeyringBackend)):
-        raise ConfigError(f"SMTP_KEYRING_BACKEND={path}: not a keyring backend class")
+        raise ConfigError(_("SMTP_KEYRING_BACKEND={path}: not a keyring backend class").format(path=path))
     names = {f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__}
     if names & _PROMPTING_BACKENDS:
         raise ConfigError(
-            f"SMTP_KEYRING_BACKEND={path}: refused, it may ask for a master password on stdin "
-            "(where sendmail reads the message)",
-            "unset SMTP_KEYRING_BACKEND to use sendmail-shim's credential file",
+            _("SMTP_KEYRING_BACKEND={path}: refused, it may ask for a master password on stdin "
+              "(where sendmail reads the message)").format(path=path),
+            _("unset SMTP_KEYRING_BACKEND to use sendmail-shim's credential file"),
         )
 
     def instantiate():
@@ -249,13 +253,13 @@ def _call(path: str, function, *args, secret: str | None = None):
         return function(*args)
     except Exception as exc:  # third-party plugins raise anything; the shim exits 78, not 70
         text = next(iter(str(exc).splitlines()), "")
-        failure = f"{type(exc).__name__}: {_shorten(text.replace(secret, '***') if secret else text)}"
+        failure = f"{type(exc).__name__}: {_shorten(text.replace(secret, '***') if secret else text)}".rstrip(": ")
     finally:
         os.dup2(saved, 0)
         os.close(saved)
         os.close(null)
     # raised outside the except block: the original exception may hold the password
     raise ConfigError(
-        f"keyring backend {path} failed: {failure}".rstrip(": "),
-        "fix that backend, or unset SMTP_KEYRING_BACKEND to use sendmail-shim's credential file",
+        _("keyring backend {path} failed: {failure}").format(path=path, failure=failure),
+        _("fix that backend, or unset SMTP_KEYRING_BACKEND to use sendmail-shim's credential file"),
     )

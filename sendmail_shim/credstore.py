@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 from . import config
 from .errors import CantCreate, ConfigError
+from .i18n import _
 
 SERVICE_GROUP = config.SERVICE_USER  # the service user's group may read the system file
 
-_QUEUE_HINT = (
+_QUEUE_HINT = _(
     "run as root or as a member of group sendmail-shim, or use the queue: with "
     "SENDMAIL_SHIM_DELIVERY=queue the sendmail-shim queue runner sends the message"
 )
@@ -44,7 +45,7 @@ class Store:
 
         Raises ConfigError when the file is unreadable, has loose permissions or is damaged.
         """
-        data, _ = self._read()
+        data = self._read()[0]
         return data.get(service, {}).get(username)
 
     def set(self, service: str, username: str, password: str) -> None:
@@ -82,17 +83,19 @@ class Store:
             return {}, None
         except PermissionError:
             raise ConfigError(
-                f"cannot read the credential file {self.path}: permission denied", _QUEUE_HINT
+                _("cannot read the credential file {path}: permission denied").format(path=self.path), _QUEUE_HINT
             ) from None
         except OSError as exc:
-            raise ConfigError(f"cannot read the credential file {self.path}: {exc.strerror}") from None
+            raise ConfigError(_("cannot read the credential file {path}: {reason}").format(
+                path=self.path, reason=exc.strerror)) from None
         try:
             st = os.fstat(fd)  # checked on the open file: no window for a swap after the check
             check_file(self.path, st, self.group)
             with open(fd, "rb", closefd=False) as stream:
                 raw = stream.read()
         except OSError as exc:
-            raise ConfigError(f"cannot read the credential file {self.path}: {exc.strerror}") from None
+            raise ConfigError(_("cannot read the credential file {path}: {reason}").format(
+                path=self.path, reason=exc.strerror)) from None
         finally:
             os.close(fd)
         return parse(self.path, raw), st
@@ -108,7 +111,7 @@ class Store:
         except FileExistsError:
             pass
         except OSError as exc:
-            raise CantCreate(f"cannot create the directory {directory}: {exc.strerror}") from None
+            raise CantCreate(_("cannot create the directory {path}: {reason}").format(path=directory, reason=exc.strerror)) from None
 
     @contextmanager
     def _locked_dir(self):
@@ -116,7 +119,8 @@ class Store:
         try:
             dir_fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise CantCreate(f"cannot open the directory {self._directory}: {exc.strerror}") from None
+            raise CantCreate(_("cannot open the directory {path}: {reason}").format(
+                path=self._directory, reason=exc.strerror)) from None
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX)
             yield dir_fd
@@ -142,7 +146,8 @@ class Store:
                 raise
             os.fsync(dir_fd)
         except OSError as exc:
-            raise CantCreate(f"cannot write the credential file {self.path}: {exc.strerror}") from None
+            raise CantCreate(_("cannot write the credential file {path}: {reason}").format(
+                path=self.path, reason=exc.strerror)) from None
 
     def _mode_for(self, old: os.stat_result | None) -> tuple[int, int | None]:
         """(mode, group to set) for a new version of the file: keep a vetted file's choice."""
@@ -177,8 +182,8 @@ def check_directory(directory: str, st: os.stat_result) -> None:
     """Refuse a directory where anyone could swap the file (world-writable without sticky bit)."""
     if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
         raise ConfigError(
-            f"the directory {directory} of the credential file is writable by everyone",
-            f"run: chmod o-w {directory}",
+            _("the directory {path} of the credential file is writable by everyone").format(path=directory),
+            _("run: {command}").format(command=f"chmod o-w {directory}"),
         )
 
 
@@ -188,24 +193,28 @@ def check_file(path: str, st: os.stat_result, group: int | None) -> None:
     Group read is allowed only on a root-owned file whose group is ``group``.
     """
     mode = stat.S_IMODE(st.st_mode)
-    fix = f"run: chmod 600 {path}"
+    fix = _("run: {command}").format(command=f"chmod 600 {path}")
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"the credential file {path} is not a regular file")
+        raise ConfigError(_("the credential file {path} is not a regular file").format(path=path))
     if st.st_uid not in (0, os.geteuid()):
         raise ConfigError(
-            f"the credential file {path} belongs to uid {st.st_uid}, not to root or to you",
-            f"run: chown {os.geteuid()} {path}",
+            _("the credential file {path} belongs to uid {uid}, not to root or to you").format(path=path, uid=st.st_uid),
+            _("run: {command}").format(command=f"chown {os.geteuid()} {path}"),
         )
     if mode & 0o022:
-        raise ConfigError(f"the credential file {path} has mode {mode:04o}: others can change it", fix)
+        raise ConfigError(_("the credential file {path} has mode {mode:04o}: others can change it").format(
+            path=path, mode=mode), fix)
     if mode & 0o004:
-        raise ConfigError(f"the credential file {path} has mode {mode:04o}: everyone can read it", fix)
+        raise ConfigError(_("the credential file {path} has mode {mode:04o}: everyone can read it").format(
+            path=path, mode=mode), fix)
     shared = st.st_uid == 0 and group is not None and st.st_gid == group
     if mode & 0o070 and not (shared and mode & 0o070 == 0o040):
         if st.st_uid == 0 and group is not None:
-            fix += f" (or chgrp {SERVICE_GROUP} {path} to share it with that group only)"
+            fix = _("run: {command} (or chgrp {group} {path} to share it with that group only)").format(
+                command=f"chmod 600 {path}", group=SERVICE_GROUP, path=path)
         raise ConfigError(
-            f"the credential file {path} has mode {mode:04o}: group {_group_name(st.st_gid)} can read it",
+            _("the credential file {path} has mode {mode:04o}: group {group} can read it").format(
+                path=path, mode=mode, group=_group_name(st.st_gid)),
             fix,
         )
 
@@ -233,8 +242,8 @@ def parse(path: str, raw: bytes) -> dict[str, dict[str, str]]:
         and all(isinstance(v, str) for entries in data.values() for v in entries.values())
     ):
         raise ConfigError(
-            f"the credential file {path} is damaged",
-            "remove it and store the password again with sendmail-shim --set-password",
+            _("the credential file {path} is damaged").format(path=path),
+            _("remove it and store the password again with sendmail-shim --set-password"),
         )
     return data
 

@@ -4,6 +4,8 @@ Raise where the fact is known; `cli.main` is the one place that prints the error
 exit status (``exc.exit_code``).
 """
 
+from .i18n import _
+
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -83,7 +85,7 @@ class SMTPFailure(ShimError):
     """
 
     def __init__(self, code: int, reply: str, stage: str, hint: str | None = None):
-        super().__init__(f"{stage.upper()} refused: {code} {reply}".rstrip(), hint)
+        super().__init__(_("{stage} refused: {reply}").format(stage=stage.upper(), reply=f"{code} {reply}".rstrip()), hint)
         self.code = code
         self.reply = reply
         self.stage = stage

@@ -54,9 +54,13 @@ from typing import BinaryIO
 
 from .envelope import Envelope
 from .errors import DataError, PolicyError, UsageError
+from .i18n import _
 
 MAX_LINE = 998  # RFC 5322 §2.1.1, without the CRLF
 MAX_HEADER_BLOCK = 1 << 20
+# A longer display name (-F, a From: name) is cut: folding cannot break one long word, and even
+# quoted with every character escaped, this many stay within the 998-octet line limit.
+MAX_DISPLAY_NAME = 400
 
 # A header field line: printable ASCII name, optional (obsolete) white space, colon; as Postfix.
 _FIELD_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
@@ -103,7 +107,7 @@ class MessageReader:
                 break
             size += len(line)
             if size > MAX_HEADER_BLOCK:
-                raise DataError("header block larger than 1 MiB")
+                raise DataError(_("header block larger than 1 MiB"))
             block.append(line)
             if line == b"\r\n":
                 break
@@ -176,7 +180,7 @@ class MessageReader:
         lines += pieces
         out = b"\r\n".join(lines) + b"\r\n" if lines else b""
         if b"\0" in out:
-            raise DataError("message contains a NUL byte")
+            raise DataError(_("message contains a NUL byte"))
         return out
 
     def _apply_dot_rules(self, lines: list[bytes]) -> None:
@@ -255,7 +259,7 @@ def prepare(
         for address in wanted
     )
     if not recipients:
-        raise UsageError("no recipients: give them as arguments or use -t with To/Cc/Bcc headers")
+        raise UsageError(_("no recipients: give them as arguments or use -t with To/Cc/Bcc headers"))
 
     fields = [f for f in fields if f.name not in ("bcc", "resent-bcc", "sender")]
     fields, original_from = _apply_from_policy(fields, policy)
@@ -313,7 +317,7 @@ def parse_recipient_args(args: list[str]) -> list[str]:
     for arg in args:
         header = _address_header("to", arg)
         if header is None:
-            raise DataError(f"cannot parse recipient {_shown(arg)!r}")
+            raise DataError(_("cannot parse recipient {address!r}").format(address=_shown(arg)))
         addresses += [a.addr_spec for a in header.addresses]
     return addresses
 
@@ -329,9 +333,8 @@ def resolve_local(address: str, aliases: dict[str, str], local_hostname: str) ->
     target = aliases.get(local.lower()) or aliases.get("default")
     if not local or not target:
         raise DataError(
-            f"local recipient {address!r} has no alias",
-            hint="set SMTP_ALIASES=name:address, "
-            f"e.g. SMTP_ALIASES={local.lower()}:you@example.com",
+            _("local recipient {address!r} has no alias").format(address=address),
+            hint=_("set SMTP_ALIASES=name:address, e.g. SMTP_ALIASES={name}:you@example.com").format(name=local.lower()),
         )
     return target
 
@@ -347,7 +350,7 @@ def _header_recipients(fields: list[_Field]) -> list[str]:
             header = _address_header(f.name, text)
             if header is None:
                 label = f.raw.partition(b":")[0].decode("ascii", "replace")
-                raise DataError(f"cannot parse the addresses in {label}: {_shown(text)!r}")
+                raise DataError(_("cannot parse the addresses in {header}: {text!r}").format(header=label, text=_shown(text)))
             addresses += [a.addr_spec for a in header.addresses]
     return addresses
 
@@ -385,7 +388,7 @@ def _apply_from_policy(
         return fields, original
     if policy.from_policy == "reject":
         raise PolicyError(
-            f"From: {original or _shown(text)} differs from the login {policy.sender}",
+            _("From: {address} differs from the login {login}").format(address=original or _shown(text), login=policy.sender),
             hint="SMTP_FROM_POLICY=reject",
         )
     name = ""
@@ -406,7 +409,7 @@ def _mailbox_field(name: str, display_name: str, username: str, domain: str) -> 
     """One folded mailbox field; RFC 2047 for a non-ASCII name; CR/LF/NUL cannot get through."""
     # a non-ASCII address needs SMTPUTF8 anyway; SMTP would RFC 2047-encode the address itself
     pol = email_policy.SMTP if (username + domain).isascii() else email_policy.SMTPUTF8
-    header = pol.header_factory(name, Address(_shown(display_name), username, domain))
+    header = pol.header_factory(name, Address(_shown(display_name)[:MAX_DISPLAY_NAME], username, domain))
     return _Field(name.lower(), pol.fold_binary(name, header))
 
 
@@ -429,13 +432,13 @@ def _shown(text: str) -> str:
 
 def _envelope_address(address: str) -> str:
     """IDNA-encode a non-ASCII domain when the local part is ASCII (then no SMTPUTF8 is needed)."""
-    local, _, domain = address.rpartition("@")
+    local, _at, domain = address.rpartition("@")
     if address.isascii() or not local.isascii():
         return address
     try:
         return f"{local}@{domain.encode('idna').decode('ascii')}"
     except UnicodeError:
-        raise DataError(f"cannot IDNA-encode the domain of {address!r}") from None
+        raise DataError(_("cannot IDNA-encode the domain of {address!r}").format(address=address)) from None
 
 
 def _dedupe(addresses) -> list[str]:
@@ -448,7 +451,7 @@ def _dedupe(addresses) -> list[str]:
 
 
 def _message_id_domain(policy: HeaderPolicy) -> str:
-    _, at, domain = policy.sender.rpartition("@")
+    at, domain = policy.sender.rpartition("@")[1:]
     domain = at and domain or policy.local_hostname or "localhost"
     try:
         return domain.encode("idna").decode("ascii")

@@ -10,6 +10,7 @@ recipient: ``sendmail-shim root`` always mails root.
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+from .i18n import _
 
 # Options every sendmail implementation accepts and that change nothing here (Postfix's list plus
 # sendmail 8's -d); the value is True when the option takes an argument.
@@ -27,9 +28,19 @@ _DSN_NOTIFY = {"never", "success", "failure", "delay"}
 LONG_OPTIONS = {
     "check": False, "to": True, "set-password": False, "delete-password": False,
     "config": True, "show": True, "delete": True, "retry": True, "requeue": True,
-    "version": False, "help": False,
+    "version": False, "help": False, "setup": False,
+    # --setup's answers (each also an environment variable of the config key), and its flags
+    "provider": True, "user": True, "host": True, "port": True, "security": True, "ca-file": True,
+    "from-policy": True, "aliases": True, "password-command": True,
+    "password-stdin": False, "yes": False, "no-check": False,
 }
-_ACTIONS = ("check", "set-password", "delete-password", "show", "delete", "retry", "requeue", "version", "help")
+_ACTIONS = ("check", "set-password", "delete-password", "show", "delete", "retry", "requeue", "version", "help", "setup")
+SETUP_KEYS = {
+    "provider": "SMTP_PROVIDER", "user": "SMTP_USER", "host": "SMTP_HOST", "port": "SMTP_PORT",
+    "security": "SMTP_SECURITY", "ca-file": "SMTP_CA_FILE", "from-policy": "SMTP_FROM_POLICY",
+    "aliases": "SMTP_ALIASES", "password-command": "SMTP_PASSWORD_COMMAND",
+}
+_SETUP_FLAGS = ("password-stdin", "yes", "no-check")
 
 
 @dataclass
@@ -48,6 +59,8 @@ class Options:
     queue_filter: tuple[str, str] | None = None  # -qR… / -qS… / -qI…: (kind, substring)
     config_path: str | None = None  # --config
     check_to: str | None = None  # --check --to
+    setup_answers: dict[str, str] = field(default_factory=dict)  # --setup --user … → {"SMTP_USER": …}
+    setup_flags: set[str] = field(default_factory=set)  # --password-stdin, --yes, --no-check
     target: str | None = None  # argument of --show/--delete/--retry/--requeue
 
 
@@ -79,21 +92,25 @@ def parse(argv: list[str], program: str = "sendmail-shim") -> Options:
 def _long_option(opts: Options, word: str, words: list[str]) -> None:
     name, eq, value = word[2:].partition("=")
     if name not in LONG_OPTIONS:
-        raise UsageError(f"unknown option --{name} (see sendmail-shim --help)")
+        raise UsageError(_("unknown option --{name} (see sendmail-shim --help)").format(name=name))
     if LONG_OPTIONS[name]:
         if not eq:
             if not words:
-                raise UsageError(f"--{name} needs a value")
+                raise UsageError(_("--{name} needs a value").format(name=name))
             value = words.pop(0)
     elif eq:
-        raise UsageError(f"--{name} takes no value")
+        raise UsageError(_("--{name} takes no value").format(name=name))
     if name == "config":
         opts.config_path = value
     elif name == "to":
         opts.check_to = value
+    elif name in SETUP_KEYS:
+        opts.setup_answers[SETUP_KEYS[name]] = value
+    elif name in _SETUP_FLAGS:
+        opts.setup_flags.add(name)
     else:
         if opts.mode not in ("send",):
-            raise UsageError(f"--{name} cannot be combined with another action")
+            raise UsageError(_("--{name} cannot be combined with another action").format(name=name))
         opts.mode = name
         if LONG_OPTIONS[name]:
             opts.target = value
@@ -111,13 +128,13 @@ def _short_cluster(opts: Options, word: str, words: list[str]) -> None:
             pos += 1
             continue
         if letter not in _WITH_ARGUMENT:
-            raise UsageError(f"unknown option -{letter}")
+            raise UsageError(_("unknown option -{letter}").format(letter=letter))
         if rest:
             value = rest
         elif words:
             value = words.pop(0)
         else:
-            raise UsageError(f"option -{letter} needs an argument")
+            raise UsageError(_("option -{letter} needs an argument").format(letter=letter))
         _with_argument(opts, letter, value)
         return
 
@@ -136,7 +153,8 @@ def _flag(opts: Options, letter: str) -> None:
 def _with_argument(opts: Options, letter: str, value: str) -> None:
     if letter in ("X", "C"):
         # PHP mail()'s 5th argument reaches argv: -X/-C would write or read files (CVE-2016-10033).
-        raise UsageError(f"refusing -{letter} {value}: sendmail-shim never writes log files or reads configuration named on its command line")
+        raise UsageError(_("refusing -{letter} {value}: sendmail-shim never writes log files or reads configuration "
+                           "named on its command line").format(letter=letter, value=value))
     if letter in ("f", "r"):
         opts.sender = value.strip()
     elif letter == "F":
@@ -148,15 +166,15 @@ def _with_argument(opts: Options, letter: str, value: str) -> None:
     elif letter == "N":
         words = {w.strip().lower() for w in value.split(",")}
         if not words <= _DSN_NOTIFY or ("never" in words and len(words) > 1):
-            raise UsageError(f"-N {value}: expected never, or a list of success, failure, delay")
+            raise UsageError(_("-N {value}: expected never, or a list of success, failure, delay").format(value=value))
         opts.dsn_notify = ",".join(sorted(words)).upper()
     elif letter == "R":
         if value.lower() not in ("hdrs", "full"):
-            raise UsageError(f"-R {value}: expected hdrs or full")
+            raise UsageError(_("-R {value}: expected hdrs or full").format(value=value))
         opts.dsn_ret = value.upper()
     elif letter == "V":
         if not value or not value.isascii() or not value.isprintable() or " " in value or "+" in value or "=" in value or len(value) > 100:
-            raise UsageError("-V: the envelope id must be printable ASCII without space, '+' or '='")
+            raise UsageError(_("-V: the envelope id must be printable ASCII without space, '+' or '='"))
         opts.envid = value
 
 
@@ -165,7 +183,7 @@ def _o_option(opts: Options, value: str) -> None:
         opts.dot_ends = False
     elif value.startswith("d") and len(value) == 2:
         if value[1] not in _DELIVERY_FLAGS:
-            raise UsageError(f"-o{value}: delivery mode must be b, i, q or d")
+            raise UsageError(_("-o{value}: delivery mode must be b, i, q or d").format(value=value))
         opts.delivery = _DELIVERY_FLAGS[value[1]]
     # Every other -oX (error mode -oem, -oQ queue dir, …) is accepted and ignored: the queue,
     # error handling and configuration are ours to decide, never the caller's.
@@ -174,7 +192,7 @@ def _o_option(opts: Options, value: str) -> None:
 def _b_option(opts: Options, value: str) -> None:
     modes = {"m": "send", "s": "smtp", "p": "list", "i": "newaliases"}
     if value not in modes:
-        raise UsageError(f"-b{value} is not supported (supported: -bm, -bs, -bp, -bi)")
+        raise UsageError(_("-b{value} is not supported (supported: -bm, -bs, -bp, -bi)").format(value=value))
     opts.mode = modes[value]
 
 
@@ -182,13 +200,15 @@ def _queue_run(opts: Options, rest: str) -> None:
     opts.mode = "run-queue"
     if rest[:1] in ("R", "S", "I"):
         if len(rest) < 2:
-            raise UsageError(f"-q{rest[:1]} needs a substring to match")
+            raise UsageError(_("-q{letter} needs a substring to match").format(letter=rest[:1]))
         opts.queue_filter = (rest[0], rest[1:])
     # -q with an interval (-q30m) or -qf: one queue run now; we are not a daemon.
 
 
 def _check_combination(opts: Options) -> None:
     if opts.check_to and opts.mode != "check":
-        raise UsageError("--to goes with --check")
+        raise UsageError(_("--to goes with --check"))
+    if (opts.setup_answers or opts.setup_flags) and opts.mode != "setup":
+        raise UsageError(_("--provider, --user, --yes and the other answers of --setup go only with --setup"))
     if opts.mode in _ACTIONS and opts.recipients:
-        raise UsageError(f"--{opts.mode} takes no recipients (got {opts.recipients[0]!r})")
+        raise UsageError(_("--{name} takes no recipients (got {recipient!r})").format(name=opts.mode, recipient=opts.recipients[0]))

@@ -5,6 +5,8 @@ Pure data and lookups; nothing here touches the network.
 
 from dataclasses import dataclass
 
+from .i18n import _
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -15,22 +17,27 @@ class Preset:
     password_name: str  # what the provider calls the SMTP password
 
 
+_CODE = _("authorization code (授权码)")
+_PASSWORD = _("password")
 PRESETS = {
-    "163": Preset("smtp.163.com", 465, "tls", "coremail", "authorization code (授权码)"),
-    "126": Preset("smtp.126.com", 465, "tls", "coremail", "authorization code (授权码)"),
-    "yeah": Preset("smtp.yeah.net", 465, "tls", "coremail", "authorization code (授权码)"),
-    "qq": Preset("smtp.qq.com", 465, "tls", "qq", "authorization code (授权码)"),
-    "exmail": Preset("smtp.exmail.qq.com", 465, "tls", "qq", "client-specific password"),
-    "aliyun": Preset("smtp.aliyun.com", 465, "tls", "aliyun", "password"),
-    "gmail": Preset("smtp.gmail.com", 465, "tls", "gmail", "app password"),
-    "outlook": Preset("smtp.office365.com", 587, "starttls", "microsoft", "password"),
+    "163": Preset("smtp.163.com", 465, "tls", "coremail", _CODE),
+    "126": Preset("smtp.126.com", 465, "tls", "coremail", _CODE),
+    "yeah": Preset("smtp.yeah.net", 465, "tls", "coremail", _CODE),
+    "qq": Preset("smtp.qq.com", 465, "tls", "qq", _CODE),
+    "exmail": Preset("smtp.exmail.qq.com", 465, "tls", "qq", _("client-specific password")),
+    "aliyun": Preset("smtp.aliyun.com", 465, "tls", "aliyun", _PASSWORD),
+    "gmail": Preset("smtp.gmail.com", 465, "tls", "gmail", _("app password")),
+    "outlook": Preset("smtp.office365.com", 587, "starttls", "microsoft", _PASSWORD),
 }
 
 PROVIDERS = (*PRESETS, "custom")
 
 DEFAULT_PORTS = {"tls": 465, "starttls": 587, "none": 25}
 
-_SENDER_HINT = "the relay accepts only its login as sender; sendmail-shim always sends as SMTP_USER, so check that SMTP_USER is the full mailbox address"
+_SENDER_HINT = _(
+    "the relay accepts only its login as sender; sendmail-shim always sends as SMTP_USER, so "
+    "check that SMTP_USER is the full mailbox address"
+)
 
 
 def reply_hint(provider: str | None, stage: str, code: int, reply: str) -> str | None:
@@ -42,23 +49,23 @@ def reply_hint(provider: str | None, stage: str, code: int, reply: str) -> str |
     if stage == "mail" and code == 501 and "authorization user" in text:
         return _SENDER_HINT
     if family == "coremail" and (code == 535 or (code == 550 and "no permission" in text)):
-        return (
+        return _(
             "use the authorization code (授权码), not the web password, and enable "
             "POP3/SMTP in the mailbox's web settings; store it with sendmail-shim --set-password"
         )
     if family == "qq" and code in (535, 550):
-        return (
+        return _(
             "enable SMTP in the QQ mail settings and use the authorization code (授权码) it "
             "generates; store it with sendmail-shim --set-password"
         )
     if family in ("gmail", "microsoft") and code == 535:
-        return "use an app password (2-step verification must be on); store it with sendmail-shim --set-password"
+        return _("use an app password (2-step verification must be on); store it with sendmail-shim --set-password")
     if stage == "auth" and code == 535:
-        return "wrong login or password; store the right one with sendmail-shim --set-password"
+        return _("wrong login or password; store the right one with sendmail-shim --set-password")
     if stage == "auth" and code == 538:
-        return "the relay wants AUTH only over TLS; set SMTP_SECURITY=tls or starttls"
+        return _("the relay wants AUTH only over TLS; set SMTP_SECURITY=tls or starttls")
     if code == 530:
-        return "the relay requires AUTH or TLS first; set SMTP_USER and SMTP_SECURITY"
+        return _("the relay requires AUTH or TLS first; set SMTP_USER and SMTP_SECURITY")
     if code == 552 and stage in ("mail", "data", "dot"):
-        return "the message is larger than the relay accepts"
+        return _("the message is larger than the relay accepts")
     return None

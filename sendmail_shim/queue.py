@@ -28,21 +28,20 @@ holds it owns the message. After taking it, the holder checks the message is sti
 """
 
 import fcntl
+import io
 import json
 import os
 import re
-import secrets
-import shutil
-import signal
 import stat
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO, Callable
 
 from .config import SERVICE_USER, SYSTEM_QUEUE
 from .envelope import Envelope
 from .errors import CantCreate, DataError, PolicyError, ShimError, TempFail, UsageError
+from .i18n import _
 
 ID_PATTERN = re.compile(r"[0-9A-F]{16}\Z")
 DROP_PATTERN = re.compile(r"([0-9A-F]{16})\.[0-9a-f]{16}\Z")  # <id>.<64 random bits>
@@ -59,13 +58,15 @@ def crash_point(step: str) -> None:
     The crash-safety tests use this to stop the process at each step of queueing and delivery.
     """
     if os.environ.get("SENDMAIL_SHIM_TEST_CRASH") == step:
+        import signal
+
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def new_id(now: float | None = None) -> str:
     """16 hex digits: milliseconds since the epoch (so ids sort by arrival) + 20 random bits."""
     ms = int((time.time() if now is None else now) * 1000)
-    return f"{ms:011X}{secrets.randbits(20):05X}"
+    return f"{ms:011X}{int.from_bytes(os.urandom(3), 'big') >> 4:05X}"
 
 
 def next_attempt_after(attempts: int, now: float) -> float:
@@ -159,7 +160,7 @@ class Queue:
                     mode = 0o3733 if shared and path in (self.droptmp, self.maildrop) else 0o700
                     _mkdir(path, mode, st.st_uid, st.st_gid)
         except OSError as exc:
-            raise CantCreate(f"cannot create the queue in {self.root}: {exc.strerror}") from None
+            raise CantCreate(_("cannot create the queue in {path}: {reason}").format(path=self.root, reason=exc.strerror)) from None
 
     def _make_root(self) -> None:
         os.makedirs(os.path.dirname(self.root), exist_ok=True)
@@ -176,8 +177,8 @@ class Queue:
         everything = os.R_OK | os.W_OK | os.X_OK
         if os.path.isdir(self.root) and not all(_may(p, everything) for p in (self.tmp, self.queue, self.failed)):
             raise PolicyError(
-                f"cannot read the queue in {self.root}",
-                hint="run this as root or as the owner of the queue directory",
+                _("cannot read the queue in {path}").format(path=self.root),
+                hint=_("run this as root or as the owner of the queue directory"),
             )
 
     def _owner(self) -> tuple[int, int]:
@@ -218,7 +219,7 @@ class Queue:
         self.check_access()
         message = self.load(msg_id)
         if message is None:
-            raise UsageError(f"no message {msg_id} in {self.root}")
+            raise UsageError(_("no message {id} in {path}").format(id=msg_id, path=self.root))
         return message
 
     def _read(self, path: str) -> QueuedMessage | None:
@@ -257,10 +258,10 @@ class Queue:
     def finish(self, message: QueuedMessage) -> None:
         """Remove a message that needs nothing more (delivered, or deleted by the admin)."""
         self._forget_drop(message)
-        trash = os.path.join(self.tmp, f"{message.id}.done.{secrets.token_hex(4)}")
+        trash = os.path.join(self.tmp, f"{message.id}.done.{os.urandom(4).hex()}")
         os.rename(message.path, trash)  # one atomic step; a crash leaves only tmp/ garbage
         _fsync_dir(os.path.dirname(message.path))
-        shutil.rmtree(trash, ignore_errors=True)
+        _rmtree(trash)
 
     def fail(self, message: QueuedMessage, reason: str) -> None:
         """Move a message to failed/ with the reason (no more attempts)."""
@@ -289,12 +290,12 @@ class Queue:
         if os.path.dirname(message.path) == self.failed:
             with _locked(message.data_path) as ok:
                 if not ok:
-                    raise TempFail(f"{msg_id} is in use; try again")
+                    raise TempFail(_("{id} is in use; try again").format(id=msg_id))
                 self.finish(message)
             return message
         with self.lock(msg_id) as locked:
             if locked is None:
-                raise TempFail(f"{msg_id} is being delivered; try again when it is done")
+                raise TempFail(_("{id} is being delivered; try again when it is done").format(id=msg_id))
             self.finish(locked)
             return locked
 
@@ -317,10 +318,10 @@ class Queue:
         path = os.path.join(self.failed, _checked_id(msg_id))
         message = self._read(path)
         if message is None:
-            raise UsageError(f"no message {msg_id} in {self.failed}")
+            raise UsageError(_("no message {id} in {path}").format(id=msg_id, path=self.failed))
         with _locked(message.data_path) as ok:
             if not ok:
-                raise TempFail(f"{msg_id} is in use; try again")
+                raise TempFail(_("{id} is in use; try again").format(id=msg_id))
             for rcpt in message.recipients:
                 if rcpt.state == "failed":
                     rcpt.state, rcpt.attempts = "pending", 0
@@ -385,7 +386,7 @@ class Queue:
                 fields, size = _check_drop(source, st, match)
                 msg_id = match.group(1)
                 # a pickup that died half-way (we hold the pickup lock: nobody else writes it)
-                shutil.rmtree(os.path.join(self.tmp, msg_id), ignore_errors=True)
+                _rmtree(os.path.join(self.tmp, msg_id))
                 with Spool(self, False, msg_id) as spool:
                     envelope = accept(fields, _Bounded(source, size), spool.file)
                     spool.commit(envelope, uid=st.st_uid, arrival=min(st.st_ctime, time.time()), drop=name)
@@ -431,7 +432,7 @@ class Queue:
         for name in _listdir(self.tmp):
             path = os.path.join(self.tmp, name)
             if _abandoned(path, os.path.join(path, "data"), cutoff):
-                shutil.rmtree(path, ignore_errors=True)
+                _rmtree(path)
                 removed.append(name)
         if os.access(self.droptmp, os.R_OK):
             for name in _listdir(self.droptmp):
@@ -454,7 +455,7 @@ class Spool:
         self.message: QueuedMessage | None = None  # after a commit to queue/
         try:
             if drop:
-                self._name = f"{self.id}.{secrets.token_hex(8)}"
+                self._name = f"{self.id}.{os.urandom(8).hex()}"
                 self.path = os.path.join(queue.droptmp, self._name)
                 # the runner reads it through the directory's group, whatever our umask says
                 fd = _create(self.path, 0o640)
@@ -464,17 +465,24 @@ class Spool:
                 fd = _create(os.path.join(self.path, "data"), 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "being written": clean_tmp keeps out
         except OSError as exc:
-            self._remove()
+            with suppress(OSError):  # on a read-only file system even the clean-up fails
+                self._remove()
             where = queue.droptmp if drop else queue.tmp
-            raise CantCreate(f"cannot write to the queue ({where}): {exc.strerror}") from None
-        self.file = open(fd, "wb")
+            raise CantCreate(_("cannot write to the queue ({path}): {reason}").format(path=where, reason=exc.strerror)) from None
+        self.file = _SpoolFile(io.FileIO(fd, "wb"))
 
     def __enter__(self) -> "Spool":
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.file.close()
-        if not self.committed:
+        if self.committed:
+            self.file.close()
+            return
+        try:
+            self.file.close()  # may fail again on a full disk: the first error is the one to report
+        except CantCreate:
+            pass
+        finally:
             self._remove()
 
     def commit(self, envelope: Envelope, *, bounce: bool = False, uid: int | None = None,
@@ -495,7 +503,7 @@ class Spool:
             else:
                 self._commit_queue(envelope, bounce, uid, arrival or now, drop)
         except OSError as exc:
-            raise CantCreate(f"cannot write to the queue: {exc.strerror}") from None
+            raise CantCreate(_("cannot write to the queue: {reason}").format(reason=exc.strerror)) from None
         self.committed = True
         crash_point("spool-committed")
         return self.id
@@ -537,7 +545,24 @@ class Spool:
         if self.drop:
             _unlink(self.path)
         else:
-            shutil.rmtree(self.path, ignore_errors=True)
+            _rmtree(self.path)
+
+
+class _SpoolFile(io.BufferedWriter):
+    """The spool's file: a failing write (disk full, quota) is the queue's error, which the CLI
+    reports with exit 73, not a crash."""
+
+    def write(self, data) -> int:
+        try:
+            return super().write(data)
+        except OSError as exc:
+            raise CantCreate(_("cannot write to the queue: {reason}").format(reason=exc.strerror)) from None
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as exc:
+            raise CantCreate(_("cannot write to the queue: {reason}").format(reason=exc.strerror)) from None
 
 
 # -- formatting (pure) -------------------------------------------------------------------------
@@ -723,6 +748,12 @@ def _fsync_dir(path: str, may_refuse: bool = False) -> bool:
     return True
 
 
+def _rmtree(path: str) -> None:
+    import shutil  # with bz2, lzma and fnmatch: ~2 ms that spooling a message never needs
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -743,7 +774,7 @@ def _ids_in(directory: str) -> list[str]:
 
 def _checked_id(msg_id: str) -> str:
     if not ID_PATTERN.match(msg_id or ""):
-        raise UsageError(f"{msg_id!r} is not a queue id (16 hex digits, as shown by mailq)")
+        raise UsageError(_("{id!r} is not a queue id (16 hex digits, as shown by mailq)").format(id=msg_id))
     return msg_id
 
 

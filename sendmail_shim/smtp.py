@@ -23,6 +23,7 @@ from . import providers
 from .errors import (
     ConfigError, DataError, ProtocolError, ShimError, SMTPFailure, TempFail, Unavailable,
 )
+from .i18n import _
 from .secret import Secret
 
 CHUNK_SIZE = 64 * 1024
@@ -35,6 +36,9 @@ _MECHANISMS_PLAIN = ("CRAM-MD5", "PLAIN", "LOGIN")
 _DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+")
 _UNTRUSTED = {18, 19, 20, 21, 27}  # OpenSSL X509_V_ERR_*: self-signed, unknown issuer, untrusted
 _NAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+_MAYBE_TWICE = _("the relay may have accepted the message anyway; a retry can deliver it twice")
+_PORT_25 = _("many providers and cloud hosts block outgoing port 25: use SMTP_SECURITY=tls with port 465, "
+             "or starttls with port 587")
 
 
 @dataclass
@@ -87,14 +91,19 @@ class _Clock:
 
     def __init__(self, timeout: float, deadline: float):
         self.timeout, self.deadline = timeout, deadline
-        self._end = time.monotonic() + deadline
+        self.restart()
         self.cut_by_deadline = False  # whether the last budget was the deadline's, not the timeout
+
+    def restart(self) -> None:
+        """A new attempt: a queue run sends many messages over one connection, each gets the
+        whole SMTP_DEADLINE."""
+        self._end = time.monotonic() + self.deadline
 
     def budget(self, limit: float | None = None) -> float:
         limit = self.timeout if limit is None else limit
         left = self._end - time.monotonic()
         if left <= 0:
-            raise TempFail(f"gave up after SMTP_DEADLINE={self.deadline:g}s")
+            raise TempFail(_("gave up after SMTP_DEADLINE={deadline:g}s").format(deadline=self.deadline))
         self.cut_by_deadline = left < limit
         return min(limit, left)
 
@@ -171,6 +180,7 @@ class Relay:
         self._clock: _Clock | None = None
         self._broken = False  # transport failed: no QUIT on close
         self._dirty = False  # a transaction was started since the last RSET
+        self._transactions = 0  # send() calls on this connection
         self.tls_version = self.cipher = self.peer_subject = self.peer_fingerprint = None
         self.verified = False
         self.features: dict[str, str] = {}
@@ -187,15 +197,16 @@ class Relay:
         """Connect, TLS, EHLO and AUTH (when SMTP_USER is set)."""
         config = self.config
         if not config.host:
-            raise ConfigError("SMTP_HOST is not set")
+            raise ConfigError(_("SMTP_HOST is not set"))
         if config.user and config.security == "none" and not config.allow_plaintext_auth:
             raise ConfigError(
-                f"refusing to send the password for {config.user} unencrypted to {self.where}",
-                hint="set SMTP_SECURITY=tls or starttls, or SMTP_ALLOW_PLAINTEXT_AUTH=yes on a trusted network",
+                _("refusing to send the password for {user} unencrypted to {where}").format(user=config.user, where=self.where),
+                hint=_("set SMTP_SECURITY=tls or starttls, or SMTP_ALLOW_PLAINTEXT_AUTH=yes on a trusted network"),
             )
         context = self._tls_context() if config.security != "none" else None
         self._clock = _Clock(config.timeout, config.deadline)
         self._broken = self._dirty = False
+        self._transactions = 0
         try:
             with self._at("connect"):
                 sock = self._connect()
@@ -244,7 +255,7 @@ class Relay:
         budget = self._clock.budget(self.config.connect_timeout)
         end = time.monotonic() + budget
         error: OSError | None = None
-        for family, kind, proto, _, address in self._resolve(budget):
+        for family, kind, proto, _name, address in self._resolve(budget):
             sock = socket.socket(family, kind, proto)
             try:
                 sock.settimeout(max(end - time.monotonic(), 0.001))
@@ -272,10 +283,12 @@ class Relay:
         worker.start()
         worker.join(budget)
         if worker.is_alive():
-            raise TempFail(f"cannot resolve {host}: no answer within {budget:g}s", hint="check the DNS resolver")
+            raise TempFail(_("cannot resolve {host}: no answer within {budget:g}s").format(host=host, budget=budget),
+                           hint=_("check the DNS resolver"))
         if "error" in outcome:
             reason = outcome["error"].strerror or str(outcome["error"])
-            raise TempFail(f"cannot resolve {host}: {reason.lower()}", hint="check SMTP_HOST and the DNS resolver")
+            raise TempFail(_("cannot resolve {host}: {reason}").format(host=host, reason=reason.lower()),
+                           hint=_("check SMTP_HOST and the DNS resolver"))
         return outcome["addresses"]
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -283,7 +296,8 @@ class Relay:
         try:
             context = ssl.create_default_context(cafile=config.ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"SMTP_CA_FILE={config.ca_file}: cannot load it: {exc.strerror or exc}") from None
+            raise ConfigError(_("SMTP_CA_FILE={path}: cannot load it: {reason}").format(
+                path=config.ca_file, reason=exc.strerror or exc)) from None
         if config.tls_fingerprint or not config.tls_verify:
             context.check_hostname = False  # the pin alone decides, or the user opted out
             context.verify_mode = ssl.CERT_NONE
@@ -304,8 +318,9 @@ class Relay:
             if not hmac.compare_digest(self.peer_fingerprint or "", config.tls_fingerprint):
                 tls.close()
                 raise Unavailable(
-                    f"the TLS certificate of {self.where} does not match SMTP_TLS_FINGERPRINT",
-                    hint=f"SMTP_TLS_FINGERPRINT is {config.tls_fingerprint}, the relay presented {self.peer_fingerprint}",
+                    _("the TLS certificate of {where} does not match SMTP_TLS_FINGERPRINT").format(where=self.where),
+                    hint=_("SMTP_TLS_FINGERPRINT is {expected}, the relay presented {actual}").format(
+                        expected=config.tls_fingerprint, actual=self.peer_fingerprint),
                 )
             self.verified, how = True, "matches SMTP_TLS_FINGERPRINT"
         elif config.tls_verify:
@@ -330,9 +345,9 @@ class Relay:
     def _starttls(self, context: ssl.SSLContext) -> None:
         if "starttls" not in self.features:
             raise Unavailable(
-                f"{self.where} does not offer STARTTLS",
-                hint="SMTP_SECURITY=starttls never falls back to plaintext; the relay (or something "
-                "between you and it) removed STARTTLS — for port 465 set SMTP_SECURITY=tls",
+                _("{where} does not offer STARTTLS").format(where=self.where),
+                hint=_("SMTP_SECURITY=starttls never falls back to plaintext; the relay (or something "
+                       "between you and it) removed STARTTLS — for port 465 set SMTP_SECURITY=tls"),
             )
         with self._at("starttls"):
             code, text = self._wire.docmd("STARTTLS")
@@ -345,15 +360,15 @@ class Relay:
     def _authenticate(self) -> None:
         offered = self.features.get("auth", "").upper().split()
         if not offered:
-            raise ConfigError(f"{self.where} does not offer AUTH, but SMTP_USER is set",
-                              hint="for a relay without login, unset SMTP_USER and set SMTP_FROM")
+            raise ConfigError(_("{where} does not offer AUTH, but SMTP_USER is set").format(where=self.where),
+                              hint=_("for a relay without login, unset SMTP_USER and set SMTP_FROM"))
         preference = _MECHANISMS_TLS if self.tls_version else _MECHANISMS_PLAIN
         mechanism = next((m for m in preference if m in offered), None)
         if mechanism is None:
-            raise Unavailable(f"{self.where} offers AUTH {' '.join(offered)}; sendmail-shim speaks "
-                              f"{', '.join(_MECHANISMS_TLS)}")
+            raise Unavailable(_("{where} offers AUTH {offered}; sendmail-shim speaks {supported}").format(
+                where=self.where, offered=" ".join(offered), supported=", ".join(_MECHANISMS_TLS)))
         if self._password is None:
-            raise ConfigError("SMTP_USER is set but there is no password to log in with")
+            raise ConfigError(_("SMTP_USER is set but there is no password to log in with"))
         secret = self._password()  # only now: TLS is up and AUTH is certain
         responder = _responder(mechanism, self.config.user, secret)
         with self._at("auth"):
@@ -361,8 +376,8 @@ class Relay:
             try:
                 code, text = self._wire.auth(mechanism, responder, initial_response_ok=mechanism == "PLAIN")
             except UnicodeEncodeError:
-                raise ConfigError("the login or password has non-ASCII characters, which SMTP AUTH "
-                                  "through smtplib cannot send") from None
+                raise ConfigError(_("the login or password has non-ASCII characters, which SMTP AUTH "
+                                    "through smtplib cannot send")) from None
             finally:
                 self._wire.redact = False
         self.auth_mechanism, self.auth_result = mechanism, f"{code} {_text(text)}"
@@ -372,7 +387,10 @@ class Relay:
     def send(self, envelope, data: BinaryIO) -> SendResult:
         """Deliver one message (``data`` positioned at its start, CRLF, not dot-stuffed)."""
         if self._broken or not self._wire:
-            raise TempFail(f"the connection to {self.where} is no longer usable; open a new one")
+            raise TempFail(_("the connection to {where} is no longer usable; open a new one").format(where=self.where))
+        if self._transactions:  # the first one shares its deadline with open()
+            self._clock.restart()
+        self._transactions += 1
         warnings: list[str] = []
         mail, rcpts, smtputf8 = self._commands(envelope, warnings)
         pipelined = "pipelining" in self.features
@@ -418,7 +436,7 @@ class Relay:
     def verify_sender(self) -> str:
         """MAIL FROM:<sender> then RSET: does the relay accept our sender? (for --check)"""
         if not self.config.sender:
-            raise ConfigError("no sender: set SMTP_USER (or SMTP_FROM for a relay without login)")
+            raise ConfigError(_("no sender: set SMTP_USER (or SMTP_FROM for a relay without login)"))
         with self._at("mail"):
             self._reset()
             self._dirty = True
@@ -432,9 +450,9 @@ class Relay:
         """The MAIL and RCPT command lines for this relay's extensions, and whether SMTPUTF8."""
         addresses = [envelope.sender, *envelope.recipients]
         if not envelope.recipients:
-            raise DataError("the message has no recipients")
-        if any(c in address for address in addresses for c in "\r\n<>"):
-            raise DataError("an envelope address contains a line break or angle bracket")
+            raise DataError(_("the message has no recipients"))
+        if any(c in "<>" or not c.isprintable() for address in addresses for c in address):
+            raise DataError(_("an envelope address contains a line break or angle bracket"))
         features = self.features
         params = []
         if envelope.eight_bit:
@@ -446,7 +464,8 @@ class Relay:
         smtputf8 = bool(envelope.smtputf8 or wide)
         if smtputf8:
             if "smtputf8" not in features:
-                raise DataError(f"address {wide or envelope.sender} needs SMTPUTF8, which the relay does not offer")
+                raise DataError(_("address {address} needs SMTPUTF8, which the relay does not offer").format(
+                    address=wide or envelope.sender))
             params.append("SMTPUTF8")
         if "size" in features and envelope.size:
             params.append(f"SIZE={envelope.size}")
@@ -501,8 +520,8 @@ class Relay:
         except smtplib.SMTPResponseException as exc:
             if exc.smtp_code == -1:
                 self._broken = True
-                raise ProtocolError(f"{self.where} answered with something that is not SMTP "
-                                    f"(at {stage.upper()})") from None
+                raise ProtocolError(_("{where} answered with something that is not SMTP (at {stage})").format(
+                    where=self.where, stage=stage.upper())) from None
             raise self._failure(exc.smtp_code, exc.smtp_error, stage) from None
         except (OSError, ValueError) as exc:  # every smtplib and ssl error is one of these
             self._broken = True
@@ -514,48 +533,60 @@ class Relay:
             return self._untrusted(exc)
         if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
             if self._clock.cut_by_deadline:
-                return TempFail(f"gave up on {where} at {stage.upper()} after SMTP_DEADLINE={config.deadline:g}s")
+                return TempFail(_("gave up on {where} at {stage} after SMTP_DEADLINE={deadline:g}s").format(
+                    where=where, stage=stage.upper(), deadline=config.deadline))
             hint = None
             if stage == "dot":
-                hint = "the relay may have accepted the message anyway; a retry can deliver it twice"
+                hint = _MAYBE_TWICE
             elif stage == "greeting" and config.port == 465 and config.security != "tls":
-                hint = "port 465 expects implicit TLS: set SMTP_SECURITY=tls"
+                hint = _("port 465 expects implicit TLS: set SMTP_SECURITY=tls")
             if stage == "connect":
-                return TempFail(f"cannot connect to {where}: timed out after {config.connect_timeout:g}s")
-            return TempFail(f"no answer from {where} within {config.timeout:g}s (at {stage.upper()})", hint=hint)
+                hint = _PORT_25 if config.port == 25 else _(
+                    "a firewall may drop the connection: check SMTP_HOST and SMTP_PORT, and that outgoing port {port} is open").format(port=config.port)
+                return TempFail(_("cannot connect to {where}: timed out after {timeout:g}s").format(
+                    where=where, timeout=config.connect_timeout), hint=hint)
+            return TempFail(_("no answer from {where} within {timeout:g}s (at {stage})").format(
+                where=where, timeout=config.timeout, stage=stage.upper()), hint=hint)
         if isinstance(exc, ssl.SSLError):
             hint = None
             if exc.reason == "WRONG_VERSION_NUMBER" and config.security == "tls":
-                hint = "the relay does not speak implicit TLS on this port; for 587 or 25 set SMTP_SECURITY=starttls"
-            return ProtocolError(f"TLS with {where} failed: {exc.reason or exc}", hint=hint)
+                hint = _("the relay does not speak implicit TLS on this port; for 587 or 25 set SMTP_SECURITY=starttls")
+            return ProtocolError(_("TLS with {where} failed: {reason}").format(where=where, reason=exc.reason or exc), hint=hint)
         if isinstance(exc, smtplib.SMTPServerDisconnected):
-            return TempFail(f"{where} closed the connection (at {stage.upper()})")
+            hint = _MAYBE_TWICE if stage == "dot" else None
+            return TempFail(_("{where} closed the connection (at {stage})").format(where=where, stage=stage.upper()), hint=hint)
         if isinstance(exc, smtplib.SMTPException) or not isinstance(exc, OSError):
-            return ProtocolError(f"{where} broke the SMTP protocol at {stage.upper()}: {exc}")
+            return ProtocolError(_("{where} broke the SMTP protocol at {stage}: {error}").format(
+                where=where, stage=stage.upper(), error=exc))
         reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
         if stage == "connect":
-            return TempFail(f"cannot connect to {where}: {reason}")
-        return TempFail(f"connection to {where} failed (at {stage.upper()}): {reason}")
+            refused = isinstance(exc, ConnectionRefusedError) and config.port == 25
+            return TempFail(_("cannot connect to {where}: {reason}").format(where=where, reason=reason),
+                            hint=_PORT_25 if refused else None)
+        return TempFail(_("connection to {where} failed (at {stage}): {reason}").format(
+            where=where, stage=stage.upper(), reason=reason))
 
     def _untrusted(self, exc: ssl.SSLCertVerificationError) -> Unavailable:
         config = self.config
         hint = None
         if exc.verify_code in _NAME_MISMATCH:
-            hint = f"the certificate is not issued for {config.host}; set SMTP_HOST to a name it carries"
+            hint = _("the certificate is not issued for {host}; set SMTP_HOST to a name it carries").format(host=config.host)
         elif exc.verify_code in _UNTRUSTED and config.ca_file:
-            hint = f"SMTP_CA_FILE={config.ca_file} does not hold the CA that issued the relay's certificate"
+            hint = _("SMTP_CA_FILE={path} does not hold the CA that issued the relay's certificate").format(path=config.ca_file)
         elif exc.verify_code in _UNTRUSTED:
-            hint = "set SMTP_CA_FILE to the relay's CA certificate, or pin it with SMTP_TLS_FINGERPRINT"
-        return Unavailable(f"the TLS certificate of {self.where} is not trusted: {exc.verify_message}", hint=hint)
+            hint = _("a corporate relay's certificate comes from its own CA: set SMTP_CA_FILE to that CA certificate "
+                     "(PEM), or pin the certificate with SMTP_TLS_FINGERPRINT")
+        return Unavailable(_("the TLS certificate of {where} is not trusted: {reason}").format(
+            where=self.where, reason=exc.verify_message), hint=hint)
 
     def _failure(self, code: int, text, stage: str) -> ShimError:
         reply = _text(text)
         if stage == "mail" and code == 530 and not self.auth_mechanism:
             if "tls" in reply.lower():
-                return ConfigError(f"{self.where} requires TLS: {code} {reply}",
-                                   hint="set SMTP_SECURITY=starttls (or tls for port 465)")
-            return ConfigError(f"{self.where} requires AUTH: {code} {reply}",
-                               hint="set SMTP_USER and store the password with sendmail-shim --set-password")
+                return ConfigError(_("{where} requires TLS: {code} {reply}").format(where=self.where, code=code, reply=reply),
+                                   hint=_("set SMTP_SECURITY=starttls (or tls for port 465)"))
+            return ConfigError(_("{where} requires AUTH: {code} {reply}").format(where=self.where, code=code, reply=reply),
+                               hint=_("set SMTP_USER and store the password with sendmail-shim --set-password"))
         return SMTPFailure(code, reply, stage, hint=providers.reply_hint(self.config.provider, stage, code, reply))
 
     def _note(self, line: str) -> None:

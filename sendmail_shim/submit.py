@@ -70,7 +70,7 @@ def _write(out, reader, headers: bytes, envelope):
 
 
 def _enqueue(opts, config, mode, reader, headers, envelope, log, stderr, environ) -> str:
-    from . import credentials, runner
+    from . import credentials
     from .queue import Queue
 
     queue = Queue(config.queue_dir)
@@ -86,6 +86,8 @@ def _enqueue(opts, config, mode, reader, headers, envelope, log, stderr, environ
     )
     if not direct_access or mode == "queue":
         return msg_id
+    from . import runner  # ~10 ms (bounce, secrets) that a queue-only submission does without
+
     if mode == "background":
         runner.deliver_in_background(config, queue, msg_id, log=log)
         return msg_id

@@ -9,11 +9,14 @@ byte for byte and every command line (AUTH payloads as ``***``), and has fault k
     relay.hang_at.add("data")                                 # never answer (until the client leaves)
     relay.close_at.add("rcpt")                                # drop the connection
 
-Stages are command names (``ehlo``, ``auth``, ``mail``, ``rcpt``, ``data``, ``rset``, ``quit``)
-plus ``dot``, the end of the message data.
+Stages are command names (``ehlo``, ``starttls``, ``auth``, ``mail``, ``rcpt``, ``data``, ``rset``,
+``quit``) plus ``greeting`` (instead of the 220 banner), ``dot`` (the end of the message data, before
+the message is taken) and ``accepted`` (after the message is stored, in place of the 250: a fault
+there is the ambiguous case, the client cannot know the relay has it).
 """
 
 import asyncio
+import datetime
 import hashlib
 import hmac
 import secrets
@@ -37,7 +40,7 @@ RELAY_PASSWORD = "s3cr3t-Auth-Code!"
 RELAY_NAMES = ("127.0.0.1", "localhost", "relay.test")
 HANG_SECONDS = 60  # longer than any client timeout in the tests; the client leaving ends it
 MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
-CERTS = ("trusted", "untrusted", "wrong-name", "self-signed")
+CERTS = ("trusted", "untrusted", "wrong-name", "self-signed", "expired")
 _DSN_PARAMETERS = {"MAIL": ("RET", "ENVID"), "RCPT": ("NOTIFY", "ORCPT")}
 
 
@@ -54,7 +57,8 @@ class Certificates:
         """A server context and the SHA-256 fingerprint of its certificate.
 
         cert: ``trusted`` (our CA, names 127.0.0.1/localhost/relay.test), ``untrusted`` (same
-        names, unknown CA), ``wrong-name`` (our CA, only "other.test"), ``self-signed``.
+        names, unknown CA), ``wrong-name`` (our CA, only "other.test"), ``self-signed``,
+        ``expired`` (our CA, the right names, valid only until yesterday).
         """
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         if cert == "self-signed":
@@ -67,8 +71,13 @@ class Certificates:
                 "trusted": (self.ca, RELAY_NAMES),
                 "untrusted": (self._stranger, RELAY_NAMES),
                 "wrong-name": (self.ca, ("other.test",)),
+                "expired": (self.ca, RELAY_NAMES),
             }[cert]
-            leaf = issuer.issue_cert(*names)
+            validity = {}
+            if cert == "expired":
+                now = datetime.datetime.now(datetime.timezone.utc)
+                validity = dict(not_before=now - datetime.timedelta(days=30), not_after=now - datetime.timedelta(days=1))
+            leaf = issuer.issue_cert(*names, **validity)
             leaf.configure_cert(context)
             pem = leaf.cert_chain_pems[0].bytes()
         der = ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
@@ -132,8 +141,8 @@ class RelayHandler(pytest_localserver.smtp.Handler):
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
-        if await server.fault("dot"):
-            return "421 4.4.2 closing connection"  # never reaches the client
+        if await server.fault("dot", push=False):
+            return self.reply_at.get("dot", "421 4.4.2 closing connection")  # closed: never sent
         self.messages.append(Message(
             mail_from=envelope.mail_from,
             mail_options=list(envelope.mail_options),
@@ -144,6 +153,8 @@ class RelayHandler(pytest_localserver.smtp.Handler):
             tls=server.transport.get_extra_info("ssl_object") is not None,
             helo=session.host_name,
         ))
+        if await server.fault("accepted", push=False):
+            return self.reply_at.get("accepted", "421 4.4.2 closing connection")
         return await super().handle_DATA(server, session, envelope)
 
     def authenticate(self, server, session, envelope, mechanism, auth_data):
@@ -204,13 +215,15 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         self.dsn = dsn
         self.dsn_options: list[str] = []
-        for command in ("EHLO", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "QUIT"):
+        self._greeted = False
+        for command in ("EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "QUIT"):
             self._smtp_methods[command] = self._faulty(command.lower(), self._smtp_methods[command])
         for command in _DSN_PARAMETERS:
             self._smtp_methods[command] = self._dsn_aware(command, self._smtp_methods[command])
 
     def connection_made(self, transport):
-        self.event_handler.open_connections += 1
+        if self._original_transport is None:  # after STARTTLS it is called again for the TLS layer
+            self.event_handler.open_connections += 1
         super().connection_made(transport)
 
     def connection_lost(self, exc):
@@ -231,8 +244,16 @@ class RelaySMTP(SMTP):
             text = f"{verb} {mechanism}" + (" ***" if initial else "")
         self.event_handler.commands.append(text)
 
-    async def fault(self, stage: str) -> bool:
-        """Apply the handler's fault for this stage; True when it answered or closed instead."""
+    async def push(self, status):
+        if not self._greeted and status.startswith("220 "):  # the banner: the greeting stage
+            self._greeted = True
+            if await self.fault("greeting"):
+                return
+        await super().push(status)
+
+    async def fault(self, stage: str, push: bool = True) -> bool:
+        """Apply the handler's fault for this stage; True when it answered or closed instead.
+        With ``push=False`` a configured reply is left to the caller to send."""
         handler = self.event_handler
         if stage in handler.hang_at:
             await asyncio.sleep(HANG_SECONDS)
@@ -240,7 +261,8 @@ class RelaySMTP(SMTP):
             self.transport.close()
             return True
         if stage in handler.reply_at:
-            await self.push(handler.reply_at[stage])
+            if push:
+                await self.push(handler.reply_at[stage])
             return True
         return False
 

@@ -135,13 +135,14 @@ def test_a_too_long_command_is_refused_and_the_session_goes_on(shim, relay):
 
 
 def test_dots_and_line_endings_in_data(shim, relay):
-    """Leading dots un-stuffed once, a lone dot inside the text kept, LF-only lines accepted."""
-    data = (b"Subject: dots\n\n..\n...two\n.x\n\x2e.\r\nend\n.\n")
+    """Leading dots un-stuffed once, LF-only lines accepted as lines; only CRLF . CRLF ends DATA
+    (a bare-LF "." line is an un-stuffed, empty content line: no smuggling)."""
+    data = (b"Subject: dots\n\n..\n...two\n.x\n\x2e.\r\nend\n.\nmore\r\n.")
     result = shim.run("-bs", stdin=session(b"HELO x", b"MAIL FROM:<a@example.com>", b"RCPT TO:<bob@example.com>",
                                            b"DATA", data, b"QUIT"))
     assert codes(result)[-2:] == ["250", "221"]
     [msg] = relay.messages
-    assert msg.data.endswith(b"\r\n\r\n.\r\n..two\r\nx\r\n.\r\nend\r\n")
+    assert msg.data.endswith(b"\r\n\r\n.\r\n..two\r\nx\r\n.\r\nend\r\n\r\nmore\r\n")
 
 
 def test_a_data_line_longer_than_the_read_buffer_keeps_its_dots(shim, relay):

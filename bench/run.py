@@ -1,0 +1,492 @@
+"""sendmail-shim against msmtp, side by side, on this machine (``make bench``).
+
+Starts the relays (`bench/servers.py`: loopback implicit TLS + AUTH + PIPELINING, and a proxy that
+adds 200 ms to every server reply), installs Debian's msmtp when it is missing and we are root,
+runs each measurement with shim and msmtp runs alternating, prints a Markdown table and writes it
+to bench/results/ (with a PNG chart when matplotlib, the optional ``bench`` extra, is installed).
+
+The shim runs as the Debian package runs it: /usr/bin/python3 (with python3-dotenv) and the
+package's code, here from this checkout; ``--python`` picks another interpreter.
+
+    python bench/run.py            # the full run (about 15 minutes)
+    python bench/run.py --smoke    # tiny counts: proves the script works (CI)
+"""
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHIM = ROOT / "bin" / "sendmail-shim"
+RESULTS = ROOT / "bench" / "results"
+GNU_TIME = "/usr/bin/time"
+_LINE = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd\n"
+
+
+@dataclass
+class Sample:
+    """Repeated measurements of one program in one scenario (seconds, or KiB for memory)."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def spread(self, scale: float, unit: str, digits: int = 0) -> str:
+        low, high = min(self.values) * scale, max(self.values) * scale
+        return f"{self.median * scale:.{digits}f} {unit} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+@dataclass
+class Row:
+    name: str
+    shim: str
+    msmtp: str
+    ratio: str
+    target: str
+    met: bool | None  # None: not measurable here
+    chart: tuple[float, float] | None = None  # (shim, msmtp) medians in ms, for the latency chart
+
+
+# -- the programs under test -------------------------------------------------------------------
+
+
+class Servers:
+    """bench/servers.py in its own process; `count()` is how many messages the relay holds."""
+
+    def __init__(self, workdir: Path, delay: float):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "servers.py"), str(workdir),
+                                      "--delay", str(delay)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.info = json.loads(self.proc.stdout.readline())
+
+    def _ask(self, command: str) -> str:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def count(self) -> int:
+        return int(self._ask("count"))
+
+    def clear(self) -> None:
+        self._ask("clear")
+
+    def wait_for(self, expected: int, timeout: float = 300) -> None:
+        """Until the relay holds `expected` messages (a background delivery has finished)."""
+        end = time.monotonic() + timeout
+        while self.count() < expected:
+            if time.monotonic() > end:
+                raise SystemExit(f"bench: the relay got {self.count()} of {expected} messages")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+class Shim:
+    """One configuration of the shim (one relay port, its own queue)."""
+
+    def __init__(self, python: str, home: Path, servers: Servers, port: int):
+        info = servers.info
+        home.mkdir(parents=True)
+        self.python, self.home = python, home
+        self.queue_dir = home / "queue"
+        config = home / "sendmail-shim.env"
+        config.write_text(
+            f"SMTP_HOST=127.0.0.1\nSMTP_PORT={port}\nSMTP_SECURITY=tls\nSMTP_CA_FILE={info['ca_file']}\n"
+            f"SMTP_USER={info['login']}\nSENDMAIL_SHIM_QUEUE_DIR={self.queue_dir}\n"
+            f"SENDMAIL_SHIM_CREDENTIALS_FILE={home / 'credentials'}\nSENDMAIL_SHIM_LOG_FILE={home / 'mail.log'}\n"
+            "SENDMAIL_SHIM_SYSLOG=no\nSMTP_TIMEOUT=60\n")
+        self.env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
+                    "SENDMAIL_SHIM_CONFIG": str(config)}
+        subprocess.run(self.command("--set-password"), input=info["password"].encode() + b"\n",
+                       env=self.env, check=True, capture_output=True)
+
+    def command(self, *args) -> list[str]:
+        return [self.python, str(SHIM), *args]
+
+    def queue_in_process(self, message: bytes, count: int) -> None:
+        """`count` messages into the queue through the real front end (``-odq``), in this process:
+        what 1,000 callers would have left behind while the relay was unreachable."""
+        from sendmail_shim import cli
+
+        for _ in range(count):
+            err = io.StringIO()
+            if cli.main(["sendmail-shim", "-odq", "-t", "-i"], stdin=io.BytesIO(message), stderr=err,
+                        environ=self.env) != 0:
+                raise SystemExit(f"bench: queueing failed: {err.getvalue()}")
+
+
+class Msmtp:
+    """msmtp with an rc file for one relay port: implicit TLS, our CA, AUTH, from = login."""
+
+    def __init__(self, binary: str, home: Path, servers: Servers, port: int):
+        info = servers.info
+        home.mkdir(parents=True)
+        self.rc = home / "msmtprc"
+        self.rc.write_text(
+            f"account default\nhost 127.0.0.1\nport {port}\ntls on\ntls_starttls off\n"
+            f"tls_trust_file {info['ca_file']}\nauth on\nuser {info['login']}\n"
+            f"password {info['password']}\nfrom {info['login']}\nsyslog off\n")
+        self.rc.chmod(0o600)
+        self.binary = binary
+        self.env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
+
+    def command(self, *args) -> list[str]:
+        return [self.binary, "-C", str(self.rc), *args]
+
+
+def ensure_tools() -> tuple[str | None, str]:
+    """msmtp and GNU time, installed from Debian when missing and root; the msmtp binary (or None)
+    and its version (or why it is missing)."""
+    found = shutil.which("msmtp")
+    missing = [package for package, there in (("msmtp", found), ("time", os.path.exists(GNU_TIME))) if not there]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"bench: installing {' '.join(missing)} from Debian", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+            subprocess.run(install, env=env, capture_output=True)
+        found = shutil.which("msmtp")
+    if not found:
+        return None, "msmtp is not installed (run as root, or apt-get install msmtp)"
+    version = subprocess.run([found, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    return found, version
+
+
+# -- one timed run -----------------------------------------------------------------------------
+
+
+def timed_popen(command: list[str], env: dict, message: bytes) -> float:
+    """Seconds until a popen caller (PHP mail(), cron) is done: input written, both output pipes
+    at EOF, exit status collected. Fails on a non-zero exit."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    out, err = proc.communicate(message)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(command)} exited {proc.returncode}: {err.decode(errors='replace')}")
+    return elapsed
+
+
+def peak_rss(command: list[str], env: dict, message_file: Path) -> tuple[float, float]:
+    """(peak RSS in KiB, seconds) of one run, measured by GNU time: wait4() in this process would
+    report at least this process's own size (a child's maximum includes the memory it was forked
+    or vforked from)."""
+    with open(message_file, "rb") as stdin, tempfile.NamedTemporaryFile("r") as report:
+        start = time.perf_counter()
+        proc = subprocess.run([GNU_TIME, "-f", "%M", "-o", report.name, *command], stdin=stdin,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"bench: {' '.join(command)} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+        return float(report.read().split()[-1]), elapsed
+
+
+def make_message(login: str, size: int) -> bytes:
+    """A plain-text message of about `size` bytes: 76-character lines, as base64 bodies have."""
+    header = f"From: {login}\nTo: bob@example.org\nSubject: sendmail-shim benchmark\n\n".encode()
+    return header + _LINE * max(1, (size - len(header)) // len(_LINE))
+
+
+def write_big_message(path: Path, login: str, size: int) -> None:
+    """The big message, written in pieces: this process stays small (see `peak_rss`)."""
+    with path.open("wb") as out:
+        out.write(make_message(login, 0))
+        for _ in range(size // (len(_LINE) * 1024)):
+            out.write(_LINE * 1024)
+
+
+# -- the measurements --------------------------------------------------------------------------
+
+
+def alternate(runs: int, first, second) -> tuple[Sample, Sample]:
+    """`first()` and `second()` in turns (ABAB…), each returning seconds; second may be None."""
+    a, b = Sample(), Sample()
+    for _ in range(runs):
+        a.values.append(first())
+        if second:
+            b.values.append(second())
+    return a, b
+
+
+def ratio_row(name: str, shim: Sample, msmtp: Sample | None, target: str, limit: float, *,
+              scale: float = 1000, unit: str = "ms", digits: int = 0) -> Row:
+    """Times in seconds, shown in `unit`; met when shim/msmtp ≤ `limit`."""
+    if not msmtp or not msmtp.values:
+        return Row(name, shim.spread(scale, unit, digits), "n/a", "n/a", target, None)
+    ratio = shim.median / msmtp.median
+    return Row(name, shim.spread(scale, unit, digits), msmtp.spread(scale, unit, digits), f"{ratio:.2f}×",
+               target, ratio <= limit, (shim.median * 1000, msmtp.median * 1000))
+
+
+def bench_background(args, servers, shim, msmtp, message) -> Row:
+    """(1) What a caller waits for with -odb through a relay 200 ms away."""
+    delivered = servers.count()
+
+    def shim_run():
+        nonlocal delivered
+        elapsed = timed_popen(shim.command("-odb", "-t", "-i"), shim.env, message)
+        delivered += 1
+        servers.wait_for(delivered)  # the background delivery must not overlap the next run
+        return elapsed
+
+    def msmtp_run():
+        nonlocal delivered
+        elapsed = timed_popen(msmtp.command("-t", "-i"), msmtp.env, message)
+        delivered += 1
+        return elapsed
+
+    a, b = alternate(args.short_runs, shim_run, msmtp_run if msmtp else None)
+    return ratio_row("1. caller latency, 2 KB, relay +200 ms: shim `-odb` vs msmtp", a, b,
+                     "shim ≤ 1/20 of msmtp", 1 / 20)
+
+
+def bench_interactive(args, servers, shim, msmtp, message) -> Row:
+    """(2) -odi on loopback TLS: the whole delivery inside the caller's wait."""
+    a, b = alternate(args.short_runs, lambda: timed_popen(shim.command("-odi", "-t", "-i"), shim.env, message),
+                     (lambda: timed_popen(msmtp.command("-t", "-i"), msmtp.env, message)) if msmtp else None)
+    return ratio_row("2. interactive send, 2 KB, loopback TLS: shim `-odi` vs msmtp", a, b,
+                     "shim ≤ 1.0× msmtp", 1.0)
+
+
+def bench_memory(args, servers, shim, msmtp, workdir: Path) -> list[Row]:
+    """(3) Peak RSS for a big message: the -odb caller, a -q run delivering it (the work of the
+    detached background child, which cannot be waited for), and -odi."""
+    big = workdir / "big.eml"
+    write_big_message(big, servers.info["login"], args.big_mb << 20)
+    samples = {k: Sample() for k in ("odb", "q", "odi", "msmtp")}
+    seconds = {k: Sample() for k in samples}
+    delivered = servers.count()
+
+    def record(key, result):
+        samples[key].values.append(result[0])
+        seconds[key].values.append(result[1])
+
+    for _ in range(args.runs):
+        record("odb", peak_rss(shim.command("-odb", "-t", "-i"), shim.env, big))
+        servers.wait_for(delivered + 1)  # the background child, before anything else runs
+        with big.open("rb") as stdin:
+            subprocess.run(shim.command("-odq", "-t", "-i"), stdin=stdin, env=shim.env, check=True)
+        record("q", peak_rss(shim.command("-q"), shim.env, Path(os.devnull)))
+        record("odi", peak_rss(shim.command("-odi", "-t", "-i"), shim.env, big))
+        delivered += 3
+        if msmtp:
+            record("msmtp", peak_rss(msmtp.command("-t", "-i"), msmtp.env, big))
+            delivered += 1
+        servers.wait_for(delivered)
+        servers.clear()
+        delivered = 0
+    rows = []
+    msmtp_text = samples["msmtp"].spread(1 / 1024, "MB", 1) if samples["msmtp"].values else "n/a"
+    for key, label in (("odb", "`-odb` caller (spools, forks)"), ("q", "`-q` delivering it (the background child's work)"),
+                       ("odi", "`-odi`")):
+        sample = samples[key]
+        mb = sample.median / 1024
+        rows.append(Row(f"3. peak RSS, {args.big_mb} MB message: shim {label}", sample.spread(1 / 1024, "MB", 1),
+                        msmtp_text, f"{mb / (samples['msmtp'].median / 1024):.1f}×" if samples["msmtp"].values else "n/a",
+                        "≤ 40 MB", mb <= 40))
+    return rows
+
+
+def bench_backlog(args, servers, delayed_shim, delayed_msmtp, message) -> Row:
+    """(4) N queued messages flushed by one -q through the 200 ms relay, against N msmtp calls
+    (msmtp measured on a sample of calls and extrapolated linearly to N)."""
+    delayed_shim.queue_in_process(message, args.backlog)
+    before = servers.count()
+    start = time.perf_counter()
+    subprocess.run(delayed_shim.command("-q"), env=delayed_shim.env, check=True, capture_output=True)
+    shim_total = time.perf_counter() - start
+    servers.wait_for(before + args.backlog, timeout=5)
+    shim = Sample([shim_total])
+    name = f"4. backlog of {args.backlog} × 2 KB, relay +200 ms: one shim `-q` vs {args.backlog} msmtp calls"
+    if not delayed_msmtp:
+        return Row(name, f"{shim_total:.1f} s", "n/a", "n/a", "≥ 50× faster", None)
+    calls = Sample([timed_popen(delayed_msmtp.command("-t", "-i"), delayed_msmtp.env, message)
+                    for _ in range(args.msmtp_sample)])
+    extrapolated = Sample([v * args.backlog for v in calls.values])
+    speedup = extrapolated.median / shim_total
+    msmtp_text = (f"{extrapolated.median:.0f} s (extrapolated: {args.msmtp_sample} calls, median "
+                  f"{calls.median * 1000:.0f} ms, {min(calls.values) * 1000:.0f}–{max(calls.values) * 1000:.0f})")
+    return Row(name, f"{shim.median:.1f} s ({shim_total / args.backlog * 1000:.0f} ms/message)", msmtp_text,
+               f"{speedup:.1f}× faster", "≥ 50× faster", speedup >= 50,
+               (shim_total * 1000, extrapolated.median * 1000))
+
+
+def bench_startup(args, shim, msmtp) -> Row:
+    """For reference: `--version`, the interpreter's and msmtp's start-up alone."""
+    a, b = alternate(args.short_runs, lambda: timed_popen(shim.command("--version"), shim.env, b""),
+                     (lambda: timed_popen(msmtp.command("--version"), msmtp.env, b"")) if msmtp else None)
+    row = ratio_row("start-up: `--version` (reference)", a, b, "—", float("inf"), digits=1)
+    row.met = None
+    return row
+
+
+def import_profile(shim, message: bytes, runs: int, top: int) -> tuple[list[tuple[str, float, float]], float]:
+    """(5) `python -X importtime` of the -odb caller's path (``-odq``: the same imports without
+    the fork), `runs` times: the `top` slowest top-level imports as (module, self ms, cumulative
+    ms), medians over the runs, and the median sum of all imports in ms."""
+    per_module: dict[str, list[tuple[int, int]]] = {}
+    totals = []
+    for _ in range(runs):
+        proc = subprocess.run([shim.python, "-X", "importtime", str(SHIM), "-odq", "-t", "-i"], input=message,
+                              env=shim.env, capture_output=True, check=True)
+        total = 0
+        for line in proc.stderr.decode().splitlines():
+            if not line.startswith("import time:") or "self [us]" in line:
+                continue
+            own, cumulative, name = line[len("import time:"):].split("|")
+            total += int(own)
+            if not name.startswith("  "):  # top level: what the program itself imported
+                per_module.setdefault(name.strip(), []).append((int(own), int(cumulative)))
+        totals.append(total)
+    rows = [(name, statistics.median(o for o, _ in v) / 1000, statistics.median(c for _, c in v) / 1000)
+            for name, v in per_module.items()]
+    return sorted(rows, key=lambda r: -r[2])[:top], statistics.median(totals) / 1000
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    os_name = "Linux"
+    if Path("/etc/os-release").exists():
+        fields = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line)
+        os_name = fields.get("PRETTY_NAME", os_name).strip('"')
+    return (f"{cpu}, {os.cpu_count()} CPUs, {int(memory) // 1024 // 1024} GiB RAM, {os_name}, "
+            f"kernel {platform.release()}")
+
+
+def markdown(rows: list[Row], imports, import_total: int, context: dict) -> str:
+    mark = {True: "✅ met", False: "❌ missed", None: "—"}
+    lines = [
+        f"Run {context['date']} on {context['machine']}; load average {context['load_before']} before, "
+        f"{context['load_after']} after. Shim: `{context['python']}` (Python {context['python_version']}), "
+        f"baseline: {context['msmtp']}. Medians over {context['short_runs']} runs (latency, alternating "
+        f"shim/msmtp) and {context['runs']} runs (memory), min–max in parentheses.",
+        "",
+        "| measurement | shim | msmtp | shim vs msmtp | target | |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r.name} | {r.shim} | {r.msmtp} | {r.ratio} | {r.target} | {mark[r.met]} |" for r in rows]
+    lines += ["", f"5. Imports of the `-odb` caller (`python -X importtime`, median of {context['short_runs']} runs): "
+              f"{import_total:.1f} ms in all (importtime's own overhead included); the slowest top-level imports:",
+              "", "| module | cumulative | self |", "|---|---|---|"]
+    lines += [f"| `{name}` | {cumulative:.1f} ms | {own:.1f} ms |" for name, own, cumulative in imports]
+    return "\n".join(lines) + "\n"
+
+
+def chart(samples: dict[str, tuple[float, float]], path: Path) -> str:
+    """Shim and msmtp medians (ms) side by side, log scale."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no chart: matplotlib is not installed (pip install -e '.[bench]')"
+    labels = list(samples)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    positions = range(len(labels))
+    ax.barh([p - 0.2 for p in positions], [samples[k][0] for k in labels], height=0.4, label="sendmail-shim")
+    ax.barh([p + 0.2 for p in positions], [samples[k][1] for k in labels], height=0.4, label="msmtp")
+    ax.set_yticks(list(positions), labels)
+    ax.set_xscale("log")
+    ax.set_xlabel("median, log scale (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"chart: {path.relative_to(ROOT)}"
+
+
+def default_python() -> str:
+    """Debian's interpreter when it has python3-dotenv (what the .deb runs on), else this one."""
+    debian = "/usr/bin/python3"
+    if os.path.exists(debian) and subprocess.run([debian, "-c", "import dotenv.parser"],
+                                                 capture_output=True).returncode == 0:
+        return debian
+    return sys.executable
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny counts, to prove the script works")
+    parser.add_argument("--python", default=None, help="interpreter that runs the shim")
+    parser.add_argument("--runs", type=int, default=7, help="runs of the long measurements")
+    parser.add_argument("--short-runs", type=int, default=15, help="runs of the short measurements")
+    parser.add_argument("--backlog", type=int, default=1000, help="queued messages for the -q measurement")
+    parser.add_argument("--msmtp-sample", type=int, default=15, help="msmtp calls measured for the backlog")
+    parser.add_argument("--big-mb", type=int, default=50, help="size of the big message")
+    parser.add_argument("--delay", type=float, default=0.2, help="seconds added to every relay reply")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the table and chart go")
+    args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.short_runs, args.backlog, args.msmtp_sample, args.big_mb = 2, 3, 5, 2, 2
+        if args.out == RESULTS:
+            args.out = Path(tempfile.gettempdir()) / "sendmail-shim-bench-smoke"
+    python = args.python or default_python()
+    msmtp_binary, msmtp_version = ensure_tools()
+    if not os.path.exists(GNU_TIME):
+        raise SystemExit(f"bench: {GNU_TIME} (Debian package time) is needed for the memory measurement")
+    if not msmtp_binary:
+        print(f"bench: {msmtp_version}; measuring the shim alone", flush=True)
+    context = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "python": python,
+               "python_version": subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                                                capture_output=True, text=True).stdout.strip(),
+               "msmtp": msmtp_version, "runs": args.runs, "short_runs": args.short_runs,
+               "load_before": f"{os.getloadavg()[0]:.2f}"}
+    message = make_message("alice@163.test", 2048)
+    with tempfile.TemporaryDirectory(prefix="sendmail-shim-bench-") as tmp:
+        work = Path(tmp)
+        servers = Servers(work / "servers", args.delay)
+        try:
+            info = servers.info
+            near, far = info["port"], info["delayed_port"]
+            shim_near, shim_far = Shim(python, work / "shim-near", servers, near), Shim(python, work / "shim-far", servers, far)
+            msmtp_near = Msmtp(msmtp_binary, work / "msmtp-near", servers, near) if msmtp_binary else None
+            msmtp_far = Msmtp(msmtp_binary, work / "msmtp-far", servers, far) if msmtp_binary else None
+            rows = []
+            for title, step in (
+                ("start-up", lambda: [bench_startup(args, shim_near, msmtp_near)]),
+                ("1. -odb through the 200 ms relay", lambda: [bench_background(args, servers, shim_far, msmtp_far, message)]),
+                ("2. -odi on loopback", lambda: [bench_interactive(args, servers, shim_near, msmtp_near, message)]),
+                (f"3. peak RSS, {args.big_mb} MB", lambda: bench_memory(args, servers, shim_near, msmtp_near, work)),
+                (f"4. backlog of {args.backlog}", lambda: [bench_backlog(args, servers, shim_far, msmtp_far, message)]),
+            ):
+                print(f"bench: {title} …", flush=True)
+                rows += step()
+            imports, import_total = import_profile(shim_near, message, args.short_runs, top=12)
+        finally:
+            servers.close()
+    context["load_after"] = f"{os.getloadavg()[0]:.2f}"
+    table = markdown(rows, imports, import_total, context)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.md").write_text(table)
+    print()
+    print(table)
+    print(chart({r.name.split(":")[0]: r.chart for r in rows if r.chart}, args.out / "latest.png"))
+    print(f"bench: results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

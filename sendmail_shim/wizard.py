@@ -1,0 +1,460 @@
+"""`--setup`: from a bare server to a verified mail path in one command.
+
+On a terminal it asks for the provider, the login, the password (no echo, stored through the
+configured credential backend, never in the file), the sender policy and root's address, with
+the provider's own instructions at the right moment; re-running it edits the current settings.
+Without a terminal (or with ``--yes``) it prompts for nothing: every answer comes from an option
+or the environment variable of its key. Then it writes the config file (comments kept, a backup
+of the previous one), runs ``--check``, and prints the integration hints it detects (php.ini,
+/usr/sbin/sendmail, cron's MAILTO) without changing anything.
+"""
+
+import glob
+import io
+import os
+import re
+import sys
+import time
+
+from . import config as config_module
+from . import credentials, providers
+from .errors import EX_OK, CantCreate, ConfigError, ShimError, UsageError
+from .i18n import _, describe, localize
+from .options import SETUP_KEYS
+from .secret import Secret
+
+ANSWER_KEYS = tuple(SETUP_KEYS.values())
+_RELAY_KEYS = ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_CA_FILE")  # set by a preset
+_PHP_DEFAULT = "/usr/sbin/sendmail -t -i"
+
+_CHINESE_CODE = _(
+    "{provider}: log in to the web mailbox, open Settings → POP3/SMTP/IMAP, enable the SMTP "
+    "service and create an authorization code (授权码). sendmail-shim logs in with that code, "
+    "never with the web password."
+)
+GUIDANCE = {
+    "163": _CHINESE_CODE,
+    "126": _CHINESE_CODE,
+    "yeah": _CHINESE_CODE,
+    "qq": _(
+        "{provider}: in QQ Mail open Settings → Account, enable the POP3/SMTP service and "
+        "generate an authorization code (授权码); it replaces the QQ password here."
+    ),
+    "exmail": _(
+        "{provider}: when secure login is on, create a client-specific password in Settings → "
+        "Account → Secure login; otherwise use the mailbox password."
+    ),
+    "aliyun": _("{provider}: check that POP3/SMTP is enabled in the mailbox settings; log in with the mailbox password."),
+    "gmail": _(
+        "{provider}: turn on 2-Step Verification, then create an app password (Google Account → "
+        "Security → App passwords). Google refuses the normal password."
+    ),
+    "outlook": _(
+        "{provider}: Authenticated SMTP must be allowed for the mailbox (Microsoft 365 admin "
+        "center → the user → Mail → Manage email apps); with multi-factor authentication use an "
+        "app password."
+    ),
+}
+
+
+def run(opts, stdin, stdout, stderr, environ) -> int:
+    path = target_file(opts.config_path, environ)
+    current = config_module.read_file(path) if os.path.exists(path) else {}
+    given = {key: environ[key] for key in ANSWER_KEYS if environ.get(key)}
+    given.update(opts.setup_answers)
+    ui = Dialogue(stdin, stdout, environ)
+    interactive = stdin.isatty() and "yes" not in opts.setup_flags
+    if interactive:
+        values, password = _ask(ui, path, current, given, environ)
+    else:
+        values = settle(current, given)
+        _require(values)
+        password = credentials.read_new_password(stdin, stderr) if "password-stdin" in opts.setup_flags else None
+    config = _config_for(values, environ, path)
+    if not config.password_command and password is None and not _stored(config, environ):
+        raise UsageError(
+            _("no password for {user}: give it on stdin with --password-stdin, or set SMTP_PASSWORD_COMMAND").format(user=config.user)
+        )
+    if password is not None:
+        where = credentials.set_password(config, password, environ)
+        ui.say(_("password for {user} stored in {where}").format(user=config.user, where=where))
+    old_text = _read_text(path)
+    backup = write_config(path, render(old_text or template(), {k: values.get(k) for k in ANSWER_KEYS}))
+    ui.say(_("wrote {path}").format(path=path) if not backup else
+           _("wrote {path} (previous version: {backup})").format(path=path, backup=backup))
+    status = EX_OK
+    if "no-check" not in opts.setup_flags:
+        status = _check(ui, config, environ)
+    hints = integration_hints(config, _program())
+    if hints:
+        ui.say()
+        ui.say(_("Integration (nothing was changed):"))
+        for hint in hints:
+            ui.say("  - " + localize(hint, environ))
+    return status
+
+
+def target_file(explicit: str | None, environ) -> str:
+    """--config / SENDMAIL_SHIM_CONFIG, else the system file for root, else the user's file."""
+    if explicit or environ.get("SENDMAIL_SHIM_CONFIG"):
+        return explicit or environ["SENDMAIL_SHIM_CONFIG"]
+    return config_module.config_files(environ, None)[0 if os.geteuid() == 0 else -1]
+
+
+def settle(current: dict, given: dict) -> dict:
+    """The new settings: given answers over current ones; a preset drops host, port and so on
+    unless they are given, so that switching from a custom relay to a preset takes effect."""
+    values = {**current, **given}
+    if values.get("SMTP_PROVIDER", "custom").lower() in providers.PRESETS:
+        for key in _RELAY_KEYS:
+            if key not in given:
+                values.pop(key, None)
+    return {key: value for key, value in values.items() if value != ""}
+
+
+def _require(values: dict) -> None:
+    if not values.get("SMTP_USER") or not (values.get("SMTP_HOST") or values.get("SMTP_PROVIDER")):
+        raise UsageError(
+            _("without a terminal, --setup needs --provider (or --host) and --user, or SMTP_PROVIDER and SMTP_USER in the environment")
+        )
+
+
+class Dialogue:
+    """Questions and answers on the terminal, in the admin's language."""
+
+    def __init__(self, stdin, out, environ):
+        self.stdin, self.out, self.environ = stdin, out, environ
+
+    def say(self, text="") -> None:
+        print(localize(text, self.environ), file=self.out, flush=True)
+
+    def ask(self, question, default: str | None = None, check=None) -> str:
+        """Ask until the answer passes ``check`` (which raises a ShimError to explain why not)."""
+        while True:
+            prompt = (_("{question} [{default}]: ").format(question=question, default=default) if default
+                      else _("{question}: ").format(question=question))
+            self.out.write(localize(prompt, self.environ))
+            self.out.flush()
+            line = self.stdin.readline()
+            if not line:
+                raise UsageError(_("setup cancelled; nothing was changed"))
+            answer = (line.decode("utf-8", "replace") if isinstance(line, bytes) else line).strip() or default
+            if not answer:
+                self.say(_("an answer is needed"))
+                continue
+            try:
+                if check:
+                    check(answer)
+                return answer
+            except ShimError as exc:
+                self.say(describe(exc, self.environ))
+
+    def secret(self, prompt) -> str:
+        import getpass
+
+        try:
+            return getpass.getpass(localize(prompt, self.environ), stream=self.out)
+        except EOFError:
+            raise UsageError(_("setup cancelled; nothing was changed")) from None
+
+
+def _ask(ui: Dialogue, path: str, current: dict, given: dict, environ):
+    """The interactive questions; returns (settings, new password or None)."""
+    values = dict(current)
+    check = lambda key: lambda answer: config_module.build({key: answer}, environ)  # noqa: E731
+    ui.say(_("sendmail-shim setup: the answers go to {path}. Enter keeps the value in [brackets].").format(path=path))
+    ui.say()
+    provider = given.get("SMTP_PROVIDER") or ui.ask(
+        _("Mail provider ({choices})").format(choices=", ".join(providers.PROVIDERS)),
+        current.get("SMTP_PROVIDER"), check("SMTP_PROVIDER")).lower()
+    values["SMTP_PROVIDER"] = provider
+    if provider == "custom":
+        values["SMTP_HOST"] = given.get("SMTP_HOST") or ui.ask(_("Relay host name"), current.get("SMTP_HOST"))
+        security = given.get("SMTP_SECURITY") or ui.ask(
+            _("Security: tls (implicit TLS, port 465), starttls (port 587) or none"),
+            current.get("SMTP_SECURITY") or "starttls", check("SMTP_SECURITY")).lower()
+        values["SMTP_SECURITY"] = security
+        values["SMTP_PORT"] = given.get("SMTP_PORT") or ui.ask(
+            _("Port"), current.get("SMTP_PORT") or str(providers.DEFAULT_PORTS[security]), check("SMTP_PORT"))
+        ca_file = given.get("SMTP_CA_FILE") or ui.ask(
+            _("CA certificate file (PEM) of a corporate relay, or 'system' for the system CAs"),
+            current.get("SMTP_CA_FILE") or "system", _readable_file)
+        values["SMTP_CA_FILE"] = "" if ca_file == "system" else ca_file
+    else:
+        if provider in GUIDANCE:
+            ui.say(GUIDANCE[provider].format(provider=provider))
+        values.update({k: given.get(k, "") for k in _RELAY_KEYS})
+    ui.say()
+    values["SMTP_USER"] = given.get("SMTP_USER") or ui.ask(
+        _("Login (the full mailbox address, also the sender of every message)"),
+        current.get("SMTP_USER"), check("SMTP_USER"))
+    password = None
+    if "SMTP_PASSWORD_COMMAND" in given:
+        values["SMTP_PASSWORD_COMMAND"] = given["SMTP_PASSWORD_COMMAND"]
+    elif not current.get("SMTP_PASSWORD_COMMAND"):
+        password = _ask_password(ui, provider, _config_for(values, environ, path), environ)
+    ui.say()
+    ui.say(_("When a message's From: is not the login, sendmail-shim can rewrite it to the login "
+             "(the original goes to Reply-To:) or reject the message."))
+    values["SMTP_FROM_POLICY"] = given.get("SMTP_FROM_POLICY") or ui.ask(
+        _("Sender policy: rewrite or reject"), current.get("SMTP_FROM_POLICY") or "rewrite",
+        check("SMTP_FROM_POLICY")).lower()
+    if "SMTP_ALIASES" in given:
+        values["SMTP_ALIASES"] = given["SMTP_ALIASES"]
+    else:
+        aliases = config_module.parse_aliases(current.get("SMTP_ALIASES", ""))
+        admin = ui.ask(_("Address for mail to root and other local users (cron, www-data)"),
+                       aliases.get("root") or values["SMTP_USER"], check("SMTP_FROM"))
+        aliases.update(root=admin, default=aliases.get("default", admin))
+        values["SMTP_ALIASES"] = ",".join(f"{name}:{address}" for name, address in aliases.items())
+    values = {key: value for key, value in values.items() if value != ""}
+    ui.say()
+    for key in ANSWER_KEYS:
+        if key in values:
+            ui.say(f"  {key}={values[key]}")
+    answer = ui.ask(_("Write this configuration and test it? (yes/no)"), "yes")
+    if answer.lower() not in ("y", "yes", "是", "好"):
+        raise UsageError(_("setup cancelled; nothing was changed"))
+    return values, password
+
+
+def _ask_password(ui: Dialogue, provider: str, config, environ) -> Secret | None:
+    preset = providers.PRESETS.get(provider)
+    name = preset.password_name if preset else _("password")
+    stored = _stored(config, environ)
+    prompt = (_("{name} for {user} (hidden; Enter keeps the stored one): ") if stored
+              else _("{name} for {user} (hidden): ")).format(name=name, user=config.user)
+    while True:
+        line = ui.secret(prompt)
+        if line:
+            return Secret(line)
+        if stored:
+            return None
+        ui.say(_("an answer is needed"))
+
+
+def _readable_file(answer: str) -> None:
+    if answer != "system" and not os.path.isfile(answer):
+        raise ConfigError(_("{path}: no such file").format(path=answer))
+
+
+def _config_for(values: dict, environ, path: str):
+    """The Config the shim will use with these settings (the environment still overrides)."""
+    merged = {**values, **{key: environ[key] for key in config_module.KEYS if key in environ}}
+    return config_module.build(merged, environ, (path,))
+
+
+def _stored(config, environ) -> bool:
+    try:
+        credentials.get_password(config, environ)
+    except ConfigError:
+        return False
+    return True
+
+
+def _check(ui: Dialogue, config, environ) -> int:
+    """Run --check; on success only its verdict line, on failure all it printed."""
+    from . import check
+
+    ui.say()
+    ui.say(_("testing the configuration (sendmail-shim --check) …"))
+    out = io.StringIO()
+    status = check.run(config, out, environ)
+    lines = out.getvalue().rstrip("\n").splitlines()
+    print("\n".join(lines if status != EX_OK else lines[-1:]), file=ui.out, flush=True)
+    return status
+
+
+# -- the config file --------------------------------------------------------------------------
+
+_LINE = re.compile(r"^(#?)\s*(?:export\s+)?([A-Z][A-Z0-9_]*)\s*=")
+_BARE = re.compile(r"[\w@.:,/+%-]*")
+
+
+def template() -> str:
+    """A new config file: every key commented out, with its documentation line."""
+    head = (
+        "# sendmail-shim configuration, written by sendmail-shim --setup.\n"
+        "# KEY=value lines; # starts a comment. Environment variables with the same names override\n"
+        "# this file. The password never goes here: sendmail-shim --setup or --set-password stores it.\n"
+        "# Test with: sendmail-shim --check --to you@example.com\n"
+    )
+    return head + "".join(f"\n# {doc}\n#{key}=\n" for key, doc in config_module.KEYS.items())
+
+
+def render(text: str, updates: dict) -> str:
+    """``text`` with each key of ``updates`` set (value) or commented out (None); the other lines,
+    comments included, are kept as they are. A new key takes the place of its commented-out
+    template line, else goes at the end."""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    placed = set()
+    for index, line in enumerate(lines):
+        match = _LINE.match(line)
+        if match and not match.group(1) and match.group(2) in updates:
+            key = match.group(2)
+            value = updates[key]
+            lines[index] = f"#{line}" if value is None else f"{key}={quote(value)}\n"
+            placed.add(key)
+    for key, value in updates.items():
+        if value is None or key in placed:
+            continue
+        slot = next((i for i, line in enumerate(lines)
+                     if (m := _LINE.match(line)) and m.group(1) and m.group(2) == key), None)
+        if slot is None:
+            lines.append(f"{key}={quote(value)}\n")
+        else:
+            lines[slot] = f"{key}={quote(value)}\n"
+    return "".join(lines)
+
+
+def quote(value: str) -> str:
+    """A dotenv value that python-dotenv (0.21 and later) reads back as ``value``."""
+    if _BARE.fullmatch(value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8-sig") as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(_("cannot read {path}: {reason}").format(path=path, reason=exc.strerror)) from None
+
+
+def write_config(path: str, text: str) -> str | None:
+    """Replace ``path`` atomically, keeping its mode and owner (new: 0644, no secrets in it);
+    the previous version stays as ``path.bak-<timestamp>``, whose name is returned."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(directory, 0o755, exist_ok=True)
+        try:
+            old = os.stat(path)
+        except FileNotFoundError:
+            old = None
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8"))
+            os.fchmod(fd, old.st_mode & 0o7777 if old else 0o644)
+            if old and os.geteuid() == 0:
+                os.fchown(fd, old.st_uid, old.st_gid)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        backup = None
+        if old:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            backup, n = f"{path}.bak-{stamp}", 1
+            while os.path.lexists(backup):
+                backup, n = f"{path}.bak-{stamp}-{n}", n + 1
+            os.link(path, backup)  # the old file itself, mode and owner included
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise CantCreate(_("cannot write {path}: {reason}").format(path=path, reason=exc.strerror)) from None
+    return backup
+
+
+# -- integration hints ------------------------------------------------------------------------
+
+def _program() -> str:
+    return os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "/usr/bin/sendmail-shim"
+
+
+def integration_hints(config, program: str, root: str = "/") -> list:
+    """What /usr/sbin/sendmail, PHP and cron will do with mail, and the lines to add (no edits)."""
+    return [*_sendmail_hints(program, root), *_php_hints(program, root), *_cron_hints(config, root)]
+
+
+def _is_us(path: str, program: str) -> bool:
+    if os.path.realpath(path) == os.path.realpath(program):
+        return True
+    try:
+        with open(path, "rb") as stream:
+            return b"sendmail_shim" in stream.read(4096)  # a console-script wrapper
+    except OSError:
+        return False
+
+
+def _sendmail_hints(program: str, root: str) -> list:
+    sendmail = os.path.join(root, "usr/sbin/sendmail")
+    if not os.path.lexists(sendmail):
+        return [_("/usr/sbin/sendmail is missing, so cron, mail and PHP's default cannot send: install "
+                  "the sendmail-shim-mta package, or run: ln -s {program} /usr/sbin/sendmail").format(program=program)]
+    if _is_us(sendmail, program):
+        return [_("/usr/sbin/sendmail is sendmail-shim: cron, mail and PHP's default use it")]
+    return [_("/usr/sbin/sendmail belongs to another MTA ({target}): install sendmail-shim-mta to "
+              "replace it, or point each program at {program}").format(
+                  target=os.path.realpath(sendmail), program=program)]
+
+
+def _php_hints(program: str, root: str) -> list:
+    hints = []
+    sendmail_is_us = _is_us(os.path.join(root, "usr/sbin/sendmail"), program)
+    inis = sorted(glob.glob(os.path.join(root, "etc/php/*/*/php.ini")))
+    inis += [p for p in (os.path.join(root, "etc/php.ini"), os.path.join(root, "usr/local/etc/php/php.ini"))
+             if os.path.isfile(p)]
+    for ini in inis:
+        sources = [ini, *sorted(glob.glob(os.path.join(os.path.dirname(ini), "conf.d", "*.ini")))]
+        found = [(p, v) for p in sources for v in _php_settings(p)]
+        where, value = found[-1] if found else (ini, None)  # the last one read wins
+        shown = "/" + os.path.relpath(where, root)
+        command = (value or _PHP_DEFAULT).split()
+        ours = command and (_is_us(command[0], program) or (command[0] == "/usr/sbin/sendmail" and sendmail_is_us))
+        if ours:
+            hints.append(_("{file}: sendmail_path = {value} — sendmail-shim").format(
+                file=shown, value=value or _("(default) {value}").format(value=_PHP_DEFAULT)))
+        else:
+            hints.append(_("{file}: sendmail_path = {value} — add this line: sendmail_path = \"{program} -t -i\"").format(
+                file=shown, value=value or _("(default) {value}").format(value=_PHP_DEFAULT), program=program))
+    return hints
+
+
+def _php_settings(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            lines = stream.read().splitlines()
+    except OSError:
+        return []
+    values = []
+    for line in lines:
+        name, sep, value = line.strip().partition("=")
+        if sep and name.strip() == "sendmail_path":
+            values.append(value.strip().strip('"\''))
+    return values
+
+
+def _cron_hints(config, root: str) -> list:
+    files = [os.path.join(root, "etc/crontab"), *sorted(glob.glob(os.path.join(root, "etc/cron.d/*"))),
+             *sorted(glob.glob(os.path.join(root, "var/spool/cron/crontabs/*")))]
+    names, hints = set(), []
+    for path in filter(os.path.isfile, files):
+        mailto = [line.partition("=")[2].strip().strip('"\'') for line in _lines(path)
+                  if line.replace(" ", "").startswith("MAILTO=")]
+        shown = "/" + os.path.relpath(path, root)
+        for value in mailto:
+            hints.append(_("{file}: cron mails job output to MAILTO={value}").format(file=shown, value=value or '""'))
+            names.update(w.strip() for w in value.split(",") if w.strip() and "@" not in w)
+        if not mailto and path.startswith(os.path.join(root, "var/spool/cron/crontabs")):
+            names.add(os.path.basename(path))  # without MAILTO, cron mails the crontab's owner
+    names.add("root")  # /etc/crontab and /etc/cron.d jobs run as root by default
+    missing = sorted(n for n in names if n.lower() not in config.aliases)
+    if missing and "default" not in config.aliases:
+        hints.append(_("no alias for the local names {names}: their mail is refused; add them to "
+                       "SMTP_ALIASES, e.g. SMTP_ALIASES={example}").format(
+                           names=", ".join(missing), example=f"{missing[0]}:you@example.com,default:you@example.com"))
+    return hints
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            return [line.strip() for line in stream]
+    except OSError:
+        return []
