@@ -249,5 +249,12 @@ def reply_for(exc: ShimError) -> str:
     return f"451 4.3.0 {text}"
 
 
+def refuse_session(stdout, exc: ShimError) -> None:
+    """Greet with 421 and the reason: Symfony and SwiftMailer put it in their exception."""
+    out = getattr(stdout, "buffer", stdout)
+    out.write(f"421 4.3.0 sendmail-shim: {_one_line(exc)}\r\n".encode("utf-8", "replace"))
+    out.flush()
+
+
 def serve(opts, config, stdin, stdout, stderr, environ) -> int:
     return Session(opts, config, stdin, getattr(stdout, "buffer", stdout), stderr, environ).serve()

@@ -75,7 +75,14 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
         return wizard.run(opts, stdin, stdout, stderr, environ)
     from . import config as config_module
 
-    config = config_module.load(environ, opts.config_path)
+    try:
+        config = config_module.load(environ, opts.config_path)
+    except ShimError as exc:
+        if opts.mode == "smtp":  # the application shows the greeting, not our stderr
+            from . import bsmtp
+
+            bsmtp.refuse_session(stdout, exc)
+        raise
     if opts.mode == "send":
         from . import submit
 

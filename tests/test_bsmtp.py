@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from sendmail_shim.bsmtp import MAX_LINE
-from sendmail_shim.errors import EX_DATAERR
+from sendmail_shim.errors import EX_CONFIG, EX_DATAERR
 from tests.shim import OUTPUTS, SHIM, SHIM_PYTHON
 
 pytestmark = pytest.mark.e2e
@@ -221,3 +221,12 @@ def test_local_recipients_resolve_through_aliases(shim_factory, relay):
     assert msg.rcpt_tos == ["ops@example.com"] and msg.mail_from == relay.login
     head = email.message_from_bytes(msg.data, policy=email.policy.default)
     assert head["From"].addresses[0].addr_spec == relay.login and "Date" in head and "Message-ID" in head
+
+
+def test_a_configuration_error_is_the_greeting(shim):
+    """Symfony shows only what it reads on stdout: the reason must be there, not just on stderr."""
+    shim.config_file.write_text("SMTP_HOSTT=typo\n")
+    result = shim.run("-bs", stdin=b"HELO x\r\nQUIT\r\n", expect_exit=EX_CONFIG)
+    [greeting] = result.stdout.decode().splitlines()
+    assert greeting.startswith("421 4.3.0 sendmail-shim: ") and "unknown key SMTP_HOSTT" in greeting
+    assert "unknown key SMTP_HOSTT" in result.stderr
