@@ -10,7 +10,8 @@ import socket
 import time
 
 from . import message
-from .errors import EX_OK, SMTPFailure, ShimError
+from .errors import EX_OK, CantCreate, SMTPFailure, ShimError
+from .i18n import _
 from .log import MessageLog
 
 
@@ -108,8 +109,14 @@ def _deliver_direct(opts, config, reader, headers, envelope, log, stderr, enviro
     from .smtp import Relay
 
     msg_id = new_id()
-    with tempfile.TemporaryFile() as spool:
+    try:
+        spool = tempfile.TemporaryFile()
         envelope = _write(spool, reader, headers, envelope)
+    except OSError as exc:  # a full or read-only TMPDIR: nothing was accepted
+        reader.drain()
+        raise CantCreate(_("cannot write the message to a temporary file: {reason}").format(
+            reason=exc.strerror)) from None
+    with spool:
         spool.seek(0)
         fields = dict(sender=envelope.sender, requested=envelope.requested_sender,
                       recipients=envelope.recipients, relay=f"{config.host}:{config.port}", size=envelope.size)

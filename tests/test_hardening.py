@@ -210,6 +210,18 @@ def test_disk_full_and_read_only_queue(fast_shim, relay, small_disk):
     COUNTS["disk faults"] += 2
 
 
+@pytest.mark.e2e
+def test_direct_mode_with_a_full_tmpdir_exits_73(fast_shim, relay, small_disk):
+    small_disk, _ = small_disk
+    shim = fast_shim(SENDMAIL_SHIM_DELIVERY="direct")
+    big = mail(body=os.urandom(400_000).hex().encode() + b"\n")
+    result = shim.run("-i", "bob@example.org", stdin=big, expect_exit=EX_CANTCREAT,
+                      env={"TMPDIR": str(small_disk)})
+    assert result.stderr == "sendmail-shim: cannot write the message to a temporary file: No space left on device\n"
+    assert relay.messages == [] and os.listdir(small_disk) == []
+    COUNTS["disk faults"] += 1
+
+
 # -- hostile command lines and headers ---------------------------------------------------------------
 
 INJECTIONS = [
