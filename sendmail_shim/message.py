@@ -29,6 +29,9 @@ python-deps.md §5.2).
   registry under ``policy.SMTP``; any defect other than obsolete syntax, a non-ASCII local part or
   a bare local name (which the alias map resolves) is an error. Local names and ``user@<this
   host>``/``user@localhost`` go through the alias map; duplicates are dropped case-insensitively.
+  A To/Cc (or Resent-To/-Cc) field naming such a local address is rewritten with its alias (as
+  Postfix qualifies local names in headers), so the relay never sees ``To: root``; a local name
+  without an alias leaves the field as written.
 - Envelope addresses: a non-ASCII domain with an ASCII local part is IDNA-encoded, so only a
   non-ASCII local part needs SMTPUTF8.
 - Bcc and Resent-Bcc fields are removed; so is Sender (From is the login after this policy, so a
@@ -48,7 +51,7 @@ import re
 from dataclasses import dataclass, field, replace
 from email import _header_value_parser as value_parser
 from email import errors, policy as email_policy
-from email.headerregistry import Address
+from email.headerregistry import Address, Group
 from email.utils import formatdate, make_msgid
 from typing import BinaryIO
 
@@ -261,7 +264,8 @@ def prepare(
     if not recipients:
         raise UsageError(_("no recipients: give them as arguments or use -t with To/Cc/Bcc headers"))
 
-    fields = [f for f in fields if f.name not in ("bcc", "resent-bcc", "sender")]
+    fields = [_qualify_locals(f, policy) if f.name in _VISIBLE_RECIPIENTS else f
+              for f in fields if f.name not in ("bcc", "resent-bcc", "sender")]
     fields, original_from = _apply_from_policy(fields, policy)
     names = {f.name for f in fields}
     if "date" not in names:
@@ -353,6 +357,32 @@ def _header_recipients(fields: list[_Field]) -> list[str]:
                 raise DataError(_("cannot parse the addresses in {header}: {text!r}").format(header=label, text=_shown(text)))
             addresses += [a.addr_spec for a in header.addresses]
     return addresses
+
+
+_VISIBLE_RECIPIENTS = ("to", "cc", "resent-to", "resent-cc")
+
+
+def _qualify_locals(f: _Field, policy: HeaderPolicy) -> _Field:
+    """The field with its local names replaced by their aliases; untouched when it has none."""
+    header = _address_header(f.name, _decode(f.value))
+    if header is None:
+        return f
+    try:
+        resolved = {a.addr_spec: resolve_local(a.addr_spec, policy.aliases, policy.local_hostname)
+                    for a in header.addresses}
+    except DataError:
+        return f
+    if all(old == new for old, new in resolved.items()):
+        return f
+    name = f.raw.partition(b":")[0].decode("ascii")
+
+    def qualified(a):
+        username, _at, domain = resolved[a.addr_spec].rpartition("@")
+        return Address(a.display_name, username, domain)
+
+    groups = [Group(g.display_name, [qualified(a) for a in g.addresses]) for g in header.groups]
+    pol = email_policy.SMTP if all(v.isascii() for v in resolved.values()) else email_policy.SMTPUTF8
+    return _Field(f.name, pol.fold_binary(name, pol.header_factory(name, groups)))
 
 
 def _address_header(name: str, text: str):

@@ -661,3 +661,17 @@ def test_prepare_property(to, sender, argv, t):
     assert_crlf_only(new)
     assert env.recipients and all("@" in r for r in env.recipients)
     assert parsed(new)["From"].addresses[0].addr_spec == LOGIN
+
+
+@pytest.mark.parametrize("field, expected", [
+    (b"To: root", b"To: admin@example.com"),
+    (b"To: Ops <root@web1>, bob@example.com", b"To: Ops <admin@example.com>, bob@example.com"),
+    (b"Cc: team: root, x@y.z;", b"Cc: team: admin@example.com, x@y.z;"),
+    (b"To: www-data", b"To: www-data"),  # no alias: left as written (the envelope decides)
+    (b"To: bob@example.com,\r\n  carol@example.com", b"To: bob@example.com,\r\n  carol@example.com"),
+], ids=["bare", "host-and-display-name", "group", "no-alias", "untouched-folding"])
+def test_local_names_in_visible_recipient_fields_are_qualified(field, expected):
+    policy = HeaderPolicy(sender="alice@163.test", aliases={"root": "admin@example.com"}, local_hostname="web1")
+    headers, _ = prepare(field + b"\r\nSubject: x\r\n\r\n", extract_recipients=False,
+                         argv_recipients=["x@y.z"], requested_sender=None, policy=policy)
+    assert headers.startswith(expected + b"\r\nSubject: x\r\n")
