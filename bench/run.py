@@ -10,6 +10,7 @@ package's code, here from this checkout; ``--python`` picks another interpreter.
 
     python bench/run.py            # the full run (about 15 minutes)
     python bench/run.py --smoke    # tiny counts: proves the script works (CI)
+    python bench/run.py --only backlog --backlog 100 --msmtp-sample 3 --out /tmp/b   # one measurement
 """
 
 import argparse
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 SHIM = ROOT / "bin" / "sendmail-shim"
 RESULTS = ROOT / "bench" / "results"
 GNU_TIME = "/usr/bin/time"
+STEPS = ("startup", "background", "interactive", "memory", "backlog", "imports")
 _LINE = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd\n"
 
 
@@ -99,7 +101,7 @@ class Servers:
 class Shim:
     """One configuration of the shim (one relay port, its own queue)."""
 
-    def __init__(self, python: str, home: Path, servers: Servers, port: int):
+    def __init__(self, python: str, home: Path, servers: Servers, port: int, connections: int | None = None):
         info = servers.info
         home.mkdir(parents=True)
         self.python, self.home = python, home
@@ -109,7 +111,8 @@ class Shim:
             f"SMTP_HOST=127.0.0.1\nSMTP_PORT={port}\nSMTP_SECURITY=tls\nSMTP_CA_FILE={info['ca_file']}\n"
             f"SMTP_USER={info['login']}\nSENDMAIL_SHIM_QUEUE_DIR={self.queue_dir}\n"
             f"SENDMAIL_SHIM_CREDENTIALS_FILE={home / 'credentials'}\nSENDMAIL_SHIM_LOG_FILE={home / 'mail.log'}\n"
-            "SENDMAIL_SHIM_SYSLOG=no\nSMTP_TIMEOUT=60\n")
+            "SENDMAIL_SHIM_SYSLOG=no\nSMTP_TIMEOUT=60\n"
+            + (f"SENDMAIL_SHIM_QUEUE_CONNECTIONS={connections}\n" if connections else ""))
         self.env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
                     "SENDMAIL_SHIM_CONFIG": str(config)}
         subprocess.run(self.command("--set-password"), input=info["password"].encode() + b"\n",
@@ -376,7 +379,7 @@ def machine() -> str:
             f"kernel {platform.release()}")
 
 
-def markdown(rows: list[Row], imports, import_total: int, context: dict) -> str:
+def markdown(rows: list[Row], imports, import_total: float | None, context: dict) -> str:
     mark = {True: "✅ met", False: "❌ missed", None: "—"}
     lines = [
         f"Run {context['date']} on {context['machine']}; load average {context['load_before']} before, "
@@ -388,6 +391,8 @@ def markdown(rows: list[Row], imports, import_total: int, context: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {r.name} | {r.shim} | {r.msmtp} | {r.ratio} | {r.target} | {mark[r.met]} |" for r in rows]
+    if import_total is None:
+        return "\n".join(lines) + "\n"
     lines += ["", f"5. Imports of the `-odb` caller (`python -X importtime`, median of {context['short_runs']} runs): "
               f"{import_total:.1f} ms in all (importtime's own overhead included); the slowest top-level imports:",
               "", "| module | cumulative | self |", "|---|---|---|"]
@@ -438,11 +443,16 @@ def main() -> int:
     parser.add_argument("--big-mb", type=int, default=50, help="size of the big message")
     parser.add_argument("--delay", type=float, default=0.2, help="seconds added to every relay reply")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the table and chart go")
+    parser.add_argument("--queue-connections", type=int, default=None,
+                        help="SENDMAIL_SHIM_QUEUE_CONNECTIONS for the backlog (default: the shim's default)")
+    parser.add_argument("--only", action="append", choices=STEPS,
+                        help="run only this measurement (repeatable); default: all")
     args = parser.parse_args()
     if args.smoke:
         args.runs, args.short_runs, args.backlog, args.msmtp_sample, args.big_mb = 2, 3, 5, 2, 2
         if args.out == RESULTS:
             args.out = Path(tempfile.gettempdir()) / "sendmail-shim-bench-smoke"
+    selected = set(args.only or STEPS)
     python = args.python or default_python()
     msmtp_binary, msmtp_version = ensure_tools()
     if not os.path.exists(GNU_TIME):
@@ -461,20 +471,27 @@ def main() -> int:
         try:
             info = servers.info
             near, far = info["port"], info["delayed_port"]
-            shim_near, shim_far = Shim(python, work / "shim-near", servers, near), Shim(python, work / "shim-far", servers, far)
+            shim_near = Shim(python, work / "shim-near", servers, near)
+            shim_far = Shim(python, work / "shim-far", servers, far, args.queue_connections)
             msmtp_near = Msmtp(msmtp_binary, work / "msmtp-near", servers, near) if msmtp_binary else None
             msmtp_far = Msmtp(msmtp_binary, work / "msmtp-far", servers, far) if msmtp_binary else None
             rows = []
-            for title, step in (
-                ("start-up", lambda: [bench_startup(args, shim_near, msmtp_near)]),
-                ("1. -odb through the 200 ms relay", lambda: [bench_background(args, servers, shim_far, msmtp_far, message)]),
-                ("2. -odi on loopback", lambda: [bench_interactive(args, servers, shim_near, msmtp_near, message)]),
-                (f"3. peak RSS, {args.big_mb} MB", lambda: bench_memory(args, servers, shim_near, msmtp_near, work)),
-                (f"4. backlog of {args.backlog}", lambda: [bench_backlog(args, servers, shim_far, msmtp_far, message)]),
+            for key, title, step in (
+                ("startup", "start-up", lambda: [bench_startup(args, shim_near, msmtp_near)]),
+                ("background", "1. -odb through the 200 ms relay",
+                 lambda: [bench_background(args, servers, shim_far, msmtp_far, message)]),
+                ("interactive", "2. -odi on loopback",
+                 lambda: [bench_interactive(args, servers, shim_near, msmtp_near, message)]),
+                ("memory", f"3. peak RSS, {args.big_mb} MB", lambda: bench_memory(args, servers, shim_near, msmtp_near, work)),
+                ("backlog", f"4. backlog of {args.backlog}",
+                 lambda: [bench_backlog(args, servers, shim_far, msmtp_far, message)]),
             ):
-                print(f"bench: {title} …", flush=True)
-                rows += step()
-            imports, import_total = import_profile(shim_near, message, args.short_runs, top=12)
+                if key in selected:
+                    print(f"bench: {title} …", flush=True)
+                    rows += step()
+            imports, import_total = [], None
+            if "imports" in selected:
+                imports, import_total = import_profile(shim_near, message, args.short_runs, top=12)
         finally:
             servers.close()
     context["load_after"] = f"{os.getloadavg()[0]:.2f}"

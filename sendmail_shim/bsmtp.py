@@ -220,8 +220,6 @@ def _check_mail_parameters(parameters: list[str]) -> str | None:
 def _discard_unwritten(stdout) -> None:
     """Point a broken stdout at /dev/null: the buffered reply left in it would otherwise fail
     again when Python flushes at exit, printing a traceback and exiting 120."""
-    import os
-
     try:
         fd = stdout.fileno()
     except (AttributeError, OSError, ValueError):

@@ -26,6 +26,7 @@ SERVICE_USER = "sendmail-shim"
 SECURITIES = ("tls", "starttls", "none")
 FROM_POLICIES = ("rewrite", "reject")
 DELIVERY_MODES = ("background", "interactive", "queue", "direct")
+MAX_QUEUE_CONNECTIONS = 32
 
 # Every key a config file or the environment may set, with its documentation line (README).
 KEYS = {
@@ -53,6 +54,8 @@ KEYS = {
     "SENDMAIL_SHIM_DELIVERY": "background (default), interactive, queue or direct",
     "SENDMAIL_SHIM_QUEUE_DIR": "queue directory",
     "SENDMAIL_SHIM_MAX_QUEUE_AGE": "give up on a message after this long (default 5d)",
+    "SENDMAIL_SHIM_QUEUE_CONNECTIONS": "connections a queue run delivers over in parallel (default 4; "
+                                       "1 for providers that limit them, such as 163 and QQ)",
     "SENDMAIL_SHIM_BOUNCE_TO": "address that receives failure reports (default: the sender)",
 }
 
@@ -91,6 +94,7 @@ class Config:
     delivery: str = "background"
     queue_dir: str = SYSTEM_QUEUE
     max_queue_age: float = 5 * 86400.0
+    queue_connections: int = 4
     bounce_to: str | None = None
     sources: tuple[str, ...] = ()
 
@@ -111,7 +115,8 @@ class Config:
             "provider", "host", "port", "security", "user", "from_address", "from_policy",
             "allow_plaintext_auth", "ca_file", "tls_fingerprint", "tls_verify", "helo",
             "timeout", "connect_timeout", "deadline", "keyring_backend", "credentials_file",
-            "log_file", "syslog", "delivery", "queue_dir", "max_queue_age", "bounce_to",
+            "log_file", "syslog", "delivery", "queue_dir", "max_queue_age", "queue_connections",
+            "bounce_to",
         ):
             shown[name] = str(getattr(self, name))
         shown["aliases"] = ",".join(f"{k}:{v}" for k, v in self.aliases.items())
@@ -271,6 +276,7 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = ()) -> Con
         delivery=delivery,
         queue_dir=get("SENDMAIL_SHIM_QUEUE_DIR") or default_queue_dir(environ, sources),
         max_queue_age=_seconds(values, "SENDMAIL_SHIM_MAX_QUEUE_AGE", 5 * 86400.0),
+        queue_connections=_whole(values, "SENDMAIL_SHIM_QUEUE_CONNECTIONS", 4, most=MAX_QUEUE_CONNECTIONS),
         bounce_to=get("SENDMAIL_SHIM_BOUNCE_TO"),
         sources=sources,
     )
@@ -366,6 +372,16 @@ def _seconds(values, key: str, default: float) -> float:
     if number <= 0:
         raise ConfigError(_("{key}={value}: must be positive").format(key=key, value=raw))
     return number * (unit or 1)
+
+
+def _whole(values, key: str, default: int, most: int) -> int:
+    raw = (values.get(key) or "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
+        raise ConfigError(_("{key}={value}: expected a whole number from 1 to {most}").format(
+            key=key, value=raw, most=most))
+    return int(raw)
 
 
 def _number(key: str, raw: str) -> float:

@@ -14,20 +14,22 @@ moved to failed/ otherwise. The connection dying after the whole message went ou
 relay's reply is logged as ``status=ambiguous`` and retried (the recipient may get it twice, as
 with every MTA); so is a crash between the relay's acceptance and the state update on disk.
 
-One connection serves a whole queue run (smtp.Relay sends RSET between messages and pipelines
-when the relay offers PIPELINING). A message is only touched under its lock (`Queue.lock`), so
-concurrent runners and background deliveries never send it twice.
+A queue run delivers over SENDMAIL_SHIM_QUEUE_CONNECTIONS connections in parallel, one worker
+thread each, taking the next due message from a shared list; each connection carries many messages
+(smtp.Relay pipelines RSET, MAIL, RCPT and DATA when the relay offers PIPELINING). The password is
+fetched once per run; a connection that cannot be opened retires its worker while others go on,
+so a refused login costs at most one AUTH per connection. A message is only touched under its
+lock (`Queue.lock`), so workers, concurrent runners and background deliveries never send it twice.
 """
 
 import os
-import secrets
 import socket
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, replace
-from email.utils import make_msgid
 from typing import Callable
 
-from . import bounce
 from .envelope import Envelope
 from .errors import DataError, ShimError, SMTPFailure
 from .queue import Queue, QueuedMessage, crash_point, next_attempt_after
@@ -78,11 +80,13 @@ class Selector:
 def run_queue(config, queue: Queue, *, log, selector: Selector | None = None,
               progress: Callable[[int, int, str], None] | None = None, password=None,
               transcript: Callable[[str], None] | None = None) -> RunStats:
-    """``-q``: take in maildrop/, then try every due (or selected) message over one connection.
+    """``-q``: take in maildrop/, then try every due (or selected) message, over up to
+    SENDMAIL_SHIM_QUEUE_CONNECTIONS connections in parallel.
 
-    `progress(done, total, line)` is called after each message with its log line. `password` (a
-    Secret) skips the credential lookup. Raises PolicyError when this user may not run the
-    queue and ConfigError when no sender is configured; delivery problems are only counted.
+    `progress(done, total, line)` is called after each message with its log line (from one thread
+    at a time). `password` (a Secret) skips the credential lookup. Raises PolicyError when this
+    user may not run the queue and ConfigError when no sender is configured; delivery problems
+    are only counted.
     """
     config.require_sender()
     queue.ensure()
@@ -90,33 +94,110 @@ def run_queue(config, queue: Queue, *, log, selector: Selector | None = None,
     stats = RunStats()
     queue.clean_tmp()
     _pick_up(config, queue, log, stats)
-    work = queue.ids()
-    session = _Session(config, password, transcript)
-    try:
-        for done, msg_id in enumerate(work, 1):
-            try:
-                with queue.lock(msg_id) as message:
-                    if message is None:
-                        stats.busy += 1
-                        continue
-                    if selector and not selector.matches(message):
-                        continue
-                    if not selector and message.next_attempt > time.time():
-                        continue
-                    crash_point("deliver-locked")
-                    attempt = _Attempt(config, queue, session, log, interactive=False)
-                    outcome = attempt.run(message)
-            except DataError as exc:  # a damaged envelope.json: kept for the administrator
-                log.record(msg_id, status="deferred", reply=str(exc))
-                continue
-            _count(stats, outcome)
-            stats.bounces += len(attempt.bounces)
-            work.extend(attempt.bounces)  # reports go out in the same run, over the same connection
-            if progress:
-                progress(done, len(work), attempt.last_line)
-    finally:
-        session.close()
+    run = _Run(config, queue, log, stats, selector, progress)
+    password = _Password(config, password)
+    sessions = [_Session(config, password, _numbered(transcript, n) if transcript and run.workers > 1 else transcript)
+                for n in range(1, run.workers + 1)]
+    threads = [threading.Thread(target=run.work, args=(session,), name=f"sendmail-shim queue {n}", daemon=True)
+               for n, session in enumerate(sessions[1:], 2)]  # daemons: ^C ends the run at once
+    for thread in threads:
+        thread.start()
+    if sessions:
+        run.work(sessions[0])
+    for thread in threads:
+        thread.join()
+    if run.error:
+        raise run.error
     return stats
+
+
+def _numbered(transcript: Callable[[str], None], n: int) -> Callable[[str], None]:
+    return lambda line: transcript(f"[{n}] {line}")
+
+
+class _Run:
+    """What the workers of a queue run share: the due messages not taken yet and the counts,
+    behind one lock."""
+
+    def __init__(self, config, queue: Queue, log, stats: RunStats, selector, progress):
+        self.config, self.queue, self.log, self.stats = config, queue, log, stats
+        self.selector, self.progress = selector, progress
+        self.lock = threading.Lock()
+        self.todo = deque(msg_id for msg_id in queue.ids() if self._wanted(msg_id))
+        self.done, self.total = 0, len(self.todo)
+        self.workers = min(config.queue_connections, len(self.todo))  # still taking messages
+        self.error: Exception | None = None
+
+    def _wanted(self, msg_id: str) -> bool:
+        try:
+            message = self.queue.load(msg_id)
+        except DataError as exc:  # a damaged envelope.json: kept for the administrator
+            self.log.record(msg_id, status="deferred", reply=str(exc))
+            return False
+        return message is not None and self.due(message)
+
+    def due(self, message: QueuedMessage) -> bool:
+        """Selected messages are tried whatever their next-attempt time (as Postfix's flush)."""
+        if self.selector:
+            return self.selector.matches(message)
+        return message.next_attempt <= time.time()
+
+    def work(self, session: "_Session") -> None:
+        """One worker: messages over its own connection until none is left."""
+        try:
+            while (msg_id := self._take()) is not None and self._usable(session, msg_id):
+                self._deliver(msg_id, session)
+        except Exception as exc:  # the run stops; run_queue raises it
+            with self.lock:
+                self.error = self.error or exc
+                self.todo.clear()
+        finally:
+            session.close()
+
+    def _usable(self, session: "_Session", msg_id: str) -> bool:
+        """Whether to go on over this connection. When it cannot be opened and other workers are
+        still going, the message goes back to them untouched and this worker stops; the last
+        worker goes on, and defers what is left with the reason."""
+        try:
+            session.connect()
+            return True
+        except ShimError:
+            with self.lock:
+                if self.workers == 1:
+                    return True
+                self.workers -= 1
+                self.todo.appendleft(msg_id)
+                return False
+
+    def _take(self) -> str | None:
+        with self.lock:
+            if self.todo:
+                return self.todo.popleft()
+            self.workers -= 1
+            return None
+
+    def _deliver(self, msg_id: str, session: "_Session") -> None:
+        attempt = _Attempt(self.config, self.queue, session, self.log, interactive=False)
+        outcome, busy = None, False
+        try:
+            with self.queue.lock(msg_id) as message:
+                busy = message is None
+                if message is not None and self.due(message):  # still: another process may have tried it
+                    crash_point("deliver-locked")
+                    outcome = attempt.run(message)
+        except DataError as exc:  # a damaged envelope.json: kept for the administrator
+            self.log.record(msg_id, status="deferred", reply=str(exc))
+        with self.lock:
+            self.done += 1
+            self.stats.busy += busy
+            if outcome is None:
+                return
+            _count(self.stats, outcome)
+            self.stats.bounces += len(attempt.bounces)
+            self.todo.extend(attempt.bounces)  # reports go out in the same run
+            self.total += len(attempt.bounces)
+            if self.progress:
+                self.progress(self.done, self.total, attempt.last_line)
 
 
 def deliver_now(config, queue: Queue, msg_id: str, *, log, password=None,
@@ -129,7 +210,7 @@ def deliver_now(config, queue: Queue, msg_id: str, *, log, password=None,
     queue run would (bounce, failed/).
     """
     config.require_sender()
-    session = _Session(config, password, transcript)
+    session = _Session(config, _Password(config, password), transcript)
     try:
         with queue.lock(msg_id) as message:
             if message is None:
@@ -249,11 +330,34 @@ def _optional_text(fields: dict, key: str, limit: int) -> str | None:
 # -- one attempt -------------------------------------------------------------------------------
 
 
-class _Session:
-    """The relay connection of a run: opened on first use, reopened after a broken transaction;
-    when opening fails, every later message of the run is deferred with the same reason."""
+class _Password:
+    """The password of a run, for all its connections: fetched once, on the first AUTH (after
+    TLS is up); a failure to get it is remembered too."""
 
-    def __init__(self, config, password, transcript):
+    def __init__(self, config, secret=None):
+        self.config = config
+        self._secret, self._error = secret, None
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        with self._lock:
+            if self._secret is None and self._error is None:
+                from . import credentials
+
+                try:
+                    self._secret = credentials.get_password(self.config)
+                except ShimError as exc:
+                    self._error = exc
+            if self._error:
+                raise self._error
+            return self._secret
+
+
+class _Session:
+    """One relay connection of a run: opened on first use, reopened after a broken transaction;
+    when opening fails, every later message over it is deferred with the same reason."""
+
+    def __init__(self, config, password: _Password, transcript):
         self.config = config
         self.transcript = transcript
         self._password = password
@@ -266,7 +370,7 @@ class _Session:
         if self.down:
             raise self.down
         if self.relay is None:
-            relay = Relay(self.config, self._get_password, transcript=self.transcript)
+            relay = Relay(self.config, self._password, transcript=self.transcript)
             try:
                 relay.open()
             except ShimError as exc:
@@ -274,13 +378,6 @@ class _Session:
                 raise
             self.relay = relay
         return self.relay
-
-    def _get_password(self):
-        if self._password is None:
-            from . import credentials
-
-            self._password = credentials.get_password(self.config)
-        return self._password
 
     def close(self) -> None:
         relay, self.relay = self.relay, None
@@ -388,6 +485,11 @@ class _Attempt:
         return Outcome(message.id, status, error, kept)
 
     def _bounce(self, message: QueuedMessage, failed, now: float, expired: bool) -> str:
+        import secrets  # here, not at the top: every -odb caller imports this module
+        from email.utils import make_msgid
+
+        from . import bounce
+
         config, env = self.config, message.envelope
         hostname = socket.gethostname()
         to = bounce.recipient_for(config.bounce_to, env.requested_sender, config.sender,

@@ -395,14 +395,17 @@ class Relay:
         mail, rcpts, smtputf8 = self._commands(envelope, warnings)
         pipelined = "pipelining" in self.features
         with self._at("mail"):
-            self._reset()
-            self._dirty = True
-            if smtputf8:
-                self._wire.command_encoding = "utf-8"
-            if pipelined:  # RFC 2920: MAIL, every RCPT and DATA in one write, replies in order
-                self._wire.putcmds([mail, *rcpts, "DATA"])
+            if pipelined:  # RFC 2920: [RSET,] MAIL, every RCPT and DATA in one write, replies in order
+                reset, self._dirty = self._dirty, True
+                self._wire.command_encoding = "utf-8" if smtputf8 else "ascii"
+                self._wire.putcmds(["RSET"] * reset + [mail, *rcpts, "DATA"])
+                if reset:
+                    self._check_reset(*self._wire.getreply())
                 replies = [self._wire.getreply() for _ in range(len(rcpts) + 2)]
             else:
+                self._reset()
+                self._dirty = True
+                self._wire.command_encoding = "utf-8" if smtputf8 else "ascii"
                 replies = [self._wire.docmd(mail)]
         mail_reply, data_reply = replies[0], replies[-1] if pipelined else None
         if not 200 <= mail_reply[0] < 300:
@@ -490,11 +493,16 @@ class Relay:
     def _reset(self) -> None:
         """RSET between transactions, so one connection can carry many messages."""
         if self._dirty:
-            code, text = self._wire.docmd("RSET")
-            if code != 250:
-                raise self._failure(code, text, "rset")
+            self._check_reset(*self._wire.docmd("RSET"))
             self._wire.command_encoding = "ascii"
             self._dirty = False
+
+    def _check_reset(self, code: int, text) -> None:
+        """A refused RSET leaves the session in an unknown state (and, pipelined, replies unread):
+        the connection is not reused."""
+        if code != 250:
+            self._broken = True
+            raise self._failure(code, text, "rset")
 
     def _abandon(self, data_reply: tuple[int, bytes] | None = None) -> None:
         """After a failed MAIL, RCPT or DATA: end a DATA that a broken pipelining server accepted,

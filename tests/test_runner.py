@@ -197,12 +197,67 @@ def test_relay_down_then_up(relay, site_factory):
 @pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelining"])
 def test_one_connection_serves_the_whole_run(relay_factory, site_factory, pipelining):
     relay = relay_factory(security="tls", pipelining=pipelining)
-    site = site_factory(relay)
+    site = site_factory(relay, SENDMAIL_SHIM_QUEUE_CONNECTIONS="1")
     ids = [site.submit(f"r{i}@example.org")[1] for i in range(3)]
     assert site.run().sent == 3
     assert received(relay) == dict.fromkeys(ids, 1)
     verbs = [c.split(" ")[0].upper() for c in relay.commands]
     assert verbs.count("EHLO") == 1 and verbs.count("AUTH") == 1 and verbs.count("RSET") == 2
+
+
+def counting_password(site: Site) -> Path:
+    """Make the password command note each run in a file; returns that file."""
+    runs = site.base / "password-runs"
+    site.config = replace(site.config, password_command=f"echo x >> {runs}; cat {site.password_file}")
+    return runs
+
+
+def verbs(relay) -> list[str]:
+    return [c.split(" ")[0].upper() for c in relay.commands]
+
+
+def test_parallel_connections_deliver_each_message_once(relay_factory, site_factory):
+    relay = relay_factory(security="tls", pipelining=True)
+    site = site_factory(relay, SENDMAIL_SHIM_QUEUE_CONNECTIONS="3")
+    runs = counting_password(site)
+    ids = [site.submit(f"r{i}@example.org")[1] for i in range(30)]
+    calls = []
+    stats = site.run(progress=lambda done, total, line: calls.append((done, total, line)))
+    assert (stats.sent, stats.deferred, stats.failed, stats.busy) == (30, 0, 0, 0)
+    assert received(relay) == dict.fromkeys(ids, 1) and site.queue.ids() == []
+    assert verbs(relay).count("EHLO") >= 2  # one per connection (implicit TLS: no second EHLO)
+    assert verbs(relay).count("EHLO") == verbs(relay).count("AUTH") <= 3
+    assert runs.read_text() == "x\n"  # the password was fetched once for all connections
+    assert sorted(done for done, _, _ in calls) == list(range(1, 31)) and {t for _, t, _ in calls} == {30}
+    assert site.log_text().count("status=sent") == 30
+
+
+def test_parallel_run_settles_each_failure_like_a_serial_one(relay_factory, site_factory):
+    relay = relay_factory(security="tls", pipelining=True)
+    relay.refuse["bad@example.org"] = "550 5.1.1 no such user"
+    relay.refuse["later@example.org"] = "451 4.3.0 try again later"
+    site = site_factory(relay, SENDMAIL_SHIM_QUEUE_CONNECTIONS="3")
+    good = [site.submit(f"r{i}@example.org") for i in range(6)]
+    bad, _ = site.submit("bad@example.org")
+    later, _ = site.submit("later@example.org")
+    stats = site.run()
+    assert (stats.sent, stats.failed, stats.deferred, stats.bounces) == (7, 1, 1, 1)  # 6 + the report
+    assert site.queue.failed_ids() == [bad] and site.queue.ids() == [later]
+    assert len(relay.messages) == 7 and all(received(relay)[message_id] == 1 for _, message_id in good)
+    (report,) = [m for m in relay.messages if m.rcpt_tos == [RELAY_LOGIN]]
+    assert "bad@example.org" in report.data.decode() and "later@example.org" not in report.data.decode()
+
+
+def test_refused_login_costs_one_auth_per_connection_at_most(relay_factory, site_factory):
+    relay = relay_factory(security="tls", pipelining=True)
+    site = site_factory(relay, password="wrong", SENDMAIL_SHIM_QUEUE_CONNECTIONS="3")
+    runs = counting_password(site)
+    ids = sorted(site.submit(f"r{i}@example.org")[0] for i in range(12))
+    stats = site.run()
+    assert (stats.deferred, stats.sent) == (12, 0) and site.queue.ids() == ids
+    assert 1 <= verbs(relay).count("AUTH") <= 3 and relay.messages == []
+    assert runs.read_text() == "x\n"
+    assert site.log_text().count("status=deferred (535") == 12
 
 
 def test_temporary_failure_then_success(site, relay):

@@ -348,6 +348,34 @@ def test_one_connection_carries_several_messages(relay, session):
     assert verbs[verbs.index("DATA"):] == ["DATA", "RSET", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
 
 
+def test_rset_travels_in_the_next_pipelined_group(relay_factory, session):
+    server = relay_factory(security="tls", pipelining=True)
+    shim = session(server)
+    envelope = Envelope(sender=RELAY_LOGIN, recipients=["bob@example.test"], size=len(BODY))
+    with shim.relay as connection:
+        connection.send(envelope, io.BytesIO(BODY))
+        connection.send(envelope, io.BytesIO(b"second\r\n"))
+    assert [m.data for m in server.messages] == [BODY, b"second\r\n"]
+    start = shim.transcript.index("C: RSET")  # one write: no reply read before DATA is sent
+    assert [line.split(" ")[1] for line in shim.transcript[start:start + 4]] == ["RSET", "MAIL", "RCPT", "DATA"]
+    verbs = [line.split(" ")[0].upper() for line in server.commands]
+    assert verbs[verbs.index("DATA"):] == ["DATA", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+
+
+def test_refused_pipelined_rset_retires_the_connection(relay_factory, session):
+    server = relay_factory(security="tls", pipelining=True)
+    server.reply_at["rset"] = "421 4.3.2 shutting down"
+    envelope = Envelope(sender=RELAY_LOGIN, recipients=["bob@example.test"], size=len(BODY))
+    with session(server).relay as connection:
+        connection.send(envelope, io.BytesIO(BODY))
+        with pytest.raises(SMTPFailure) as caught:
+            connection.send(envelope, io.BytesIO(b"second\r\n"))
+        assert (caught.value.stage, caught.value.code) == ("rset", 421)
+        with pytest.raises(TempFail, match="no longer usable"):
+            connection.send(envelope, io.BytesIO(b"third\r\n"))
+    assert [m.data for m in server.messages] == [BODY]
+
+
 def test_verify_sender(relay, session):
     shim = session(relay)
     with shim.relay as connection:
