@@ -234,9 +234,16 @@ def deliver_in_background(config, queue: Queue, msg_id: str, *, log) -> None:
     child has /dev/null as stdin/stdout/stderr and no other inherited descriptor, so nothing the
     caller reads from stays open.
     """
-    child = os.fork()
+    try:
+        child = os.fork()
+    except OSError as exc:  # the message is queued: the next queue run delivers it
+        log.record(msg_id, status="deferred", reply=f"cannot start the background delivery: {exc.strerror}")
+        return
     if child:
-        os.waitpid(child, 0)  # the middle process exits at once
+        try:
+            os.waitpid(child, 0)  # the middle process exits at once
+        except ChildProcessError:  # the caller ignores SIGCHLD: the child is reaped already
+            pass
         return
     try:
         os.setsid()
@@ -467,14 +474,25 @@ class _Attempt:
                                       f"gave up after {age}; last reply: {message.last_reply or 'none'}")
         return self._settle(message, failed, None, now, expired=True)
 
+    def _caller_reports(self, message: QueuedMessage) -> bool:
+        """-odi: the waiting caller's exit status reports a refusal only when the whole message
+        was refused (nobody took it, nobody may still)."""
+        return self.interactive and not message.pending and not any(r.state == "sent" for r in message.recipients)
+
     def _settle(self, message: QueuedMessage, failed, error, now: float, expired: bool = False) -> Outcome:
-        """Persist the attempt: bounce first (a crash then repeats a report, never loses one)."""
-        if failed and not self.interactive and not message.bounce:
+        """Persist the attempt: bounce first (a crash then repeats a report, never loses one).
+
+        The waiting -odi caller hears a refusal through its exit status only when the whole
+        message was refused; once any recipient took it or still may, the refused ones get a
+        report like in a queue run, so none is forgotten and a retry by the caller sends nobody
+        a second copy."""
+        caller_reports = bool(failed) and self._caller_reports(message)
+        if failed and not caller_reports and not message.bounce:
             self.bounces.append(self._bounce(message, failed, now, expired))
         if message.pending:
             self.queue.save(message)
             status, kept = "deferred", True
-        elif any(r.state == "failed" for r in message.recipients) and not self.interactive:
+        elif any(r.state == "failed" for r in message.recipients) and not caller_reports:
             reason = f"expired after {_duration(now - message.arrival)}" if expired else message.last_reply
             self.queue.fail(message, reason)
             status, kept = "failed", False
@@ -482,7 +500,7 @@ class _Attempt:
             self.queue.finish(message)
             status, kept = ("failed" if failed else "sent"), False
         crash_point("deliver-recorded")
-        return Outcome(message.id, status, error, kept)
+        return Outcome(message.id, status, error if caller_reports or kept else None, kept)
 
     def _bounce(self, message: QueuedMessage, failed, now: float, expired: bool) -> str:
         import secrets  # here, not at the top: every -odb caller imports this module
@@ -516,7 +534,7 @@ class _Attempt:
         group = [r for r in pending if r.state == state]
         if not group:
             return
-        refused = "refused" if self.interactive or message.bounce else "bounced"  # no report sent
+        refused = "refused" if self._caller_reports(message) or message.bounce else "bounced"  # no report
         status = {"sent": "sent", "failed": refused, "pending": "ambiguous" if ambiguous else "deferred"}[state]
         self.last_line = self._record(message, group, status, now, group[0].reply)
 

@@ -384,8 +384,11 @@ class Relay:
 
     # -- mail transactions --------------------------------------------------------------------
 
-    def send(self, envelope, data: BinaryIO) -> SendResult:
-        """Deliver one message (``data`` positioned at its start, CRLF, not dot-stuffed)."""
+    def send(self, envelope, data: BinaryIO, *, all_or_nothing: bool = False) -> SendResult:
+        """Deliver one message (``data`` positioned at its start, CRLF, not dot-stuffed).
+
+        ``all_or_nothing`` (direct mode, which has no queue to retry or bounce from): when any
+        recipient is refused, nobody gets the message and the refusal is raised."""
         if self._broken or not self._wire:
             raise TempFail(_("the connection to {where} is no longer usable; open a new one").format(where=self.where))
         if self._transactions:  # the first one shares its deadline with open()
@@ -418,8 +421,16 @@ class Relay:
             for rcpt, (code, text) in zip(envelope.recipients, rcpt_replies) if not 200 <= code < 300
         }
         accepted = [rcpt for rcpt in envelope.recipients if rcpt not in refused]
+        if refused and accepted and all_or_nothing:
+            if data_reply and data_reply[0] == 354:  # a dot now would deliver: drop the connection
+                self._broken = True
+                self._wire.close()
+            else:
+                self._abandon()
+            accepted = []
         if not accepted:
-            self._abandon(data_reply)
+            if not self._broken:
+                self._abandon(data_reply)
             code, text = min(refused.values())  # a 4xx, if any, for it may go away
             error = self._failure(code, text, "rcpt")
             error.refused = refused

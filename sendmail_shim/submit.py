@@ -123,14 +123,12 @@ def _deliver_direct(opts, config, reader, headers, envelope, log, stderr, enviro
         try:
             with Relay(config, lambda: credentials.get_password(config, environ), transcript=_transcript(opts, stderr),
                        warn=lambda text: print(f"sendmail-shim: warning: {text}", file=stderr)) as relay:
-                result = relay.send(envelope, spool)
+                result = relay.send(envelope, spool, all_or_nothing=True)
         except ShimError as exc:
             status = "refused" if isinstance(exc, SMTPFailure) and exc.permanent else "deferred"
             log.record(msg_id, status=status, delay=time.time() - started, reply=str(exc), **fields)
             raise
     log.record(msg_id, status="sent", delay=time.time() - started, reply=result.reply, **fields)
-    for rcpt, (code, text) in result.refused.items():
-        print(f"sendmail-shim: {rcpt} refused: {code} {text}", file=stderr)
     return msg_id
 
 

@@ -229,3 +229,29 @@ def test_version_and_help_and_newaliases(shim):
     assert shim.run("--version").stdout.startswith(b"sendmail-shim ")
     assert b"usage:" in shim.run("--help").stdout
     assert shim.run("-bi").stdout == b""
+
+
+def test_a_caller_that_ignores_sigchld_still_gets_0_once(shim_factory, relay):
+    """Linux keeps SIG_IGN for SIGCHLD across exec: waiting for the middle child then fails,
+    after the message is queued — the caller must still hear 0, or its retry sends a copy."""
+    import signal
+    import subprocess
+
+    from tests.shim import SHIM, SHIM_PYTHON
+
+    shim = shim_factory(relay)  # background mode
+    proc = subprocess.run([SHIM_PYTHON, str(SHIM), "-t", "-i"], input=PHP_MAIL, capture_output=True,
+                          env=shim.env, preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    assert (proc.returncode, proc.stderr) == (0, b"")
+    assert wait_for(lambda: len(relay.messages) == 1)
+
+
+def test_interactive_partial_refusal_is_reported_by_mail_not_by_exit_status(shim_factory, relay):
+    relay.refuse["gone@example.com"] = "550 5.1.1 no such user"
+    relay.refuse["later@example.com"] = "451 4.3.0 try again"
+    shim = shim_factory(relay, SENDMAIL_SHIM_DELIVERY="interactive")
+    result = shim.run("-i", "gone@example.com", "later@example.com", stdin=b"Subject: partial\n\nx\n")
+    assert "queued for retry" in result.stderr  # later@ is kept; gone@ gets a failure report
+    reports = [m for m in relay.messages if m.rcpt_tos == [relay.login]]
+    assert len(reports) == 1 and b"gone@example.com" in reports[0].data
+    assert any("status=bounced" in line and "gone@example.com" in line for line in shim.log_lines())
