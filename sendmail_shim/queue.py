@@ -797,7 +797,8 @@ def _lstat_uid(path: str) -> int:
 def _locked(path: str):
     """Hold the flock of `path` if it is free: yields True, else False."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO a user planted in maildrop-tmp/ must not hang the runner's open
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
     except FileNotFoundError:
         yield False
         return
@@ -829,5 +830,5 @@ def _abandoned(entry: str, lock_path: str, cutoff: float) -> bool:
     try:
         with _locked(lock_path) as free:
             return free or not os.path.exists(lock_path)  # no data: died before creating it
-    except PermissionError:
-        return True  # not ours to read: only a hostile file is, and it is stale
+    except OSError:
+        return True  # not ours to read, a symlink, a FIFO…: only a hostile entry is, and it is stale

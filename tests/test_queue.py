@@ -166,6 +166,23 @@ def test_clean_tmp_removes_an_unlocked_leftover(queue):
     assert not leftover.exists()
 
 
+def test_clean_tmp_removes_a_planted_fifo_and_symlink_without_hanging(queue, tmp_path):
+    """Anyone may create entries in maildrop-tmp/ (3733): a FIFO there must not block the
+    runner's open forever (no mail would ever be delivered again)."""
+    fifo = Path(queue.droptmp, "planted-fifo")
+    os.mkfifo(fifo)
+    link = Path(queue.droptmp, "planted-link")
+    link.symlink_to(tmp_path / "elsewhere")
+    old = time.time() - 3600
+    for entry in (fifo, link):
+        os.utime(entry, (old, old), follow_symlinks=False)
+    code = "import sys; from sendmail_shim.queue import Queue; print(sorted(Queue(sys.argv[1]).clean_tmp()))"
+    proc = subprocess.run([sys.executable, "-c", code, queue.root], capture_output=True, text=True,
+                          cwd=ROOT, timeout=20)
+    assert proc.stdout.strip() == "['planted-fifo', 'planted-link']", proc.stderr
+    assert os.listdir(queue.droptmp) == []
+
+
 # -- maildrop ----------------------------------------------------------------------------------
 
 
