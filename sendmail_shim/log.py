@@ -63,12 +63,19 @@ class MessageLog:
 
     def record(self, msg_id: str, **fields) -> str:
         line = format_line(msg_id, **fields)
+        self._emit(line)
+        return line
+
+    def warning(self, text: str) -> None:
+        """A line that is not about one message (e.g. TLS verification turned off)."""
+        self._emit(f"warning: {_clean(text)}")
+
+    def _emit(self, line: str) -> None:
         if self.log_file:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             self._append(f"{stamp} sendmail-shim[{os.getpid()}]: {line}\n")
         if self.use_syslog:
             self._syslog(line)
-        return line
 
     def _append(self, text: str) -> None:
         try:

@@ -96,7 +96,8 @@ def run_queue(config, queue: Queue, *, log, selector: Selector | None = None,
     _pick_up(config, queue, log, stats)
     run = _Run(config, queue, log, stats, selector, progress)
     password = _Password(config, password)
-    sessions = [_Session(config, password, _numbered(transcript, n) if transcript and run.workers > 1 else transcript)
+    sessions = [_Session(config, password, _numbered(transcript, n) if transcript and run.workers > 1 else transcript,
+                         log.warning)
                 for n in range(1, run.workers + 1)]
     threads = [threading.Thread(target=run.work, args=(session,), name=f"sendmail-shim queue {n}", daemon=True)
                for n, session in enumerate(sessions[1:], 2)]  # daemons: ^C ends the run at once
@@ -210,7 +211,7 @@ def deliver_now(config, queue: Queue, msg_id: str, *, log, password=None,
     queue run would (bounce, failed/).
     """
     config.require_sender()
-    session = _Session(config, _Password(config, password), transcript)
+    session = _Session(config, _Password(config, password), transcript, log.warning)
     try:
         with queue.lock(msg_id) as message:
             if message is None:
@@ -364,9 +365,10 @@ class _Session:
     """One relay connection of a run: opened on first use, reopened after a broken transaction;
     when opening fails, every later message over it is deferred with the same reason."""
 
-    def __init__(self, config, password: _Password, transcript):
+    def __init__(self, config, password: _Password, transcript, warn):
         self.config = config
         self.transcript = transcript
+        self.warn = warn  # SMTP_TLS_VERIFY=no warns on every use, in the log at least
         self._password = password
         self.relay = None
         self.down: ShimError | None = None
@@ -376,8 +378,10 @@ class _Session:
 
         if self.down:
             raise self.down
+        if self.relay is not None and not self.relay.usable:  # a failed RSET after a refusal
+            self.close()
         if self.relay is None:
-            relay = Relay(self.config, self._password, transcript=self.transcript)
+            relay = Relay(self.config, self._password, transcript=self.transcript, warn=self.warn)
             try:
                 relay.open()
             except ShimError as exc:

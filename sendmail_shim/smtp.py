@@ -384,12 +384,17 @@ class Relay:
 
     # -- mail transactions --------------------------------------------------------------------
 
+    @property
+    def usable(self) -> bool:
+        """Open, and not left in an unknown state by a failed transaction."""
+        return bool(self._wire) and not self._broken
+
     def send(self, envelope, data: BinaryIO, *, all_or_nothing: bool = False) -> SendResult:
         """Deliver one message (``data`` positioned at its start, CRLF, not dot-stuffed).
 
         ``all_or_nothing`` (direct mode, which has no queue to retry or bounce from): when any
         recipient is refused, nobody gets the message and the refusal is raised."""
-        if self._broken or not self._wire:
+        if not self.usable:
             raise TempFail(_("the connection to {where} is no longer usable; open a new one").format(where=self.where))
         if self._transactions:  # the first one shares its deadline with open()
             self._clock.restart()

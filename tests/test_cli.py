@@ -255,3 +255,12 @@ def test_interactive_partial_refusal_is_reported_by_mail_not_by_exit_status(shim
     reports = [m for m in relay.messages if m.rcpt_tos == [relay.login]]
     assert len(reports) == 1 and b"gone@example.com" in reports[0].data
     assert any("status=bounced" in line and "gone@example.com" in line for line in shim.log_lines())
+
+
+def test_tls_verification_off_warns_in_the_log_of_a_queue_run(shim_factory, relay_factory):
+    relay = relay_factory(cert="untrusted")
+    shim = shim_factory(relay, SMTP_TLS_VERIFY="no", SMTP_CA_FILE=None)
+    shim.run("-odq", "-i", "bob@example.com", stdin=b"Subject: unverified\n\nx\n")
+    shim.run("-q")
+    assert len(relay.messages) == 1
+    assert any("warning:" in line and "SMTP_TLS_VERIFY" in line for line in shim.log_lines())
