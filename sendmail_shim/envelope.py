@@ -23,3 +23,25 @@ class Envelope:
     def from_dict(cls, data: dict) -> "Envelope":
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
+
+
+# DSN parameters (RFC 3461), validated the same way for -N/-R/-V and for a maildrop trailer.
+_NOTIFY = {"never", "success", "failure", "delay"}
+
+
+def dsn_notify(value: str) -> str | None:
+    """``failure,delay`` → ``DELAY,FAILURE``; None when it is not a valid NOTIFY list."""
+    words = {w.strip().lower() for w in value.split(",")}
+    if not words <= _NOTIFY or ("never" in words and len(words) > 1):
+        return None
+    return ",".join(sorted(words)).upper()
+
+
+def dsn_ret(value: str) -> str | None:
+    return value.upper() if value.lower() in ("hdrs", "full") else None
+
+
+def envid(value: str) -> str | None:
+    """Printable ASCII without space, '+' or '=' (xtext-safe), at most 100 characters."""
+    ok = value and value.isascii() and value.isprintable() and len(value) <= 100
+    return value if ok and not any(c in value for c in " +=") else None

@@ -9,6 +9,7 @@ recipient: ``sendmail-shim root`` always mails root.
 
 from dataclasses import dataclass, field
 
+from . import envelope as dsn
 from .errors import UsageError
 from .i18n import _
 
@@ -22,7 +23,6 @@ _WITH_ARGUMENT = {"f", "r", "F", "N", "R", "V", "o", "b", "X", "C"} | {k for k, 
 _NO_ARGUMENT = {"t", "i", "v", "I"} | {k for k, v in _IGNORED.items() if not v}
 
 _DELIVERY_FLAGS = {"b": "background", "i": "interactive", "q": "queue", "d": "queue"}
-_DSN_NOTIFY = {"never", "success", "failure", "delay"}
 
 # Long options: name → takes a value.
 LONG_OPTIONS = {
@@ -164,18 +164,17 @@ def _with_argument(opts: Options, letter: str, value: str) -> None:
     elif letter == "b":
         _b_option(opts, value)
     elif letter == "N":
-        words = {w.strip().lower() for w in value.split(",")}
-        if not words <= _DSN_NOTIFY or ("never" in words and len(words) > 1):
+        opts.dsn_notify = dsn.dsn_notify(value)
+        if not opts.dsn_notify:
             raise UsageError(_("-N {value}: expected never, or a list of success, failure, delay").format(value=value))
-        opts.dsn_notify = ",".join(sorted(words)).upper()
     elif letter == "R":
-        if value.lower() not in ("hdrs", "full"):
+        opts.dsn_ret = dsn.dsn_ret(value)
+        if not opts.dsn_ret:
             raise UsageError(_("-R {value}: expected hdrs or full").format(value=value))
-        opts.dsn_ret = value.upper()
     elif letter == "V":
-        if not value or not value.isascii() or not value.isprintable() or " " in value or "+" in value or "=" in value or len(value) > 100:
+        opts.envid = dsn.envid(value)
+        if not opts.envid:
             raise UsageError(_("-V: the envelope id must be printable ASCII without space, '+' or '='"))
-        opts.envid = value
 
 
 def _o_option(opts: Options, value: str) -> None:

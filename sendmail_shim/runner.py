@@ -30,11 +30,11 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from . import envelope as dsn
 from .envelope import Envelope
 from .errors import DataError, ShimError, SMTPFailure
 from .queue import Queue, QueuedMessage, crash_point, next_attempt_after
 
-_DSN_NOTIFY = {"never", "success", "failure", "delay"}
 _MAX_RECIPIENTS = 1000
 
 
@@ -315,14 +315,11 @@ def accept_drop(config, fields: dict, data, out) -> Envelope:
     out.write(headers)
     body = reader.copy_body(out)
     envelope = message.complete_envelope(envelope, headers, body)
-    notify = _optional_text(fields, "dsn_notify", 40)
-    if notify and not set(notify.lower().split(",")) <= _DSN_NOTIFY:
-        raise DataError("bad DSN NOTIFY")
-    ret = _optional_text(fields, "dsn_ret", 4)
-    if ret and ret.lower() not in ("hdrs", "full"):
-        raise DataError("bad DSN RET")
-    envelope.dsn_notify, envelope.dsn_ret = notify, ret
-    envelope.envid = _optional_text(fields, "envid", 100)
+    for key, validate in (("dsn_notify", dsn.dsn_notify), ("dsn_ret", dsn.dsn_ret), ("envid", dsn.envid)):
+        value = _optional_text(fields, key, 100)
+        if value is not None and not validate(value):
+            raise DataError(f"bad {key}")
+        setattr(envelope, key, value and validate(value))
     return envelope
 
 

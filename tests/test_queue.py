@@ -224,7 +224,7 @@ def test_pickup_applies_the_sender_policy_again(queue):
     message = queue.load(msg_id)
     stored = email.message_from_bytes(Path(message.data_path).read_bytes())
     assert message.envelope.sender == LOGIN and not message.envelope.smtputf8
-    assert message.envelope.dsn_notify == "never"
+    assert message.envelope.dsn_notify == "NEVER"  # normalised like -N
     assert LOGIN in stored["From"] and stored["Bcc"] is None
     assert message.envelope.size == os.path.getsize(message.data_path)
 
