@@ -68,7 +68,7 @@ def _test_message(config, to: str):
     body = b"This message was sent by sendmail-shim --check.\r\n"
     headers, envelope = message.prepare(
         head, extract_recipients=True, argv_recipients=[], requested_sender=None,
-        policy=message.HeaderPolicy(sender=config.sender, aliases=config.aliases),
+        policy=message.HeaderPolicy.from_config(config),
     )
     data = headers + body
     envelope.size = len(data)

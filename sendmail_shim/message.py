@@ -226,6 +226,13 @@ class HeaderPolicy:
     local_hostname: str = ""  # this machine's host name, for user@<this host>
     full_name: str | None = None  # -F
 
+    @classmethod
+    def from_config(cls, config, full_name: str | None = None) -> "HeaderPolicy":
+        import socket
+
+        return cls(sender=config.require_sender(), from_policy=config.from_policy,
+                   aliases=config.aliases, local_hostname=socket.gethostname(), full_name=full_name)
+
 
 @dataclass(frozen=True)
 class _Field:
@@ -287,6 +294,12 @@ def prepare(
         message_id=message_id,
     )
     return b"".join(f.raw for f in fields) + b"\r\n", envelope
+
+
+def write(out: BinaryIO, reader: MessageReader, headers: bytes, envelope: Envelope) -> Envelope:
+    """The new header block, then the rest of the input, to `out`; the completed envelope."""
+    out.write(headers)
+    return complete_envelope(envelope, headers, reader.copy_body(out))
 
 
 def complete_envelope(envelope: Envelope, header_block: bytes, body: BodyInfo) -> Envelope:

@@ -49,7 +49,6 @@ MAX_DROP_SIZE = 64 << 20  # larger than any provider accepts
 MAX_TRAILER = 64 << 10
 TMP_GRACE = 60.0  # seconds an unlocked temporary entry is left alone (its writer may be starting)
 MIN_BACKOFF, MAX_BACKOFF = 60.0, 3600.0
-STATES = ("pending", "sent", "failed")
 
 
 def crash_point(step: str) -> None:

@@ -309,12 +309,9 @@ def accept_drop(config, fields: dict, data, out) -> Envelope:
     header_block = reader.read_header_block()
     headers, envelope = message.prepare(
         header_block, extract_recipients=False, argv_recipients=recipients, requested_sender=requested,
-        policy=message.HeaderPolicy(sender=config.sender, from_policy=config.from_policy,
-                                    aliases=config.aliases, local_hostname=socket.gethostname()),
+        policy=message.HeaderPolicy.from_config(config),
     )
-    out.write(headers)
-    body = reader.copy_body(out)
-    envelope = message.complete_envelope(envelope, headers, body)
+    envelope = message.write(out, reader, headers, envelope)
     for key, validate in (("dsn_notify", dsn.dsn_notify), ("dsn_ret", dsn.dsn_ret), ("envid", dsn.envid)):
         value = _optional_text(fields, key, 100)
         if value is not None and not validate(value):
@@ -461,7 +458,7 @@ class _Attempt:
         verdicts = {a: ("sent", result.reply) for a in result.accepted}
         verdicts.update({a: _verdict(code, text) for a, (code, text) in result.refused.items()})
         # what the -odi caller hears about: a permanent refusal first, else a temporary one
-        refusals = sorted(result.refused.items(), key=lambda item: not _permanent(item[1][0]))
+        refusals = sorted(result.refused.items(), key=lambda item: not 500 <= item[1][0] < 600)
         error = next((SMTPFailure(code, f"{text} <{a}>", "rcpt") for a, (code, text) in refusals), None)
         return verdicts, error, False
 
@@ -550,11 +547,7 @@ class _Attempt:
 
 
 def _verdict(code: int, text: str) -> tuple[str, str]:
-    return ("failed" if _permanent(code) else "pending"), f"{code} {text}"
-
-
-def _permanent(code: int) -> bool:
-    return 500 <= code < 600
+    return ("failed" if 500 <= code < 600 else "pending"), f"{code} {text}"
 
 
 def _reply_text(error: ShimError) -> str:

@@ -6,7 +6,6 @@ ends in a non-zero exit, so a message is never dropped.
 """
 
 import contextlib
-import socket
 import time
 
 from . import message
@@ -27,7 +26,7 @@ def accept(reader, opts, config, stderr, environ) -> str:
     Returns only once the message is durably queued or delivered; raises a ShimError otherwise.
     """
     started = time.time()
-    config.require_sender()
+    policy = message.HeaderPolicy.from_config(config, opts.full_name)
     with _draining(reader):
         header_block = reader.read_header_block()
         headers, envelope = message.prepare(
@@ -35,13 +34,7 @@ def accept(reader, opts, config, stderr, environ) -> str:
             extract_recipients=opts.extract_recipients,
             argv_recipients=opts.recipients,
             requested_sender=opts.sender,
-            policy=message.HeaderPolicy(
-                sender=config.sender,
-                from_policy=config.from_policy,
-                aliases=config.aliases,
-                local_hostname=socket.gethostname(),
-                full_name=opts.full_name,
-            ),
+            policy=policy,
         )
     envelope.dsn_notify, envelope.dsn_ret, envelope.envid = opts.dsn_notify, opts.dsn_ret, opts.envid
     log = MessageLog.from_config(config)
@@ -63,11 +56,10 @@ def _draining(reader):
 
 def _write(out, reader, headers: bytes, envelope):
     """Spool the message to `out`; returns the envelope completed with size and 8-bit flag."""
-    out.write(headers)
     with _draining(reader):
-        body = reader.copy_body(out)
+        envelope = message.write(out, reader, headers, envelope)
     out.flush()
-    return message.complete_envelope(envelope, headers, body)
+    return envelope
 
 
 def _enqueue(opts, config, mode, reader, headers, envelope, log, stderr, environ) -> str:
