@@ -322,6 +322,7 @@ def uses_system_paths(environ, sources: tuple[str, ...] = ()) -> bool:
     return SYSTEM_CONFIG in sources
 
 
+@functools.cache  # asked for the queue and the credential file: one NSS lookup, not two
 def _is_system_user() -> bool:
     if os.geteuid() == 0:
         return True
