@@ -2,7 +2,9 @@
 
 The report has the three parts RFC 3464 §2 and RFC 6522 describe: a human-readable notice, a
 ``message/delivery-status`` part with one block per failed recipient, and the headers of the
-original message (``text/rfc822-headers``). Its envelope sender is the login (the relay accepts
+original message (``text/rfc822-headers``). A message refused before it had recipients (a
+maildrop request the header policy refused, see drop.py) gets a ``multipart/mixed`` notice with
+the reason and the headers instead: delivery-status needs at least one recipient. Its envelope sender is the login (the relay accepts
 no other), so it is marked as a bounce in the queue instead of with ``MAIL FROM:<>``; a bounce is
 never bounced.
 """
@@ -74,9 +76,12 @@ def build(
     message_id: str,
     boundary: str,
     now: float,
+    refusal: str | None = None,
 ) -> bytes:
-    """The report as CRLF bytes. `sender` is the login (From: and the envelope sender)."""
-    global_ = not all(f.recipient.isascii() for f in failures)
+    """The report as CRLF bytes. `sender` is the login (From: and the envelope sender).
+    `refusal` (with no `failures`): why the message was not accepted at all."""
+    content_type = ("multipart/mixed" if refusal is not None
+                    else "multipart/report; report-type=delivery-status")
     lines = [
         f"From: Mail Delivery System <{sender}>",
         f"To: <{to}>",
@@ -85,7 +90,7 @@ def build(
         f"Message-ID: {message_id}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        f'Content-Type: {content_type}; boundary="{boundary}"',
         "",
         "This is a MIME-encapsulated message.",
         "",
@@ -96,14 +101,34 @@ def build(
         "",
         f"This is the mail system (sendmail-shim) at {reporting_mta}.",
         "",
-        "Your message could not be delivered to one or more recipients.",
-        "It is attached below (headers only).",
-        "",
     ]
+    if refusal is not None:
+        lines += [f"Your message (queue ID {queue_id}) was not accepted for delivery:", "", _clean(refusal), "",
+                  "It is attached below (headers only)."]
+    else:
+        lines += ["Your message could not be delivered to one or more recipients.",
+                  "It is attached below (headers only).", ""]
     for failure in failures:
         how = "gave up after retrying" if failure.expired else "refused"
         lines.append(f"<{failure.recipient}>: {how}: {_clean(failure.reply)}")
+    if refusal is None:
+        lines += _status_part(failures, boundary, queue_id, arrival, reporting_mta, remote_mta, now)
     lines += [
+        "",
+        f"--{boundary}",
+        "Content-Description: Undelivered Message Headers",
+        "Content-Type: text/rfc822-headers",
+        "",
+    ]
+    head = ("\r\n".join(lines) + "\r\n").encode("utf-8")
+    headers = original_headers.rstrip(b"\r\n")
+    return head + headers + (b"\r\n" if headers else b"") + f"\r\n--{boundary}--\r\n".encode()
+
+
+def _status_part(failures, boundary, queue_id, arrival, reporting_mta, remote_mta, now) -> list[str]:
+    """The message/delivery-status part: one block per failed recipient."""
+    global_ = not all(f.recipient.isascii() for f in failures)
+    lines = [
         "",
         f"--{boundary}",
         "Content-Description: Delivery report",
@@ -122,16 +147,7 @@ def build(
         if _REPLY.match(failure.reply):
             lines.append(f"Diagnostic-Code: smtp; {_clean(failure.reply)}")
         lines.append(f"Last-Attempt-Date: {formatdate(now, localtime=True)}")
-    lines += [
-        "",
-        f"--{boundary}",
-        "Content-Description: Undelivered Message Headers",
-        "Content-Type: text/rfc822-headers",
-        "",
-    ]
-    head = ("\r\n".join(lines) + "\r\n").encode("utf-8")
-    headers = original_headers.rstrip(b"\r\n")
-    return head + headers + (b"\r\n" if headers else b"") + f"\r\n--{boundary}--\r\n".encode()
+    return lines
 
 
 def _clean(text: str) -> str:

@@ -10,7 +10,7 @@ import os
 import socket
 import tempfile
 
-from . import message, submit
+from . import message, reader, submit
 from .errors import (
     EX_OK, ConfigError, DataError, PolicyError, SMTPFailure, ShimError, TempFail, UsageError,
 )
@@ -159,7 +159,7 @@ class Session:
             sender=self.mail_from or None, dot_ends=False,
         )
         try:
-            msg_id = submit.accept(message.MessageReader(spool, dot_ends=False), opts, self.config,
+            msg_id = submit.accept(reader.MessageReader(spool, dot_ends=False), opts, self.config,
                                    self.stderr, self.environ)
         except ShimError as exc:
             return reply_for(exc)

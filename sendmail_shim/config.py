@@ -54,8 +54,9 @@ KEYS = {
     "SENDMAIL_SHIM_DELIVERY": "background (default), interactive, queue or direct",
     "SENDMAIL_SHIM_QUEUE_DIR": "queue directory",
     "SENDMAIL_SHIM_MAX_QUEUE_AGE": "give up on a message after this long (default 5d)",
-    "SENDMAIL_SHIM_QUEUE_CONNECTIONS": "connections a queue run delivers over in parallel (default 4; "
-                                       "1 for providers that limit them, such as 163 and QQ)",
+    "SENDMAIL_SHIM_QUEUE_CONNECTIONS": "connections a queue run delivers over in parallel (default 8; 1 with "
+                                       "the 163, 126, yeah, qq and exmail presets, whose servers block an "
+                                       "address that opens too many)",
     "SENDMAIL_SHIM_BOUNCE_TO": "address that receives failure reports (default: the sender)",
 }
 
@@ -94,7 +95,7 @@ class Config:
     delivery: str = "background"
     queue_dir: str = SYSTEM_QUEUE
     max_queue_age: float = 5 * 86400.0
-    queue_connections: int = 4
+    queue_connections: int = providers.Preset.connections
     bounce_to: str | None = None
     sources: tuple[str, ...] = ()
 
@@ -276,7 +277,9 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = ()) -> Con
         delivery=delivery,
         queue_dir=get("SENDMAIL_SHIM_QUEUE_DIR") or default_queue_dir(environ, sources),
         max_queue_age=_seconds(values, "SENDMAIL_SHIM_MAX_QUEUE_AGE", 5 * 86400.0),
-        queue_connections=_whole(values, "SENDMAIL_SHIM_QUEUE_CONNECTIONS", 4, most=MAX_QUEUE_CONNECTIONS),
+        queue_connections=_whole(values, "SENDMAIL_SHIM_QUEUE_CONNECTIONS",
+                                 preset.connections if preset else providers.Preset.connections,
+                                 most=MAX_QUEUE_CONNECTIONS),
         bounce_to=get("SENDMAIL_SHIM_BOUNCE_TO"),
         sources=sources,
     )

@@ -2,6 +2,10 @@
 
 from dataclasses import asdict, dataclass
 
+from .i18n import _
+
+NO_RECIPIENTS = _("no recipients: give them as arguments or use -t with To/Cc/Bcc headers")
+
 
 @dataclass
 class Envelope:

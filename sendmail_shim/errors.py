@@ -41,6 +41,10 @@ class DataError(ShimError):
     exit_code = EX_DATAERR
 
 
+class Rejected(DataError):
+    """A well-formed maildrop request that the header policy refuses at pickup (see drop.py)."""
+
+
 class CantCreate(ShimError):
     """The queue or a temporary file cannot be written."""
 

@@ -40,7 +40,7 @@ from typing import BinaryIO, Callable
 
 from .config import SERVICE_USER, SYSTEM_QUEUE
 from .envelope import Envelope
-from .errors import CantCreate, DataError, PolicyError, ShimError, TempFail, UsageError
+from .errors import CantCreate, DataError, PolicyError, Rejected, ShimError, TempFail, UsageError
 from .i18n import _
 
 ID_PATTERN = re.compile(r"[0-9A-F]{16}\Z")
@@ -128,6 +128,8 @@ class QueuedMessage:
 class PickupResult:
     accepted: list[QueuedMessage] = field(default_factory=list)
     rejected: list[tuple[str, int, str]] = field(default_factory=list)  # (file, uid, reason)
+    # of those, well-formed requests the header policy refused: (where the file is kept, reason)
+    refusals: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Queue:
@@ -392,7 +394,9 @@ class Queue:
             except CantCreate:
                 raise  # our disk, not their file: leave it in maildrop/ for the next run
             except ShimError as exc:
-                self._refuse(name, st.st_uid, str(exc), result)
+                kept = self._refuse(name, st.st_uid, str(exc), result)
+                if isinstance(exc, Rejected) and kept:
+                    result.refusals.append((kept, str(exc)))
                 return
         crash_point("pickup-committed")
         _unlink(path)
@@ -402,14 +406,18 @@ class Queue:
     def _exists(self, msg_id: str) -> bool:
         return any(os.path.lexists(os.path.join(d, msg_id)) for d in (self.queue, self.failed))
 
-    def _refuse(self, name: str, uid: int, reason: str, result: PickupResult) -> None:
+    def _refuse(self, name: str, uid: int, reason: str, result: PickupResult) -> str | None:
+        """Move a refused file to corrupt/; returns where it is now (None: gone)."""
+        kept = os.path.join(self.corrupt, name)
         try:
-            os.rename(os.path.join(self.maildrop, name), os.path.join(self.corrupt, name))
+            os.rename(os.path.join(self.maildrop, name), kept)
         except FileNotFoundError:
-            return
+            return None
         except OSError as exc:  # e.g. a directory some user made there, which we may not move
             reason += f"; cannot move it to {self.corrupt}: {exc.strerror}"
+            kept = os.path.join(self.maildrop, name)
         result.rejected.append((name, uid, reason))
+        return kept
 
     @contextmanager
     def _pickup_lock(self):
@@ -491,16 +499,22 @@ class Spool:
         `bounce` marks a failure report (never bounced itself); `uid`, `arrival` and `drop` are
         for `Queue.pickup` (default: this process's user, now, not from maildrop/).
         """
-        now = time.time()
+        if self.drop:
+            return self._durable(lambda: self._commit_drop(envelope.to_dict()))
+        return self._durable(lambda: self._commit_queue(envelope, bounce, uid, arrival or time.time(), drop))
+
+    def commit_request(self, fields: dict) -> str:
+        """Make a maildrop file durable whose trailer is `fields` (drop.py): the header policy
+        runs at pickup. Returns its id."""
+        return self._durable(lambda: self._commit_drop(fields))
+
+    def _durable(self, commit: Callable[[], None]) -> str:
         crash_point("spool-written")
         try:
             self.file.flush()
             os.fsync(self.file.fileno())
             crash_point("spool-synced")
-            if self.drop:
-                self._commit_drop(envelope)
-            else:
-                self._commit_queue(envelope, bounce, uid, arrival or now, drop)
+            commit()
         except OSError as exc:
             raise CantCreate(_("cannot write to the queue: {reason}").format(reason=exc.strerror)) from None
         self.committed = True
@@ -524,9 +538,9 @@ class Spool:
         _fsync_dir(queue.queue)
         self.path = message.path = target
 
-    def _commit_drop(self, envelope: Envelope) -> None:
+    def _commit_drop(self, fields: dict) -> None:
         size = self.file.tell()
-        trailer = dict(envelope.to_dict(), version=1, size=size)
+        trailer = dict(fields, version=1, size=size)
         self.file.write(json.dumps(trailer, ensure_ascii=True).encode() + b"\n")
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -661,6 +675,12 @@ def _check_drop(source: BinaryIO, st: os.stat_result, match) -> tuple[dict, int]
         raise DataError("trailer size does not match the file")
     source.seek(0)
     return fields, size
+
+
+def drop_fields(path: str) -> dict:
+    """The trailer of a maildrop file that passed `_check_drop` before (a refused request)."""
+    with open(path, "rb") as source:
+        return _check_drop(source, os.fstat(source.fileno()), DROP_PATTERN.match(os.path.basename(path)))[0]
 
 
 class _Bounded:

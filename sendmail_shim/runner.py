@@ -15,8 +15,9 @@ relay's reply is logged as ``status=ambiguous`` and retried (the recipient may g
 with every MTA); so is a crash between the relay's acceptance and the state update on disk.
 
 A queue run delivers over SENDMAIL_SHIM_QUEUE_CONNECTIONS connections in parallel, one worker
-thread each, taking the next due message from a shared list; each connection carries many messages
-(smtp.Relay pipelines RSET, MAIL, RCPT and DATA when the relay offers PIPELINING). The password is
+thread each, taking the next due message from a shared list; each connection carries many messages.
+When the relay offers PIPELINING, a message's MAIL, RCPT and DATA go out right behind the previous
+message's data, before its final reply is read: one round trip per message. The password is
 fetched once per run; a connection that cannot be opened retires its worker while others go on,
 so a refused login costs at most one AUTH per connection. A message is only touched under its
 lock (`Queue.lock`), so workers, concurrent runners and background deliveries never send it twice.
@@ -28,14 +29,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator
 
-from . import envelope as dsn
 from .envelope import Envelope
 from .errors import DataError, ShimError, SMTPFailure
-from .queue import Queue, QueuedMessage, crash_point, next_attempt_after
-
-_MAX_RECIPIENTS = 1000
+from .queue import Queue, QueuedMessage, crash_point, drop_fields, next_attempt_after
 
 
 @dataclass
@@ -144,15 +142,28 @@ class _Run:
         return message.next_attempt <= time.time()
 
     def work(self, session: "_Session") -> None:
-        """One worker: messages over its own connection until none is left."""
+        """One worker: messages over its own connection until none is left.
+
+        Each message's envelope goes out before the previous message's final reply is read: with
+        PIPELINING right behind that message's data, so that a message costs one round trip. The
+        previous message is settled before this one's data goes out; a worker holds two locks."""
+        flight = steps = None  # the previous message's last step (its final reply), this one's
         try:
-            while (msg_id := self._take()) is not None and self._usable(session, msg_id):
-                self._deliver(msg_id, session)
+            while (msg_id := self._take(flight)) is not None and self._usable(session, msg_id):
+                steps = self._deliver(msg_id, session)
+                next(steps, None)  # locked, its envelope on its way
+                _finish(flight)  # the previous message: final reply read, outcome recorded, unlocked
+                next(steps, None)  # its data
+                flight = steps
+            _finish(flight)
         except Exception as exc:  # the run stops; run_queue raises it
             with self.lock:
                 self.error = self.error or exc
                 self.todo.clear()
         finally:
+            for unfinished in (flight, steps):
+                if unfinished is not None:
+                    unfinished.close()  # after an error: its lock is released
             session.close()
 
     def _usable(self, session: "_Session", msg_id: str) -> bool:
@@ -170,14 +181,22 @@ class _Run:
                 self.todo.appendleft(msg_id)
                 return False
 
-    def _take(self) -> str | None:
+    def _take(self, flight: Iterator[None] | None) -> str | None:
+        """The next message; when none is left, the one in flight is finished first, for its
+        failure report is one more."""
+        with self.lock:
+            if self.todo:
+                return self.todo.popleft()
+        _finish(flight)
         with self.lock:
             if self.todo:
                 return self.todo.popleft()
             self.workers -= 1
             return None
 
-    def _deliver(self, msg_id: str, session: "_Session") -> None:
+    def _deliver(self, msg_id: str, session: "_Session") -> Iterator[None]:
+        """One message in the steps `work` interleaves with its neighbours': locked and its
+        envelope sent; its data sent; its final reply read and the outcome recorded."""
         attempt = _Attempt(self.config, self.queue, session, self.log, interactive=False)
         outcome, busy = None, False
         try:
@@ -185,7 +204,11 @@ class _Run:
                 busy = message is None
                 if message is not None and self.due(message):  # still: another process may have tried it
                     crash_point("deliver-locked")
-                    outcome = attempt.run(message)
+                    attempt.start(message)
+                    yield
+                    attempt.transfer()
+                    yield
+                    outcome = attempt.finish()
         except DataError as exc:  # a damaged envelope.json: kept for the administrator
             self.log.record(msg_id, status="deferred", reply=str(exc))
         with self.lock:
@@ -228,46 +251,19 @@ def deliver_now(config, queue: Queue, msg_id: str, *, log, password=None,
         session.close()
 
 
-def deliver_in_background(config, queue: Queue, msg_id: str, *, log) -> None:
-    """Start `deliver_now` in a detached process and return at once.
-
-    Double fork and a new session: the caller (PHP, cron) is not the parent and never waits; the
-    child has /dev/null as stdin/stdout/stderr and no other inherited descriptor, so nothing the
-    caller reads from stays open.
-    """
-    try:
-        child = os.fork()
-    except OSError as exc:  # the message is queued: the next queue run delivers it
-        log.record(msg_id, status="deferred", reply=f"cannot start the background delivery: {exc.strerror}")
-        return
-    if child:
-        try:
-            os.waitpid(child, 0)  # the middle process exits at once
-        except ChildProcessError:  # the caller ignores SIGCHLD: the child is reaped already
-            pass
-        return
-    try:
-        os.setsid()
-        if os.fork():
-            os._exit(0)
-        _detach()
-        log = type(log)(log.log_file, log.use_syslog)  # its syslog socket was closed with the rest
-        try:
-            deliver_now(config, queue, msg_id, log=log, interactive=False)
-        except Exception as exc:  # nobody else would ever see it; the queue runner will retry
-            log.record(msg_id, status="deferred", reply=f"background delivery: {type(exc).__name__}: {exc}")
-    finally:
-        os._exit(0)
+def pick_up_and_deliver(config, queue: Queue, msg_id: str, *, log) -> None:
+    """The ``-odb`` background process (background.py): take in maildrop/, where the caller left
+    `msg_id`, then deliver it as a queue run would, and any failure notice the pickup queued."""
+    stats = RunStats()
+    notices = _pick_up(config, queue, log, stats)
+    for msg in [msg_id, *notices]:
+        deliver_now(config, queue, msg, log=log, interactive=False)
 
 
-def _detach() -> None:
-    import syslog
-
-    syslog.closelog()  # before its descriptor goes: a stale one could later name another file
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+def _finish(steps: Iterator[None] | None) -> None:
+    """Run what is left of a message's steps (nothing, once they are done)."""
+    for _ in steps or ():
+        pass
 
 
 def _count(stats: RunStats, outcome: Outcome) -> None:
@@ -282,8 +278,11 @@ def _count(stats: RunStats, outcome: Outcome) -> None:
 # -- maildrop ----------------------------------------------------------------------------------
 
 
-def _pick_up(config, queue: Queue, log, stats: RunStats) -> None:
-    result = queue.pickup(lambda fields, data, out: accept_drop(config, fields, data, out))
+def _pick_up(config, queue: Queue, log, stats: RunStats) -> list[str]:
+    """Take in maildrop/; returns the ids of the notices queued for refused requests."""
+    from . import drop
+
+    result = queue.pickup(lambda fields, data, out: drop.accept(config, fields, data, out))
     for message in result.accepted:
         env = message.envelope
         log.record(message.id, status="queued", sender=env.sender, requested=env.requested_sender,
@@ -292,41 +291,50 @@ def _pick_up(config, queue: Queue, log, stats: RunStats) -> None:
         log.record(name, status="refused", reply=f"maildrop file of uid {uid} refused: {reason}")
     stats.picked_up += len(result.accepted)
     stats.refused_drops += len(result.rejected)
+    notices = [_notify_refusal(config, queue, log, path, reason) for path, reason in result.refusals]
+    stats.bounces += len(notices)
+    return notices
 
 
-def accept_drop(config, fields: dict, data, out) -> Envelope:
-    """Validate a dropped message as the front end would a caller's: the header policy runs
-    again (From = login, Bcc removed, recipients parsed and aliased); only the recipients, the
-    requested sender and the DSN wishes are taken from the untrusted trailer, after checks."""
-    from . import message
+def _notify_refusal(config, queue: Queue, log, path: str, reason: str) -> str:
+    """Tell the sender that the request in `path` (kept in corrupt/) was refused at pickup."""
+    from . import bounce
 
-    recipients = fields.get("recipients")
-    if (not isinstance(recipients, list) or not recipients or len(recipients) > _MAX_RECIPIENTS
-            or not all(isinstance(r, str) and r.isprintable() and len(r) <= 320 for r in recipients)):
-        raise DataError("bad recipient list")
-    requested = _optional_text(fields, "requested_sender", 320)
-    reader = message.MessageReader(data, dot_ends=False)
-    header_block = reader.read_header_block()
-    headers, envelope = message.prepare(
-        header_block, extract_recipients=False, argv_recipients=recipients, requested_sender=requested,
-        policy=message.HeaderPolicy.from_config(config),
+    fields = drop_fields(path)
+    with open(path, "rb") as kept:
+        original = bounce.header_block(kept.read(min(fields["size"], bounce.MAX_ORIGINAL_HEADERS + 4)))
+        arrival = os.fstat(kept.fileno()).st_mtime
+    msg_id = os.path.basename(path).partition(".")[0]
+    return _queue_report(config, queue, log, about=msg_id, original=original, arrival=arrival,
+                         requested_sender=fields.get("requested_sender"), refusal=reason)
+
+
+def _queue_report(config, queue: Queue, log, *, about: str, original: bytes, arrival: float,
+                  requested_sender: str | None, failures=(), refusal: str | None = None,
+                  now: float | None = None) -> str:
+    """Queue a failure report (bounce.py) about message `about`; returns its id."""
+    import secrets  # here, not at the top: every -odb caller imports this module
+    from email.utils import make_msgid
+
+    from . import bounce
+
+    now = time.time() if now is None else now
+    hostname = socket.gethostname()
+    to = bounce.recipient_for(config.bounce_to, requested_sender, config.sender, config.aliases, hostname)
+    data = bounce.build(
+        failures=list(failures), original_headers=original, queue_id=about, arrival=arrival,
+        sender=config.sender, to=to, reporting_mta=config.helo or hostname, remote_mta=config.host,
+        message_id=make_msgid("bounce", domain=config.sender.rpartition("@")[2] or "localhost"),
+        boundary=f"={secrets.token_hex(12)}", now=now, refusal=refusal,
     )
-    envelope = message.write(out, reader, headers, envelope)
-    for key, validate in (("dsn_notify", dsn.dsn_notify), ("dsn_ret", dsn.dsn_ret), ("envid", dsn.envid)):
-        value = _optional_text(fields, key, 100)
-        if value is not None and not validate(value):
-            raise DataError(f"bad {key}")
-        setattr(envelope, key, value and validate(value))
-    return envelope
-
-
-def _optional_text(fields: dict, key: str, limit: int) -> str | None:
-    value = fields.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.isprintable() or len(value) > limit:
-        raise DataError(f"bad {key}")
-    return value
+    report = Envelope(sender=config.sender, recipients=[to], eight_bit=not data.isascii(),
+                      smtputf8=not to.isascii(), size=len(data))
+    with queue.spool() as spool:
+        spool.file.write(data)
+        report_id = spool.commit(report, bounce=True)
+    log.record(report_id, status="queued", sender=config.sender, recipients=[to],
+               size=len(data), reply=f"failure report for {about}")
+    return report_id
 
 
 # -- one attempt -------------------------------------------------------------------------------
@@ -405,22 +413,53 @@ class _Tracked:
 
 
 class _Attempt:
-    """One delivery attempt of one locked message, and everything that follows from it."""
+    """One delivery attempt of one locked message, and everything that follows from it.
+
+    In three steps, so that a queue run can overlap neighbours (`_Run.work`): `start` (the
+    envelope goes out), `transfer` (the data), `finish` (the final reply, the outcome); `run`
+    takes them in a row."""
 
     def __init__(self, config, queue: Queue, session: _Session, log, *, interactive: bool):
         self.config, self.queue, self.session, self.log = config, queue, session, log
         self.interactive = interactive
         self.bounces: list[str] = []
         self.last_line = ""
+        self._transaction = None  # smtp.Transaction under way
+        self._result: tuple[dict, ShimError | None, bool] | None = None  # see _failure, once known
 
     def run(self, message: QueuedMessage) -> Outcome:
-        now = time.time()
+        self.start(message)
+        self.transfer()
+        return self.finish()
+
+    def start(self, message: QueuedMessage) -> None:
+        self.message, self.now = message, time.time()
+        self.pending = message.pending
+        if self.now - message.arrival > self.config.max_queue_age or not self.pending:
+            return  # nothing to send: `finish` settles it
+        self.data = _Tracked(message.data_file)
+        message.data_file.seek(0)
+        try:
+            self.relay = self.session.connect()
+            self._transaction = self.relay.begin(
+                replace(message.envelope, recipients=[r.address for r in self.pending]))
+        except ShimError as exc:
+            self._result = self._failure(exc)
+
+    def transfer(self) -> None:
+        if self._transaction is not None and self._result is None:
+            try:
+                self.relay.transfer(self._transaction, self.data)
+            except ShimError as exc:
+                self._result = self._failure(exc)
+
+    def finish(self) -> Outcome:
+        message, now, pending = self.message, self.now, self.pending
         if now - message.arrival > self.config.max_queue_age:
             return self._expire(message, now)
-        pending = message.pending
         if not pending:
             return self._settle(message, [], None, now)
-        verdicts, error, ambiguous = self._send(message, pending)
+        verdicts, error, ambiguous = self._result or self._collect()
         for rcpt in pending:
             rcpt.attempts += 1
             rcpt.state, rcpt.reply = verdicts[rcpt.address]
@@ -432,28 +471,12 @@ class _Attempt:
         self._log(message, pending, "pending", now, ambiguous=ambiguous)
         return self._settle(message, [r for r in pending if r.state == "failed"], error, now)
 
-    def _send(self, message: QueuedMessage, pending) -> tuple[dict, ShimError | None, bool]:
-        """{address: (state, reply)}, the error that affected the whole attempt, ambiguity."""
-        addresses = [r.address for r in pending]
+    def _collect(self) -> tuple[dict, ShimError | None, bool]:
+        """The relay's final reply: {address: (state, reply)}, the error of the attempt, ambiguity."""
         try:
-            relay = self.session.connect()
-        except ShimError as exc:  # connection, TLS, login: retry, the set-up may be fixed
-            return {a: ("pending", _reply_text(exc)) for a in addresses}, exc, False
-        data = _Tracked(message.data_file)
-        message.data_file.seek(0)
-        try:
-            result = relay.send(replace(message.envelope, recipients=addresses), data)
-        except SMTPFailure as exc:
-            if exc.stage not in ("mail", "rcpt", "data", "dot"):
-                self.session.close()
-                return {a: ("pending", _reply_text(exc)) for a in addresses}, exc, False
-            refused = getattr(exc, "refused", None) or {a: (exc.code, exc.reply) for a in addresses}
-            return {a: _verdict(*refused[a]) for a in addresses}, exc, False
-        except DataError as exc:  # this relay can never take it (e.g. SMTPUTF8 not offered)
-            return {a: ("failed", str(exc)) for a in addresses}, exc, False
-        except ShimError as exc:  # the connection broke
-            self.session.close()
-            return {a: ("pending", _reply_text(exc)) for a in addresses}, exc, data.exhausted
+            result = self.relay.collect(self._transaction)
+        except ShimError as exc:
+            return self._failure(exc)
         crash_point("deliver-sent")
         verdicts = {a: ("sent", result.reply) for a in result.accepted}
         verdicts.update({a: _verdict(code, text) for a, (code, text) in result.refused.items()})
@@ -461,6 +484,19 @@ class _Attempt:
         refusals = sorted(result.refused.items(), key=lambda item: not 500 <= item[1][0] < 600)
         error = next((SMTPFailure(code, f"{text} <{a}>", "rcpt") for a, (code, text) in refusals), None)
         return verdicts, error, False
+
+    def _failure(self, exc: ShimError) -> tuple[dict, ShimError, bool]:
+        """Verdicts after an error. A refusal of MAIL, RCPT, DATA or the data decides by its codes;
+        a relay that can never take the message (DataError) fails it; anything else (connection,
+        TLS, login, a lost connection) leaves it pending: ambiguous when all of the data had been
+        handed over. A broken connection is replaced on the next `_Session.connect`."""
+        addresses = [r.address for r in self.pending]
+        if isinstance(exc, SMTPFailure) and exc.stage in ("mail", "rcpt", "data", "dot"):
+            refused = getattr(exc, "refused", None) or {a: (exc.code, exc.reply) for a in addresses}
+            return {a: _verdict(*refused[a]) for a in addresses}, exc, False
+        if isinstance(exc, DataError):  # e.g. SMTPUTF8 not offered
+            return {a: ("failed", str(exc)) for a in addresses}, exc, False
+        return {a: ("pending", _reply_text(exc)) for a in addresses}, exc, self.data.exhausted
 
     def _expire(self, message: QueuedMessage, now: float) -> Outcome:
         age = _duration(now - message.arrival)
@@ -501,32 +537,13 @@ class _Attempt:
         return Outcome(message.id, status, error if caller_reports or kept else None, kept)
 
     def _bounce(self, message: QueuedMessage, failed, now: float, expired: bool) -> str:
-        import secrets  # here, not at the top: every -odb caller imports this module
-        from email.utils import make_msgid
-
         from . import bounce
 
-        config, env = self.config, message.envelope
-        hostname = socket.gethostname()
-        to = bounce.recipient_for(config.bounce_to, env.requested_sender, config.sender,
-                                  config.aliases, hostname)
         message.data_file.seek(0)
         original = bounce.header_block(message.data_file.read(bounce.MAX_ORIGINAL_HEADERS + 4))
-        data = bounce.build(
-            failures=[bounce.Failure(r.address, r.reply, expired) for r in failed],
-            original_headers=original, queue_id=message.id, arrival=message.arrival,
-            sender=config.sender, to=to, reporting_mta=config.helo or hostname, remote_mta=config.host,
-            message_id=make_msgid("bounce", domain=config.sender.rpartition("@")[2] or "localhost"),
-            boundary=f"={secrets.token_hex(12)}", now=now,
-        )
-        report = Envelope(sender=config.sender, recipients=[to], eight_bit=not data.isascii(),
-                          smtputf8=not to.isascii(), size=len(data))
-        with self.queue.spool() as spool:
-            spool.file.write(data)
-            report_id = spool.commit(report, bounce=True)
-        self.log.record(report_id, status="queued", sender=config.sender, recipients=[to],
-                        size=len(data), reply=f"failure report for {message.id}")
-        return report_id
+        return _queue_report(self.config, self.queue, self.log, about=message.id, original=original,
+                             arrival=message.arrival, requested_sender=message.envelope.requested_sender,
+                             failures=[bounce.Failure(r.address, r.reply, expired) for r in failed], now=now)
 
     def _log(self, message, pending, state: str, now: float, ambiguous: bool = False) -> None:
         group = [r for r in pending if r.state == state]

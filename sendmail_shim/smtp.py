@@ -49,6 +49,22 @@ class SendResult:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Transaction:
+    """One message on a connection, from `Relay.begin` to `Relay.collect`."""
+
+    mail: str  # the command lines
+    rcpts: list[str]
+    smtputf8: bool
+    recipients: list[str]
+    clock: "_Clock"  # its own SMTP_DEADLINE, also while the next message's envelope is on its way
+    warnings: list[str]
+    pipelined: bool = False  # MAIL, RCPT… and DATA went out in `begin`, their replies unread
+    reset: bool = False  # … behind an RSET
+    accepted: list[str] = field(default_factory=list)
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
 def helo_name(config, sock: socket.socket) -> str:
     """SMTP_HELO, else the host name if it is a dotted domain, else the local address literal.
 
@@ -86,24 +102,24 @@ def xtext(text: str) -> str:
     return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in text)
 
 
+class _OutOfTime(TempFail):
+    """SMTP_DEADLINE is over before an operation: what the relay says next is never read, so the
+    connection is not reused."""
+
+
 class _Clock:
     """SMTP_TIMEOUT per operation, capped by what is left of SMTP_DEADLINE."""
 
     def __init__(self, timeout: float, deadline: float):
         self.timeout, self.deadline = timeout, deadline
-        self.restart()
+        self._end = time.monotonic() + deadline
         self.cut_by_deadline = False  # whether the last budget was the deadline's, not the timeout
-
-    def restart(self) -> None:
-        """A new attempt: a queue run sends many messages over one connection, each gets the
-        whole SMTP_DEADLINE."""
-        self._end = time.monotonic() + self.deadline
 
     def budget(self, limit: float | None = None) -> float:
         limit = self.timeout if limit is None else limit
         left = self._end - time.monotonic()
         if left <= 0:
-            raise TempFail(_("gave up after SMTP_DEADLINE={deadline:g}s").format(deadline=self.deadline))
+            raise _OutOfTime(_("gave up after SMTP_DEADLINE={deadline:g}s").format(deadline=self.deadline))
         self.cut_by_deadline = left < limit
         return min(limit, left)
 
@@ -178,9 +194,10 @@ class Relay:
         self._warn = warn or (lambda text: None)
         self._wire: _Wire | None = None
         self._clock: _Clock | None = None
-        self._broken = False  # transport failed: no QUIT on close
-        self._dirty = False  # a transaction was started since the last RSET
-        self._transactions = 0  # send() calls on this connection
+        self._broken = False  # not reused, no QUIT on close
+        self._lost: Exception | None = None  # the transport failure, non-SMTP reply or deadline that broke it
+        self._dirty = False  # MAIL went out, and neither the end of its data nor an RSET ended it
+        self._transactions = 0  # begin() calls on this connection
         self.tls_version = self.cipher = self.peer_subject = self.peer_fingerprint = None
         self.verified = False
         self.features: dict[str, str] = {}
@@ -206,6 +223,7 @@ class Relay:
         context = self._tls_context() if config.security != "none" else None
         self._clock = _Clock(config.timeout, config.deadline)
         self._broken = self._dirty = False
+        self._lost = None
         self._transactions = 0
         try:
             with self._at("connect"):
@@ -390,30 +408,54 @@ class Relay:
         return bool(self._wire) and not self._broken
 
     def send(self, envelope, data: BinaryIO, *, all_or_nothing: bool = False) -> SendResult:
-        """Deliver one message (``data`` positioned at its start, CRLF, not dot-stuffed).
+        """Deliver one message (``data`` positioned at its start, CRLF, not dot-stuffed):
+        `begin`, `transfer` and `collect` in a row."""
+        transaction = self.begin(envelope)
+        self.transfer(transaction, data, all_or_nothing=all_or_nothing)
+        return self.collect(transaction)
+
+    def begin(self, envelope) -> Transaction:
+        """Start a message. With PIPELINING its [RSET,] MAIL, every RCPT and DATA go out now in
+        one write: right behind the previous message's data, before that message's final reply is
+        read (RFC 2920 §3.1), so that a run of messages costs one round trip each.
+
+        Raises DataError (nothing sent) when this relay can never take the envelope. Then call
+        `collect` for the previous message, if any, and `transfer` for this one: replies are read
+        in the order the commands went out."""
+        if not self.usable:
+            raise TempFail(_("the connection to {where} is no longer usable; open a new one").format(where=self.where))
+        warnings: list[str] = []
+        mail, rcpts, smtputf8 = self._commands(envelope, warnings)
+        # the first transaction shares its deadline with open(); each other one gets its own
+        clock = _Clock(self.config.timeout, self.config.deadline) if self._transactions else self._clock
+        self._transactions += 1
+        transaction = Transaction(mail, rcpts, smtputf8, list(envelope.recipients), clock, warnings)
+        if "pipelining" in self.features:
+            self._use(transaction, "mail")
+            with self._at("mail"):
+                transaction.pipelined, transaction.reset, self._dirty = True, self._dirty, True
+                self._wire.command_encoding = "utf-8" if smtputf8 else "ascii"
+                self._wire.putcmds(["RSET"] * transaction.reset + [mail, *rcpts, "DATA"])
+        return transaction
+
+    def transfer(self, transaction: Transaction, data: BinaryIO, *, all_or_nothing: bool = False) -> None:
+        """Read the envelope's replies, then send the data and its final dot; the relay's verdict
+        on the message is `collect`'s. Raises the refusal of MAIL, of every recipient (``refused``
+        maps them to the replies) or of DATA.
 
         ``all_or_nothing`` (direct mode, which has no queue to retry or bounce from): when any
         recipient is refused, nobody gets the message and the refusal is raised."""
-        if not self.usable:
-            raise TempFail(_("the connection to {where} is no longer usable; open a new one").format(where=self.where))
-        if self._transactions:  # the first one shares its deadline with open()
-            self._clock.restart()
-        self._transactions += 1
-        warnings: list[str] = []
-        mail, rcpts, smtputf8 = self._commands(envelope, warnings)
-        pipelined = "pipelining" in self.features
+        self._use(transaction, "mail")
+        mail, rcpts, pipelined = transaction.mail, transaction.rcpts, transaction.pipelined
         with self._at("mail"):
-            if pipelined:  # RFC 2920: [RSET,] MAIL, every RCPT and DATA in one write, replies in order
-                reset, self._dirty = self._dirty, True
-                self._wire.command_encoding = "utf-8" if smtputf8 else "ascii"
-                self._wire.putcmds(["RSET"] * reset + [mail, *rcpts, "DATA"])
-                if reset:
+            if pipelined:  # the replies to what `begin` sent, in order
+                if transaction.reset:
                     self._check_reset(*self._wire.getreply())
                 replies = [self._wire.getreply() for _ in range(len(rcpts) + 2)]
             else:
                 self._reset()
                 self._dirty = True
-                self._wire.command_encoding = "utf-8" if smtputf8 else "ascii"
+                self._wire.command_encoding = "utf-8" if transaction.smtputf8 else "ascii"
                 replies = [self._wire.docmd(mail)]
         mail_reply, data_reply = replies[0], replies[-1] if pipelined else None
         if not 200 <= mail_reply[0] < 300:
@@ -423,9 +465,9 @@ class Relay:
             rcpt_replies = replies[1:-1] if pipelined else [self._wire.docmd(line) for line in rcpts]
         refused = {
             rcpt: (code, _text(text))
-            for rcpt, (code, text) in zip(envelope.recipients, rcpt_replies) if not 200 <= code < 300
+            for rcpt, (code, text) in zip(transaction.recipients, rcpt_replies) if not 200 <= code < 300
         }
-        accepted = [rcpt for rcpt in envelope.recipients if rcpt not in refused]
+        accepted = [rcpt for rcpt in transaction.recipients if rcpt not in refused]
         if refused and accepted and all_or_nothing:
             if data_reply and data_reply[0] == 354:  # a dot now would deliver: drop the connection
                 self._broken = True
@@ -447,10 +489,18 @@ class Relay:
             raise self._failure(code, text, "data")
         with self._at("dot"):
             self._stream(data)
+        self._dirty = False  # the final reply ends the transaction, whatever it says (RFC 5321 §4.1.1.4)
+        transaction.accepted, transaction.refused = accepted, refused
+
+    def collect(self, transaction: Transaction) -> SendResult:
+        """The relay's final reply to the message `transfer` sent; raises a refusal. The
+        connection lost before it: the relay may have taken the message."""
+        self._use(transaction, "dot")
+        with self._at("dot"):
             code, text = self._wire.getreply()
-            if not 200 <= code < 300:
-                raise self._failure(code, text, "dot")
-        return SendResult(f"{code} {_text(text)}", accepted, refused, warnings)
+        if not 200 <= code < 300:
+            raise self._failure(code, text, "dot")
+        return SendResult(f"{code} {_text(text)}", transaction.accepted, transaction.refused, transaction.warnings)
 
     def verify_sender(self) -> str:
         """MAIL FROM:<sender> then RSET: does the relay accept our sender? (for --check)"""
@@ -521,16 +571,27 @@ class Relay:
             raise self._failure(code, text, "rset")
 
     def _abandon(self, data_reply: tuple[int, bytes] | None = None) -> None:
-        """After a failed MAIL, RCPT or DATA: end a DATA that a broken pipelining server accepted,
-        then RSET. Failing that, the connection is not reused; the first error is what counts."""
+        """After a failed MAIL, RCPT or DATA: end a DATA that a broken pipelining server accepted.
+        The RSET goes out before the next MAIL (with PIPELINING, in its group); when there is no
+        next one, QUIT ends the session anyway. Failing that, the connection is not reused; the
+        first error is what counts."""
         try:
             with self._at("rset"):
                 if data_reply and data_reply[0] == 354:
                     self._wire.send(b".\r\n")
                     self._wire.getreply()
-                self._reset()
         except ShimError:
             self._broken = True
+
+    def _use(self, transaction: Transaction, stage: str) -> None:
+        """Go on with `transaction` at ``stage``, timed by its own clock. When the connection
+        was lost meanwhile (say, while the previous message's final reply was read), that loss is
+        the error, as seen at this stage."""
+        if not self.usable:
+            if self._lost is None:
+                raise TempFail(_("the connection to {where} is no longer usable; open a new one").format(where=self.where))
+            raise self._lost_at(stage)
+        self._clock = self._wire.clock = transaction.clock
 
     # -- errors -------------------------------------------------------------------------------
 
@@ -539,17 +600,28 @@ class Relay:
         """Translate whatever smtplib, ssl or socket raise during ``stage`` into a ShimError."""
         try:
             yield
+        except _OutOfTime as exc:
+            self._broken, self._lost = True, exc
+            raise
         except ShimError:
             raise
         except smtplib.SMTPResponseException as exc:
-            if exc.smtp_code == -1:
-                self._broken = True
-                raise ProtocolError(_("{where} answered with something that is not SMTP (at {stage})").format(
-                    where=self.where, stage=stage.upper())) from None
-            raise self._failure(exc.smtp_code, exc.smtp_error, stage) from None
+            if exc.smtp_code != -1:
+                raise self._failure(exc.smtp_code, exc.smtp_error, stage) from None
+            self._broken, self._lost = True, exc
+            raise self._lost_at(stage) from None
         except (OSError, ValueError) as exc:  # every smtplib and ssl error is one of these
-            self._broken = True
-            raise self._transport_error(exc, stage) from None
+            self._broken, self._lost = True, exc
+            raise self._lost_at(stage) from None
+
+    def _lost_at(self, stage: str) -> ShimError:
+        """The error for the transport failure, non-SMTP reply or deadline that broke the connection."""
+        if isinstance(self._lost, ShimError):
+            return self._lost
+        if isinstance(self._lost, smtplib.SMTPResponseException):
+            return ProtocolError(_("{where} answered with something that is not SMTP (at {stage})").format(
+                where=self.where, stage=stage.upper()))
+        return self._transport_error(self._lost, stage)
 
     def _transport_error(self, exc: Exception, stage: str) -> ShimError:
         where, config = self.where, self.config

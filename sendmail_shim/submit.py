@@ -1,23 +1,58 @@
-"""The sendmail front end: read one message, apply the header policy, then queue or deliver it.
+"""The sendmail front end: read one message, then queue or deliver it.
 
 Responsibility is taken at exactly one point: when the queue has the whole message on disk
 (`Spool.commit`), or — in direct mode — when the relay has accepted it. Every path before that
 ends in a non-zero exit, so a message is never dropped.
+
+In the default background mode (``-odb``) the message goes to maildrop/ as read and the header
+policy runs at pickup, in the background (drop.py): the caller waits for the disk only. The other
+modes, and ``-bs`` (`accept`), apply the policy first, so its refusals are the caller's exit
+status or SMTP reply.
 """
 
 import contextlib
 import time
 
-from . import message
 from .errors import EX_OK, CantCreate, SMTPFailure, ShimError
 from .i18n import _
-from .log import MessageLog
+from .reader import MessageReader
 
 
 def submit(opts, config, stdin, stderr, environ) -> int:
     """sendmail's default mode: the message on `stdin`, recipients per `opts`."""
-    accept(message.MessageReader(stdin, dot_ends=opts.dot_ends), opts, config, stderr, environ)
+    stream = MessageReader(stdin, dot_ends=opts.dot_ends)
+    if (opts.delivery or config.delivery) == "background":
+        _hand_over(stream, opts, config)
+    else:
+        accept(stream, opts, config, stderr, environ)
     return EX_OK
+
+
+def _hand_over(stream, opts, config) -> str:
+    """-odb: the message and the request into maildrop/, then a background process (when this
+    user may run the queue; else the queue runner) picks it up and delivers it."""
+    from . import background, drop
+    from .queue import Queue
+
+    with _draining(stream):
+        header_block = stream.read_header_block()
+        fields = drop.request(opts, header_block)
+    queue = Queue(config.queue_dir)
+    queue.ensure()
+    with queue.spool(drop=True) as spool:
+        with _draining(stream):
+            spool.file.write(header_block)
+            stream.copy_body(spool.file)
+        size = spool.file.tell()
+        msg_id = spool.commit_request(fields)
+    if queue.can_write():
+        background.start(config, queue, msg_id)  # its pickup writes the first log line
+    else:
+        from .log import MessageLog
+
+        MessageLog.from_config(config).record(msg_id, status="queued", size=size,
+                                              reply="in maildrop, waiting for the queue runner")
+    return msg_id
 
 
 def accept(reader, opts, config, stderr, environ) -> str:
@@ -25,6 +60,9 @@ def accept(reader, opts, config, stderr, environ) -> str:
 
     Returns only once the message is durably queued or delivered; raises a ShimError otherwise.
     """
+    from . import message
+    from .log import MessageLog
+
     started = time.time()
     policy = message.HeaderPolicy.from_config(config, opts.full_name)
     with _draining(reader):
@@ -56,6 +94,8 @@ def _draining(reader):
 
 def _write(out, reader, headers: bytes, envelope):
     """Spool the message to `out`; returns the envelope completed with size and 8-bit flag."""
+    from . import message
+
     with _draining(reader):
         envelope = message.write(out, reader, headers, envelope)
     out.flush()
@@ -79,11 +119,13 @@ def _enqueue(opts, config, mode, reader, headers, envelope, log, stderr, environ
     )
     if not direct_access or mode == "queue":
         return msg_id
-    from . import runner  # ~10 ms (bounce, secrets) that a queue-only submission does without
+    if mode == "background":  # -bs
+        from . import background
 
-    if mode == "background":
-        runner.deliver_in_background(config, queue, msg_id, log=log)
+        background.start(config, queue, msg_id)
         return msg_id
+    from . import runner
+
     outcome = runner.deliver_now(config, queue, msg_id, log=log, transcript=_transcript(opts, stderr))
     if outcome.error is not None and not outcome.kept:
         raise outcome.error

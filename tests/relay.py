@@ -8,6 +8,9 @@ byte for byte and every command line (AUTH payloads as ``***``), and has fault k
     relay.reply_at["mail"] = "451 4.3.0 try later"          # answer a stage with this reply
     relay.hang_at.add("data")                                 # never answer (until the client leaves)
     relay.close_at.add("rcpt")                                # drop the connection
+    relay.reject_data["spam@x.test"] = "554 5.7.1 spam"      # refuse a message to him after its data
+    relay.late_replies = 2        # the next 2 end-of-data replies wait for the client's next command
+    relay.max_sessions = 2        # a third simultaneous session gets 421 at relay.too_many_at
 
 Stages are command names (``ehlo``, ``starttls``, ``auth``, ``mail``, ``rcpt``, ``data``, ``rset``,
 ``quit``) plus ``greeting`` (instead of the 220 banner), ``dot`` (the end of the message data, before
@@ -114,6 +117,11 @@ class RelayHandler(pytest_localserver.smtp.Handler):
     reply_at: dict[str, str] = field(default_factory=dict)
     hang_at: set[str] = field(default_factory=set)
     close_at: set[str] = field(default_factory=set)
+    reject_data: dict[str, str] = field(default_factory=dict)
+    late_replies: int = 0  # only a client pipelining across messages (RFC 2920 §3.1) goes on
+    max_sessions: int | None = None
+    too_many_at: str = "greeting"  # or "auth", as some providers answer
+    refused_sessions: int = 0
 
     def __post_init__(self):
         super().__init__()  # the stock .outbox keeps working
@@ -143,6 +151,9 @@ class RelayHandler(pytest_localserver.smtp.Handler):
     async def handle_DATA(self, server, session, envelope):
         if await server.fault("dot", push=False):
             return self.reply_at.get("dot", "421 4.4.2 closing connection")  # closed: never sent
+        rejection = next((self.reject_data[r] for r in envelope.rcpt_tos if r in self.reject_data), None)
+        if rejection:
+            return rejection
         self.messages.append(Message(
             mail_from=envelope.mail_from,
             mail_options=list(envelope.mail_options),
@@ -153,6 +164,9 @@ class RelayHandler(pytest_localserver.smtp.Handler):
             tls=server.transport.get_extra_info("ssl_object") is not None,
             helo=session.host_name,
         ))
+        if self.late_replies > 0:
+            self.late_replies -= 1
+            await server._reader.prefetch()
         if await server.fault("accepted", push=False):
             return self.reply_at.get("accepted", "421 4.4.2 closing connection")
         return await super().handle_DATA(server, session, envelope)
@@ -196,8 +210,17 @@ class _TappedReader:
     def __setattr__(self, name, value):  # aiosmtpd swaps the transport on STARTTLS
         setattr(self._reader, name, value)
 
+    async def prefetch(self) -> None:
+        """Wait for the next command line; `readuntil` hands it out next."""
+        try:
+            self.__dict__["_early"] = await self._reader.readuntil(b"\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client left instead
+
     async def readuntil(self, separator=b"\n"):
-        line = await self._reader.readuntil(separator)
+        line = self.__dict__.pop("_early", None) if separator == b"\n" else None
+        if line is None:
+            line = await self._reader.readuntil(separator)
         if separator == b"\n":  # commands; DATA reads up to b"\r\n"
             self._record(line)
         return line
@@ -216,6 +239,7 @@ class RelaySMTP(SMTP):
         self.dsn = dsn
         self.dsn_options: list[str] = []
         self._greeted = False
+        self.too_many = False  # beyond handler.max_sessions
         for command in ("EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "QUIT"):
             self._smtp_methods[command] = self._faulty(command.lower(), self._smtp_methods[command])
         for command in _DSN_PARAMETERS:
@@ -223,7 +247,9 @@ class RelaySMTP(SMTP):
 
     def connection_made(self, transport):
         if self._original_transport is None:  # after STARTTLS it is called again for the TLS layer
-            self.event_handler.open_connections += 1
+            handler = self.event_handler
+            handler.open_connections += 1
+            self.too_many = handler.max_sessions is not None and handler.open_connections > handler.max_sessions
         super().connection_made(transport)
 
     def connection_lost(self, exc):
@@ -255,6 +281,11 @@ class RelaySMTP(SMTP):
         """Apply the handler's fault for this stage; True when it answered or closed instead.
         With ``push=False`` a configured reply is left to the caller to send."""
         handler = self.event_handler
+        if self.too_many and stage == handler.too_many_at:
+            handler.refused_sessions += 1
+            await super().push("421 4.7.0 too many connections from your IP")
+            self.transport.close()
+            return True
         if stage in handler.hang_at:
             await asyncio.sleep(HANG_SECONDS)
         if stage in handler.close_at:
@@ -346,6 +377,14 @@ class RelayServer(pytest_localserver.smtp.Server):
     reply_at = property(lambda self: self.handler.reply_at)
     hang_at = property(lambda self: self.handler.hang_at)
     close_at = property(lambda self: self.handler.close_at)
+    reject_data = property(lambda self: self.handler.reject_data)
+    refused_sessions = property(lambda self: self.handler.refused_sessions)
+    late_replies = property(lambda self: self.handler.late_replies,
+                            lambda self, value: setattr(self.handler, "late_replies", value))
+    max_sessions = property(lambda self: self.handler.max_sessions,
+                            lambda self, value: setattr(self.handler, "max_sessions", value))
+    too_many_at = property(lambda self: self.handler.too_many_at,
+                           lambda self, value: setattr(self.handler, "too_many_at", value))
 
     @property
     def login(self) -> str:

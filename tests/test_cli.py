@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.faults import wait_idle
 from tests.relay import RELAY_PASSWORD
 from sendmail_shim.errors import (
     EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE,
@@ -66,6 +67,45 @@ def test_default_mode_answers_at_once_and_delivers_in_the_background(shim_factor
     assert wait_for(lambda: len(relay.messages) == 1)
     assert wait_for(lambda: any("status=sent" in ln for ln in shim.log_lines()))
     assert wait_for(lambda: not list((shim.queue_dir / "queue").iterdir()))
+
+
+@pytest.mark.parametrize("args, stdin, code, text", [
+    (["-t"], b"Subject: nobody\n\nbody\n", EX_USAGE, "no recipients"),
+    (["-i", "a@example.com\tb"], b"Subject: x\n\nbody\n", EX_DATAERR, "control characters"),
+    (["-i", "-f" + "f" * 400, "a@example.com"], b"Subject: x\n\nbody\n", EX_DATAERR, "-f is too long"),
+    (["-i", "a" * 400 + "@example.com"], b"Subject: x\n\nbody\n", EX_DATAERR, "too long"),
+    (["-t", "-i"], b"To: a@example.com\n\nnul\0byte\n", EX_DATAERR, "NUL"),
+], ids=["no-recipient-field", "control-character", "long-sender", "too-long", "nul"])
+def test_default_mode_still_refuses_what_needs_no_header_parsing(shim_factory, relay, args, stdin, code, text):
+    shim = shim_factory(relay)  # background: the caller does not parse addresses
+    result = shim.run(*args, stdin=stdin, expect_exit=code)
+    assert text in result.stderr and result.stderr.count("\n") == 1
+    wait_idle(shim.config_file)
+    assert relay.messages == [] and not shim.queue_dir.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("args, stdin, settings, reason", [
+    (["-i", "bad@@example.com"], b"Subject: x\n\nbody\n", {}, "cannot parse recipient"),
+    (["-t", "-i"], b"To: ,\nSubject: x\n\nbody\n", {}, "no recipients"),
+    (["-i", "www-data"], b"Subject: x\n\nbody\n", {}, "has no alias"),
+    (["-t", "-i"], PHP_MAIL, {"SMTP_FROM_POLICY": "reject"}, "differs from the login"),
+], ids=["bad-address", "empty-to", "no-alias", "from-reject"])
+def test_default_mode_reports_a_header_policy_refusal_by_mail(shim_factory, relay, args, stdin, settings, reason):
+    """-odb leaves the header policy to the background pickup: the caller hears 0, the message is
+    kept in corrupt/ and the login gets a notice with the reason and the original headers."""
+    shim = shim_factory(relay, **settings)
+    result = shim.run(*args, stdin=stdin)
+    assert (result.exit_code, result.stderr) == (0, "")
+    wait_idle(shim.config_file)
+    [notice] = relay.messages
+    assert notice.rcpt_tos == [relay.login] and notice.mail_from == relay.login
+    text = notice.data.decode()
+    assert "Content-Type: multipart/mixed" in text and "not accepted for delivery" in text and reason in text
+    assert "Subject: x" in text or "Subject: 欢迎注册" in text  # the original headers
+    [kept] = list((shim.queue_dir / "corrupt").iterdir())
+    assert kept.read_bytes().split(b"\r\n")[0] == stdin.split(b"\n")[0].rstrip(b"\r")  # as the caller wrote it
+    assert any("status=refused" in line and reason in line for line in shim.log_lines())
+    assert not list((shim.queue_dir / "queue").iterdir()) and not list((shim.queue_dir / "maildrop").iterdir())
 
 
 def test_relay_down_queues_then_q_delivers(shim_factory, relay):

@@ -24,7 +24,7 @@ from sendmail_shim.errors import (
     EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE,
 )
 from sendmail_shim.queue import Queue
-from sendmail_shim.runner import accept_drop
+from sendmail_shim.drop import accept as accept_drop
 from sendmail_shim.secret import Secret
 from sendmail_shim.smtp import Relay
 from tests.faults import COUNTS, wait_idle

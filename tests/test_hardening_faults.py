@@ -176,6 +176,8 @@ def test_fault(fault, mode, relay_factory, raw_fault, shim_factory, relay_passwo
         COUNTS["fault cases"] += 1
         return
 
+    if mode == "background":
+        wait_idle(shim.config_file)  # the background pickup writes the first log line
     queued = [line for line in shim.log_lines() if "status=queued" in line]  # a report may follow
     msg_id = queued[0].split(": ")[1]
     if mode == "interactive" and fault.kind != "partial":  # a partial refusal is reported by mail
@@ -194,8 +196,6 @@ def test_fault(fault, mode, relay_factory, raw_fault, shim_factory, relay_passwo
         if mode == "queue":
             assert queue_ids(shim, "queue") == [msg_id] and copies(relay, message_id) == 0
             shim.run("-q")
-        else:
-            wait_idle(shim.config_file)
         assert log_status(shim, msg_id, fault.logged)
         if fault.outcome == "kept":
             assert queue_ids(shim, "queue") == [msg_id] and queue_ids(shim, "failed") == []

@@ -14,14 +14,13 @@ from hypothesis import given, settings, strategies as st
 
 from sendmail_shim.errors import DataError, PolicyError, ShimError, UsageError
 from sendmail_shim.message import (
-    BodyInfo,
     HeaderPolicy,
-    MessageReader,
     complete_envelope,
     parse_recipient_args,
     prepare,
     resolve_local,
 )
+from sendmail_shim.reader import BodyInfo, MessageReader
 
 LOGIN = "alice@163.com"
 ALIASES = {"root": "admin@example.com", "www-data": "web@example.com"}

@@ -21,6 +21,17 @@ def test_preset_values_can_be_overridden():
     assert (cfg.host, cfg.port) == ("127.0.0.1", 2525)
 
 
+@pytest.mark.parametrize("settings, connections", [
+    ({}, 8),
+    ({"SMTP_PROVIDER": "gmail"}, 8),
+    ({"SMTP_PROVIDER": "163"}, 1),  # Coremail blocks an address that opens too many at once
+    ({"SMTP_PROVIDER": "qq"}, 1),
+    ({"SMTP_PROVIDER": "163", "SENDMAIL_SHIM_QUEUE_CONNECTIONS": "3"}, 3),
+])
+def test_queue_connections_default_follows_the_preset(settings, connections):
+    assert config.build(settings, {}).queue_connections == connections
+
+
 @pytest.mark.parametrize("provider, stage, code, reply, expected", [
     ("163", "mail", 553, "Mail from must equal authorized user", "SMTP_USER"),
     ("qq", "mail", 501, "mail from address must be same as authorization user", "SMTP_USER"),

@@ -19,7 +19,7 @@ from sendmail_shim.errors import CantCreate, UsageError
 from sendmail_shim.queue import (
     DROP_PATTERN, Queue, QueuedMessage, Recipient, format_listing, new_id, next_attempt_after,
 )
-from sendmail_shim.runner import accept_drop
+from sendmail_shim.drop import accept as accept_drop
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGIN = "alice@163.test"

@@ -36,7 +36,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 # Runs in a subprocess, configured by the environment: submit a message (stdin) or run the queue.
 HELPER = r"""
 import os, sys, time
-from sendmail_shim import config, runner
+from sendmail_shim import background, config, runner
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.log import MessageLog
 from sendmail_shim.queue import Queue
@@ -52,7 +52,7 @@ if action == "submit":
         msg_id = spool.commit(Envelope(sender=conf.sender, recipients=args, size=len(data)))
     print(msg_id, flush=True)
     if os.environ.get("BACKGROUND"):
-        runner.deliver_in_background(conf, queue, msg_id, log=log)
+        background.start(conf, queue, msg_id)
 elif action == "run":
     print(runner.run_queue(conf, queue, log=log))
 elif action == "flush-until":  # queue runs until the file args[0] exists, then one more
@@ -197,12 +197,22 @@ def test_relay_down_then_up(relay, site_factory):
 @pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelining"])
 def test_one_connection_serves_the_whole_run(relay_factory, site_factory, pipelining):
     relay = relay_factory(security="tls", pipelining=pipelining)
+    if pipelining:  # the relay answers a message's data only once the next envelope has arrived
+        relay.late_replies = 2
     site = site_factory(relay, SENDMAIL_SHIM_QUEUE_CONNECTIONS="1")
     ids = [site.submit(f"r{i}@example.org")[1] for i in range(3)]
-    assert site.run().sent == 3
+    lines = []
+    assert site.run(transcript=lines.append).sent == 3
     assert received(relay) == dict.fromkeys(ids, 1)
-    verbs = [c.split(" ")[0].upper() for c in relay.commands]
-    assert verbs.count("EHLO") == 1 and verbs.count("AUTH") == 1 and verbs.count("RSET") == 2
+    commands = verbs(relay)
+    assert commands.count("EHLO") == 1 and commands.count("AUTH") == 1
+    assert commands[commands.index("MAIL"):] == ["MAIL", "RCPT", "DATA"] * 3 + ["QUIT"]  # no RSET
+    after_data = [lines[i + 1:i + 4] for i, line in enumerate(lines) if line.startswith("C: <message")]
+    heads = [[line.split(" ")[1] for line in flight] for flight in after_data]
+    if pipelining:  # the next envelope goes out right behind the data, before any reply is read
+        assert heads[:2] == [["MAIL", "RCPT", "DATA"]] * 2
+    else:
+        assert [head[0] for head in heads] == ["250"] * 3
 
 
 def counting_password(site: Site) -> Path:
@@ -246,6 +256,80 @@ def test_parallel_run_settles_each_failure_like_a_serial_one(relay_factory, site
     assert len(relay.messages) == 7 and all(received(relay)[message_id] == 1 for _, message_id in good)
     (report,) = [m for m in relay.messages if m.rcpt_tos == [RELAY_LOGIN]]
     assert "bad@example.org" in report.data.decode() and "later@example.org" not in report.data.decode()
+
+
+def submit_in_order(site: Site, *recipients: str) -> list[tuple[str, str]]:
+    """One message per recipient, queued in this order (ids sort by the millisecond)."""
+    submitted = []
+    for recipient in recipients:
+        submitted.append(site.submit(recipient))
+        time.sleep(0.002)
+    return submitted
+
+
+def log_lines_of(site: Site, msg_id: str) -> list[str]:
+    return [line for line in site.log_text().splitlines() if f" {msg_id}: " in f" {line}"]
+
+
+def test_refused_data_fails_only_that_message(relay_factory, site_factory):
+    relay = relay_factory(security="tls", pipelining=True)
+    relay.reject_data["spam@example.org"] = "554 5.7.1 looks like spam"
+    site = site_factory(relay, SENDMAIL_SHIM_QUEUE_CONNECTIONS="1")
+    (before, before_mid), (spam, _), (after, after_mid) = submit_in_order(
+        site, "a@example.org", "spam@example.org", "c@example.org")
+    stats = site.run()
+    assert (stats.sent, stats.failed, stats.bounces, stats.deferred) == (3, 1, 1, 0)  # 2 + the report
+    assert received(relay)[before_mid] == 1 and received(relay)[after_mid] == 1 and len(relay.messages) == 3
+    assert site.queue.ids() == [] and site.queue.failed_ids() == [spam]
+    assert "status=bounced (554 5.7.1 looks like spam)" in log_lines_of(site, spam)[0]
+    assert all("status=sent" in log_lines_of(site, msg_id)[0] for msg_id in (before, after))
+    assert "RSET" not in verbs(relay)  # the refusal of the data ended that transaction
+
+
+def test_refused_recipient_of_the_next_message_leaves_the_previous_one_sent(relay_factory, site_factory):
+    relay = relay_factory(security="tls", pipelining=True)
+    relay.refuse["bad@example.org"] = "550 5.1.1 no such user"
+    site = site_factory(relay, SENDMAIL_SHIM_QUEUE_CONNECTIONS="1")
+    (good, good_mid), (bad, _) = submit_in_order(site, "a@example.org", "bad@example.org")
+    stats = site.run()
+    assert (stats.sent, stats.failed, stats.bounces) == (2, 1, 1)  # the good one and the report
+    assert received(relay)[good_mid] == 1 and site.queue.failed_ids() == [bad]
+    assert "status=sent" in log_lines_of(site, good)[0] and "status=bounced (550" in log_lines_of(site, bad)[0]
+    commands = verbs(relay)  # RSET only after the aborted transaction, in the report's group
+    assert commands[commands.index("MAIL"):] == ["MAIL", "RCPT", "DATA"] * 2 + ["RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+
+
+def test_connection_lost_after_the_data_leaves_the_next_message_untouched(relay_factory, site_factory):
+    relay = relay_factory(security="tls", pipelining=True)
+    relay.close_at.add("accepted")  # the relay takes the message, then the connection is gone
+    site = site_factory(relay, SENDMAIL_SHIM_QUEUE_CONNECTIONS="1")
+    (first, first_mid), (second, second_mid) = submit_in_order(site, "a@example.org", "b@example.org")
+    lines = []
+    stats = site.run(transcript=lines.append)
+    assert stats.deferred == 2 and site.queue.ids() == [first, second]
+    assert sum(line.startswith("C: MAIL") for line in lines) == 2  # the second one was on its way
+    assert received(relay) == {first_mid: 1}
+    assert "status=ambiguous" in log_lines_of(site, first)[0]
+    assert "status=deferred" in log_lines_of(site, second)[0] and "twice" not in log_lines_of(site, second)[0]
+    assert [r.state for r in site.queue.load(second).recipients] == ["pending"]
+    relay.close_at.clear()
+    site.queue.retry_now()
+    assert site.run().sent == 2
+    assert received(relay) == {first_mid: 2, second_mid: 1}  # the ambiguous one, as documented
+
+
+@pytest.mark.parametrize("stage", ["greeting", "auth"])
+def test_connections_beyond_the_relay_limit_cost_nothing(relay_factory, site_factory, stage):
+    relay = relay_factory(security="tls", pipelining=True)
+    relay.max_sessions, relay.too_many_at = 2, stage  # "421 too many connections" for the others
+    site = site_factory(relay, SENDMAIL_SHIM_QUEUE_CONNECTIONS="6")
+    ids = [site.submit(f"r{i}@example.org")[1] for i in range(30)]
+    stats = site.run()
+    assert relay.refused_sessions >= 1
+    assert (stats.sent, stats.deferred, stats.failed) == (30, 0, 0)
+    assert received(relay) == dict.fromkeys(ids, 1) and site.queue.ids() == []
+    log = site.log_text().splitlines()  # no line for a refused connection, no message deferred
+    assert len(log) == 30 and all("status=sent" in line for line in log)
 
 
 def test_refused_login_costs_one_auth_per_connection_at_most(relay_factory, site_factory):

@@ -5,6 +5,7 @@ import io
 import re
 import socket
 import threading
+import time
 
 import pytest
 
@@ -345,35 +346,117 @@ def test_one_connection_carries_several_messages(relay, session):
     assert [m.data for m in relay.messages] == [BODY, b"second\r\n"]
     verbs = [line.split(" ")[0].upper() for line in relay.commands]
     assert verbs.count("EHLO") == 1 and verbs.count("AUTH") == 1
-    assert verbs[verbs.index("DATA"):] == ["DATA", "RSET", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+    # no RSET after a message the relay answered: the reply to its data ended the transaction
+    assert verbs[verbs.index("DATA"):] == ["DATA", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
 
 
-def test_rset_travels_in_the_next_pipelined_group(relay_factory, session):
+def test_rset_only_after_an_aborted_transaction_and_in_the_next_group(relay_factory, session):
     server = relay_factory(security="tls", pipelining=True)
+    server.refuse["nobody@example.test"] = "550 no such user"
     shim = session(server)
     envelope = Envelope(sender=RELAY_LOGIN, recipients=["bob@example.test"], size=len(BODY))
     with shim.relay as connection:
         connection.send(envelope, io.BytesIO(BODY))
+        with pytest.raises(SMTPFailure):
+            connection.send(Envelope(sender=RELAY_LOGIN, recipients=["nobody@example.test"]), io.BytesIO(BODY))
         connection.send(envelope, io.BytesIO(b"second\r\n"))
     assert [m.data for m in server.messages] == [BODY, b"second\r\n"]
     start = shim.transcript.index("C: RSET")  # one write: no reply read before DATA is sent
     assert [line.split(" ")[1] for line in shim.transcript[start:start + 4]] == ["RSET", "MAIL", "RCPT", "DATA"]
     verbs = [line.split(" ")[0].upper() for line in server.commands]
-    assert verbs[verbs.index("DATA"):] == ["DATA", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert verbs[verbs.index("DATA"):] == ["DATA", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
 
 
 def test_refused_pipelined_rset_retires_the_connection(relay_factory, session):
     server = relay_factory(security="tls", pipelining=True)
     server.reply_at["rset"] = "421 4.3.2 shutting down"
+    server.refuse["nobody@example.test"] = "550 no such user"
     envelope = Envelope(sender=RELAY_LOGIN, recipients=["bob@example.test"], size=len(BODY))
     with session(server).relay as connection:
-        connection.send(envelope, io.BytesIO(BODY))
+        with pytest.raises(SMTPFailure):
+            connection.send(Envelope(sender=RELAY_LOGIN, recipients=["nobody@example.test"]), io.BytesIO(BODY))
         with pytest.raises(SMTPFailure) as caught:
             connection.send(envelope, io.BytesIO(b"second\r\n"))
         assert (caught.value.stage, caught.value.code) == ("rset", 421)
         with pytest.raises(TempFail, match="no longer usable"):
             connection.send(envelope, io.BytesIO(b"third\r\n"))
-    assert [m.data for m in server.messages] == [BODY]
+    assert server.messages == []
+
+
+def envelope_to(recipient: str) -> Envelope:
+    return Envelope(sender=RELAY_LOGIN, recipients=[recipient], size=len(BODY))
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelining"])
+def test_next_envelope_goes_out_before_the_final_reply(relay_factory, session, pipelining):
+    server = relay_factory(security="tls", pipelining=pipelining)
+    if pipelining:  # the relay answers the first data only once the next envelope is there
+        server.late_replies = 1
+    shim = session(server)
+    with shim.relay as connection:
+        first = connection.begin(envelope_to("a@example.test"))
+        connection.transfer(first, io.BytesIO(BODY))
+        second = connection.begin(envelope_to("b@example.test"))
+        assert connection.collect(first).reply.startswith("250")
+        connection.transfer(second, io.BytesIO(b"second\r\n"))
+        assert connection.collect(second).accepted == ["b@example.test"]
+    assert [(m.rcpt_tos, m.data) for m in server.messages] == [(["a@example.test"], BODY),
+                                                                (["b@example.test"], b"second\r\n")]
+    verbs = [line.split(" ")[0].upper() for line in server.commands]
+    assert verbs[verbs.index("MAIL"):] == ["MAIL", "RCPT", "DATA"] * 2 + ["QUIT"]
+    body = next(i for i, line in enumerate(shim.transcript) if line.startswith("C: <message"))
+    following = [line.split(" ")[:2] for line in shim.transcript[body + 1:body + 5]]
+    if pipelining:  # one flight: data, dot and the next envelope, then the replies in order
+        assert following == [["C:", "MAIL"], ["C:", "RCPT"], ["C:", "DATA"], ["S:", "250"]]
+    else:
+        assert following[:2] == [["S:", "250"], ["C:", "MAIL"]]
+
+
+def test_refused_data_does_not_touch_the_next_message(relay_factory, session):
+    server = relay_factory(security="tls", pipelining=True)
+    server.reject_data["spam@example.test"] = "554 5.7.1 looks like spam"
+    with session(server).relay as connection:
+        first = connection.begin(envelope_to("spam@example.test"))
+        connection.transfer(first, io.BytesIO(BODY))
+        second = connection.begin(envelope_to("b@example.test"))
+        with pytest.raises(SMTPFailure) as caught:
+            connection.collect(first)
+        assert (caught.value.code, caught.value.stage) == (554, "dot")
+        connection.transfer(second, io.BytesIO(b"second\r\n"))
+        assert connection.collect(second).reply.startswith("250")
+    assert [m.data for m in server.messages] == [b"second\r\n"]
+    assert "RSET" not in server.commands  # the refusal of the data ended that transaction
+
+
+def test_connection_lost_before_the_final_reply(relay_factory, session):
+    server = relay_factory(security="tls", pipelining=True)
+    server.close_at.add("accepted")  # the relay takes the first message and drops the connection
+    with session(server).relay as connection:
+        first = connection.begin(envelope_to("a@example.test"))
+        connection.transfer(first, io.BytesIO(BODY))
+        second = connection.begin(envelope_to("b@example.test"))
+        with pytest.raises(TempFail) as lost:
+            connection.collect(first)
+        assert "(at DOT)" in str(lost.value) and "twice" in lost.value.hint
+        with pytest.raises(TempFail) as untouched:
+            connection.transfer(second, io.BytesIO(b"second\r\n"))
+        assert "(at MAIL)" in str(untouched.value) and not untouched.value.hint
+        assert not connection.usable
+    assert [m.rcpt_tos for m in server.messages] == [["a@example.test"]]
+
+
+def test_each_transaction_has_its_own_deadline(relay_factory, session):
+    server = relay_factory(security="tls", pipelining=True)
+    shim = session(server, SMTP_TIMEOUT="30", SMTP_DEADLINE="0.5")
+    with shim.relay as connection:
+        first = connection.begin(envelope_to("a@example.test"))
+        connection.transfer(first, io.BytesIO(BODY))
+        time.sleep(0.6)  # the first one's deadline is over; the second one starts afresh
+        second = connection.begin(envelope_to("b@example.test"))
+        with pytest.raises(TempFail, match="SMTP_DEADLINE=0.5s"):
+            connection.collect(first)
+        assert not connection.usable  # its reply may still come: the connection is out of step
+    assert [m.rcpt_tos for m in server.messages] == [["a@example.test"]] and second.pipelined
 
 
 def test_verify_sender(relay, session):
