@@ -10,7 +10,7 @@ never bounced.
 """
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from email.utils import formatdate
 
 from .errors import DataError
@@ -20,8 +20,7 @@ _REPLY = re.compile(r"([245])\d\d(?:[ -]+([245]\.\d{1,3}\.\d{1,3}))?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
-@dataclass(frozen=True)
-class Failure:
+class Failure(NamedTuple):
     recipient: str
     reply: str  # the relay's reply ("550 5.1.1 no such user") or why we gave up
     expired: bool = False  # given up after SENDMAIL_SHIM_MAX_QUEUE_AGE rather than refused

@@ -5,7 +5,6 @@ The greeting goes out before anything is read; each message goes through the sam
 delivered or durably queued. Nothing but SMTP replies is ever written to stdout.
 """
 
-import dataclasses
 import os
 import socket
 import tempfile
@@ -14,6 +13,7 @@ from . import message, reader, submit
 from .errors import (
     EX_OK, ConfigError, DataError, PolicyError, SMTPFailure, ShimError, TempFail, UsageError,
 )
+from .options import Options
 
 MAX_COMMAND = 2048  # RFC 5321 §4.5.3.1.4 says 512; clients with long parameters exist
 MAX_LINE = 64 * 1024  # a DATA line; the message reader breaks lines over 998 octets itself
@@ -154,10 +154,8 @@ class Session:
             spool.write(line)
 
     def _accept(self, spool) -> str:
-        opts = dataclasses.replace(
-            self.opts, extract_recipients=False, recipients=list(self.recipients),
-            sender=self.mail_from or None, dot_ends=False,
-        )
+        opts = Options(**{**vars(self.opts), "extract_recipients": False, "recipients": list(self.recipients),
+                          "sender": self.mail_from or None, "dot_ends": False})
         try:
             msg_id = submit.accept(reader.MessageReader(spool, dot_ends=False), opts, self.config,
                                    self.stderr, self.environ)

@@ -71,5 +71,4 @@ def _test_message(config, to: str):
         policy=message.HeaderPolicy.from_config(config),
     )
     data = headers + body
-    envelope.size = len(data)
-    return envelope, io.BytesIO(data)
+    return envelope._replace(size=len(data)), io.BytesIO(data)

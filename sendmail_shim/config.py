@@ -11,7 +11,8 @@ Precedence, highest first:
 import functools
 import os
 import sys
-from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 from . import providers
 from .errors import ConfigError
@@ -69,8 +70,7 @@ _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0", ""}
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     host: str | None = None
     port: int = 465
     security: str = "tls"
@@ -86,7 +86,7 @@ class Config:
     timeout: float = 30.0
     connect_timeout: float = 15.0
     deadline: float = 600.0
-    aliases: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = MappingProxyType({})
     password_command: str | None = None
     keyring_backend: str | None = None
     credentials_file: str | None = None
@@ -95,7 +95,7 @@ class Config:
     delivery: str = "background"
     queue_dir: str = SYSTEM_QUEUE
     max_queue_age: float = 5 * 86400.0
-    queue_connections: int = providers.Preset.connections
+    queue_connections: int = providers.DEFAULT_CONNECTIONS
     bounce_to: str | None = None
     sources: tuple[str, ...] = ()
 
@@ -278,7 +278,7 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = ()) -> Con
         queue_dir=get("SENDMAIL_SHIM_QUEUE_DIR") or default_queue_dir(environ, sources),
         max_queue_age=_seconds(values, "SENDMAIL_SHIM_MAX_QUEUE_AGE", 5 * 86400.0),
         queue_connections=_whole(values, "SENDMAIL_SHIM_QUEUE_CONNECTIONS",
-                                 preset.connections if preset else providers.Preset.connections,
+                                 preset.connections if preset else providers.DEFAULT_CONNECTIONS,
                                  most=MAX_QUEUE_CONNECTIONS),
         bounce_to=get("SENDMAIL_SHIM_BOUNCE_TO"),
         sources=sources,

@@ -13,7 +13,7 @@ import json
 import os
 import stat
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import config
 from .errors import CantCreate, ConfigError
@@ -27,8 +27,7 @@ _QUEUE_HINT = _(
 )
 
 
-@dataclass(frozen=True)
-class Store:
+class Store(NamedTuple):
     """One credential file.
 
     ``group``: the gid that may read a root-owned file (the sendmail-shim group), None if that

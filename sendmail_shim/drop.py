@@ -61,11 +61,10 @@ def accept(config, fields: dict, data, out):
     except ShimError as exc:
         raise Rejected(str(exc)) from None
     envelope = message.write(out, reader, headers, envelope)
-    envelope.dsn_notify, envelope.dsn_ret, envelope.envid = (
-        fields.get(key) and validate(fields[key])
+    return envelope._replace(**{
+        key: fields.get(key) and validate(fields[key])
         for key, validate in (("dsn_notify", dsn.dsn_notify), ("dsn_ret", dsn.dsn_ret), ("envid", dsn.envid))
-    )
-    return envelope
+    })
 
 
 def _malformed(fields: dict) -> str | None:

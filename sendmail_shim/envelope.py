@@ -1,14 +1,13 @@
 """The SMTP envelope of one message, as the front end decided it and the queue stores it."""
 
-from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from .i18n import _
 
 NO_RECIPIENTS = _("no recipients: give them as arguments or use -t with To/Cc/Bcc headers")
 
 
-@dataclass
-class Envelope:
+class Envelope(NamedTuple):
     sender: str  # MAIL FROM: always the login (or SMTP_FROM for a relay without AUTH)
     recipients: list[str]  # RCPT TO, de-duplicated, aliases resolved
     requested_sender: str | None = None  # what -f/-r or From: asked for; logged, never used
@@ -21,12 +20,11 @@ class Envelope:
     size: int = 0  # bytes of the CRLF-normalised message
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self._asdict()
 
     @classmethod
     def from_dict(cls, data: dict) -> "Envelope":
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+        return cls(**{k: data[k] for k in cls._fields if k in data})
 
 
 # DSN parameters (RFC 3461), validated the same way for -N/-R/-V and for a maildrop trailer.

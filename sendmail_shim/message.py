@@ -27,12 +27,12 @@ whole; every other field passes byte-for-byte (no re-serialisation, python-deps.
 """
 
 import re
-from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from email import _header_value_parser as value_parser
 from email import errors, policy as email_policy
 from email.headerregistry import Address, Group
 from email.utils import formatdate, make_msgid
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from .envelope import NO_RECIPIENTS, Envelope
 from .errors import DataError, PolicyError, UsageError
@@ -48,11 +48,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _NO_DOMAIN = "addr-spec local part with no domain"
 
 
-@dataclass(frozen=True)
-class HeaderPolicy:
+class HeaderPolicy(NamedTuple):
     sender: str  # Config.sender (the login)
     from_policy: str = "rewrite"  # or "reject"
-    aliases: dict[str, str] = field(default_factory=dict)  # Config.aliases
+    aliases: dict[str, str] = MappingProxyType({})  # Config.aliases
     local_hostname: str = ""  # this machine's host name, for user@<this host>
     full_name: str | None = None  # -F
 
@@ -123,8 +122,7 @@ def write(out: BinaryIO, reader: MessageReader, headers: bytes, envelope: Envelo
 
 def complete_envelope(envelope: Envelope, header_block: bytes, body: BodyInfo) -> Envelope:
     """The envelope with eight_bit and size of the final message (header block + body)."""
-    return replace(
-        envelope,
+    return envelope._replace(
         eight_bit=body.eight_bit or not header_block.isascii(),
         size=len(header_block) + body.size,
     )

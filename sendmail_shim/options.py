@@ -7,7 +7,7 @@ address, as with Postfix). Administration uses long options only, so it never co
 recipient: ``sendmail-shim root`` always mails root.
 """
 
-from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from . import envelope as dsn
 from .errors import UsageError
@@ -43,25 +43,30 @@ SETUP_KEYS = {
 _SETUP_FLAGS = ("password-stdin", "yes", "no-check")
 
 
-@dataclass
-class Options:
-    mode: str = "send"  # send | smtp (-bs) | list (-bp) | run-queue (-q) | newaliases | an admin action
-    extract_recipients: bool = False  # -t
-    dot_ends: bool = True  # cleared by -i / -oi
-    sender: str | None = None  # -f / -r: requested envelope sender, logged only
-    full_name: str | None = None  # -F
-    recipients: list[str] = field(default_factory=list)
-    verbose: int = 0  # -v (repeatable)
-    delivery: str | None = None  # -odb / -odi / -odq
-    dsn_notify: str | None = None  # -N
-    dsn_ret: str | None = None  # -R
-    envid: str | None = None  # -V
-    queue_filter: tuple[str, str] | None = None  # -qR… / -qS… / -qI…: (kind, substring)
-    config_path: str | None = None  # --config
-    check_to: str | None = None  # --check --to
-    setup_answers: dict[str, str] = field(default_factory=dict)  # --setup --user … → {"SMTP_USER": …}
-    setup_flags: set[str] = field(default_factory=set)  # --password-stdin, --yes, --no-check
-    target: str | None = None  # argument of --show/--delete/--retry/--requeue
+class Options(SimpleNamespace):
+    """What the command line asks for: `parse` fills it in; keyword arguments change defaults."""
+
+    def __init__(self, **changes):
+        super().__init__(
+            mode="send",  # send | smtp (-bs) | list (-bp) | run-queue (-q) | newaliases | an admin action
+            extract_recipients=False,  # -t
+            dot_ends=True,  # cleared by -i / -oi
+            sender=None,  # -f / -r: requested envelope sender, logged only
+            full_name=None,  # -F
+            recipients=[],
+            verbose=0,  # -v (repeatable)
+            delivery=None,  # -odb / -odi / -odq
+            dsn_notify=None,  # -N
+            dsn_ret=None,  # -R
+            envid=None,  # -V
+            queue_filter=None,  # -qR… / -qS… / -qI…: (kind, substring)
+            config_path=None,  # --config
+            check_to=None,  # --check --to
+            setup_answers={},  # --setup --user … → {"SMTP_USER": …}
+            setup_flags=set(),  # --password-stdin, --yes, --no-check
+            target=None,  # argument of --show/--delete/--retry/--requeue
+        )
+        self.__dict__.update(changes)
 
 
 def parse(argv: list[str], program: str = "sendmail-shim") -> Options:

@@ -3,13 +3,14 @@
 Pure data and lookups; nothing here touches the network.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .i18n import _
 
+DEFAULT_CONNECTIONS = 8  # parallel connections of a queue run
 
-@dataclass(frozen=True)
-class Preset:
+
+class Preset(NamedTuple):
     host: str
     port: int
     security: str
@@ -17,7 +18,7 @@ class Preset:
     password_name: str  # what the provider calls the SMTP password
     # parallel connections of a queue run: Coremail (163 "421 HL:ICC") and QQ refuse an address
     # that opens too many at once and block it for a while, so their presets use one
-    connections: int = 8
+    connections: int = DEFAULT_CONNECTIONS
 
 
 _CODE = _("authorization code (授权码)")

@@ -35,7 +35,7 @@ import re
 import stat
 import time
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import BinaryIO, Callable
 
 from .config import SERVICE_USER, SYSTEM_QUEUE
@@ -73,30 +73,30 @@ def next_attempt_after(attempts: int, now: float) -> float:
     return now + min(MIN_BACKOFF * 2 ** max(attempts - 1, 0), MAX_BACKOFF)
 
 
-@dataclass
-class Recipient:
-    address: str
-    state: str = "pending"  # pending | sent | failed
-    attempts: int = 0
-    reply: str = ""  # the last reply (or reason) for this recipient
+class Recipient(SimpleNamespace):
+    """One recipient's delivery state: ``state`` is pending, sent or failed; ``reply`` the last
+    reply (or reason) for it."""
+
+    def __init__(self, address: str, state: str = "pending", attempts: int = 0, reply: str = ""):
+        super().__init__(address=address, state=state, attempts=attempts, reply=reply)
 
 
-@dataclass
-class QueuedMessage:
-    id: str
-    path: str  # the message directory
-    envelope: Envelope
-    recipients: list[Recipient]
-    arrival: float
-    attempts: int = 0
-    next_attempt: float = 0.0
-    last_reply: str = ""
-    bounce: bool = False  # a failure report: it is never bounced itself
-    uid: int | None = None  # the submitting user
-    drop: str | None = None  # the maildrop file it came from (removed when the message is done)
-    failure: str | None = None  # why it is in failed/
+class QueuedMessage(SimpleNamespace):
+    """A message in queue/ or failed/: where it is (``path``, the message directory) and what its
+    envelope.json holds (`STORED`)."""
 
-    data_file = None  # not a field: the open, locked data file while `Queue.lock` holds it
+    STORED = ("id", "envelope", "recipients", "arrival", "attempts", "next_attempt", "last_reply", "bounce",
+              "uid", "drop", "failure")
+    data_file = None  # not stored: the open, locked data file while `Queue.lock` holds it
+
+    def __init__(self, id: str, path: str, envelope: Envelope, recipients: list[Recipient], arrival: float,
+                 attempts: int = 0, next_attempt: float = 0.0, last_reply: str = "", bounce: bool = False,
+                 uid: int | None = None, drop: str | None = None, failure: str | None = None):
+        # bounce: a failure report, never bounced itself; uid: the submitting user; drop: the
+        # maildrop file it came from (removed when the message is done); failure: why it is in failed/
+        super().__init__(id=id, path=path, envelope=envelope, recipients=recipients, arrival=arrival,
+                         attempts=attempts, next_attempt=next_attempt, last_reply=last_reply, bounce=bounce,
+                         uid=uid, drop=drop, failure=failure)
 
     @property
     def data_path(self) -> str:
@@ -111,25 +111,26 @@ class QueuedMessage:
         return self.envelope.size
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        del data["path"]
+        data = {k: getattr(self, k) for k in self.STORED}
         data["envelope"] = self.envelope.to_dict()
+        data["recipients"] = [dict(vars(r)) for r in self.recipients]
         return data
 
     @classmethod
     def from_dict(cls, data: dict, path: str) -> "QueuedMessage":
-        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "path"}
+        fields = {k: data[k] for k in cls.STORED if k in data}
         fields["envelope"] = Envelope.from_dict(data["envelope"])
         fields["recipients"] = [Recipient(**r) for r in data["recipients"]]
         return cls(path=path, **fields)
 
 
-@dataclass
-class PickupResult:
-    accepted: list[QueuedMessage] = field(default_factory=list)
-    rejected: list[tuple[str, int, str]] = field(default_factory=list)  # (file, uid, reason)
-    # of those, well-formed requests the header policy refused: (where the file is kept, reason)
-    refusals: list[tuple[str, str]] = field(default_factory=list)
+class PickupResult(SimpleNamespace):
+    """What `Queue.pickup` did: ``accepted`` messages; ``rejected`` files as (file, uid, reason);
+    ``refusals``, those of them that were well-formed requests the header policy refused, as
+    (where the file is kept, reason)."""
+
+    def __init__(self):
+        super().__init__(accepted=[], rejected=[], refusals=[])
 
 
 class Queue:

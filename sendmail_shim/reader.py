@@ -22,8 +22,7 @@ Sendmail's rules (`MessageReader`):
 """
 
 import re
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from .errors import DataError
 from .i18n import _
@@ -35,8 +34,7 @@ MAX_HEADER_BLOCK = 1 << 20
 _FIELD_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 
-@dataclass(frozen=True)
-class BodyInfo:
+class BodyInfo(NamedTuple):
     size: int
     eight_bit: bool
 
@@ -181,8 +179,7 @@ def _break_line(line: bytes) -> list[bytes]:
     return pieces
 
 
-@dataclass(frozen=True)
-class _Field:
+class _Field(NamedTuple):
     name: str  # lower case
     raw: bytes  # the whole field, continuation lines and final CRLF included
 

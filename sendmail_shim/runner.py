@@ -28,16 +28,15 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from types import SimpleNamespace
+from typing import Callable, Iterator, NamedTuple
 
 from .envelope import Envelope
 from .errors import DataError, ShimError, SMTPFailure
 from .queue import Queue, QueuedMessage, crash_point, drop_fields, next_attempt_after
 
 
-@dataclass
-class Outcome:
+class Outcome(NamedTuple):
     """What `deliver_now` did with one message."""
 
     msg_id: str
@@ -46,19 +45,22 @@ class Outcome:
     kept: bool = False  # still in queue/, to be retried
 
 
-@dataclass
-class RunStats:
-    picked_up: int = 0  # maildrop files accepted into the queue
-    refused_drops: int = 0  # maildrop files refused (moved to corrupt/)
-    sent: int = 0  # messages done: every recipient accepted
-    deferred: int = 0  # messages tried and kept for a retry
-    failed: int = 0  # messages moved to failed/
-    bounces: int = 0  # failure reports queued
-    busy: int = 0  # skipped: another process holds them
+class RunStats(SimpleNamespace):
+    """What a queue run did, counted."""
+
+    def __init__(self):
+        super().__init__(
+            picked_up=0,  # maildrop files accepted into the queue
+            refused_drops=0,  # maildrop files refused (moved to corrupt/)
+            sent=0,  # messages done: every recipient accepted
+            deferred=0,  # messages tried and kept for a retry
+            failed=0,  # messages moved to failed/
+            bounces=0,  # failure reports queued
+            busy=0,  # skipped: another process holds them
+        )
 
 
-@dataclass(frozen=True)
-class Selector:
+class Selector(NamedTuple):
     """``-qI``/``-qR``/``-qS`` substring (case-insensitive) of the id, a recipient or the sender.
     Selected messages are tried now, whatever their next-attempt time (as Postfix's flush)."""
 
@@ -442,7 +444,7 @@ class _Attempt:
         try:
             self.relay = self.session.connect()
             self._transaction = self.relay.begin(
-                replace(message.envelope, recipients=[r.address for r in self.pending]))
+                message.envelope._replace(recipients=[r.address for r in self.pending]))
         except ShimError as exc:
             self._result = self._failure(exc)
 

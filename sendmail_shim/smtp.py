@@ -16,8 +16,8 @@ import ssl
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterable, Iterator
+from types import SimpleNamespace
+from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 from . import providers
 from .errors import (
@@ -41,28 +41,27 @@ _PORT_25 = _("many providers and cloud hosts block outgoing port 25: use SMTP_SE
              "or starttls with port 587")
 
 
-@dataclass
-class SendResult:
+class SendResult(NamedTuple):
     reply: str  # final reply to the end of data, e.g. "250 Mail OK queued as X"
     accepted: list[str]
     refused: dict[str, tuple[int, str]]  # recipients the relay refused while accepting others
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str]  # e.g. an 8-bit message sent to a relay without 8BITMIME
 
 
-@dataclass
-class Transaction:
+class Transaction(SimpleNamespace):
     """One message on a connection, from `Relay.begin` to `Relay.collect`."""
 
-    mail: str  # the command lines
-    rcpts: list[str]
-    smtputf8: bool
-    recipients: list[str]
-    clock: "_Clock"  # its own SMTP_DEADLINE, also while the next message's envelope is on its way
-    warnings: list[str]
-    pipelined: bool = False  # MAIL, RCPT… and DATA went out in `begin`, their replies unread
-    reset: bool = False  # … behind an RSET
-    accepted: list[str] = field(default_factory=list)
-    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+    def __init__(self, mail: str, rcpts: list[str], smtputf8: bool, recipients: list[str], clock: "_Clock",
+                 warnings: list[str]):
+        super().__init__(
+            mail=mail, rcpts=rcpts, smtputf8=smtputf8,  # the command lines
+            recipients=recipients,
+            clock=clock,  # its own SMTP_DEADLINE, also while the next message's envelope is on its way
+            warnings=warnings,
+            pipelined=False,  # MAIL, RCPT… and DATA went out in `begin`, their replies unread
+            reset=False,  # … behind an RSET
+            accepted=[], refused={},  # by `transfer`
+        )
 
 
 def helo_name(config, sock: socket.socket) -> str:

@@ -74,7 +74,7 @@ def accept(reader, opts, config, stderr, environ) -> str:
             requested_sender=opts.sender,
             policy=policy,
         )
-    envelope.dsn_notify, envelope.dsn_ret, envelope.envid = opts.dsn_notify, opts.dsn_ret, opts.envid
+    envelope = envelope._replace(dsn_notify=opts.dsn_notify, dsn_ret=opts.dsn_ret, envid=opts.envid)
     log = MessageLog.from_config(config)
     mode = opts.delivery or config.delivery
     if mode == "direct":

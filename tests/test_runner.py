@@ -16,7 +16,6 @@ import time
 import uuid
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -182,7 +181,7 @@ def test_relay_down_then_up(relay, site_factory):
     assert queued.attempts == 1 and queued.next_attempt > time.time()
     assert down.run().deferred == 0  # not due yet: no second attempt
 
-    up = replace(down.config, port=relay.port)  # the relay is back
+    up = down.config._replace(port=relay.port)  # the relay is back
     down.queue.retry_now()
     stats = run_queue(up, down.queue, log=down.log)
     assert stats.sent == 1 and down.queue.ids() == [] and received(relay) == {message_id: 1}
@@ -218,7 +217,7 @@ def test_one_connection_serves_the_whole_run(relay_factory, site_factory, pipeli
 def counting_password(site: Site) -> Path:
     """Make the password command note each run in a file; returns that file."""
     runs = site.base / "password-runs"
-    site.config = replace(site.config, password_command=f"echo x >> {runs}; cat {site.password_file}")
+    site.config = site.config._replace(password_command=f"echo x >> {runs}; cat {site.password_file}")
     return runs
 
 
