@@ -254,12 +254,11 @@ def deliver_now(config, queue: Queue, msg_id: str, *, log, password=None,
 
 
 def pick_up_and_deliver(config, queue: Queue, msg_id: str, *, log) -> None:
-    """The ``-odb`` background process (background.py): take in maildrop/, where the caller left
-    `msg_id`, then deliver it as a queue run would, and any failure notice the pickup queued."""
-    stats = RunStats()
-    notices = _pick_up(config, queue, log, stats)
-    for msg in [msg_id, *notices]:
-        deliver_now(config, queue, msg, log=log, interactive=False)
+    """The background process (background.py): take in maildrop/ (where an ``-odb`` caller left
+    `msg_id`), then deliver, as a queue run would, `msg_id` and whatever the pickup queued —
+    other callers' drops too, which the pickup took from the queue runner's trigger."""
+    for queued in dict.fromkeys([msg_id, *_pick_up(config, queue, log, RunStats())]):
+        deliver_now(config, queue, queued, log=log, interactive=False)
 
 
 def _finish(steps: Iterator[None] | None) -> None:
@@ -281,7 +280,8 @@ def _count(stats: RunStats, outcome: Outcome) -> None:
 
 
 def _pick_up(config, queue: Queue, log, stats: RunStats) -> list[str]:
-    """Take in maildrop/; returns the ids of the notices queued for refused requests."""
+    """Take in maildrop/; returns the ids of what it queued: messages, and notices for refused
+    requests."""
     from . import drop
 
     result = queue.pickup(lambda fields, data, out: drop.accept(config, fields, data, out))
@@ -295,7 +295,7 @@ def _pick_up(config, queue: Queue, log, stats: RunStats) -> list[str]:
     stats.refused_drops += len(result.rejected)
     notices = [_notify_refusal(config, queue, log, path, reason) for path, reason in result.refusals]
     stats.bounces += len(notices)
-    return notices
+    return [message.id for message in result.accepted] + notices
 
 
 def _notify_refusal(config, queue: Queue, log, path: str, reason: str) -> str:
@@ -315,7 +315,7 @@ def _queue_report(config, queue: Queue, log, *, about: str, original: bytes, arr
                   requested_sender: str | None, failures=(), refusal: str | None = None,
                   now: float | None = None) -> str:
     """Queue a failure report (bounce.py) about message `about`; returns its id."""
-    import secrets  # here, not at the top: every -odb caller imports this module
+    import secrets  # here, not at the top: only a failure needs it
     from email.utils import make_msgid
 
     from . import bounce

@@ -547,6 +547,20 @@ def test_background_delivery_detaches_from_the_caller(site, relay):
     wait_for(lambda: "QUIT" in relay.commands)
 
 
+def test_background_child_also_delivers_the_drops_it_picked_up(site, relay):
+    """The background pickup empties maildrop/ before the queue runner's path unit could see a
+    waiting drop: what it picked up it delivers too, at once."""
+    other, other_id = message_bytes(subject="dropped by another caller")
+    with site.queue.spool(drop=True) as spool:
+        spool.file.write(other)
+        spool.commit(Envelope(sender=RELAY_LOGIN, recipients=["carol@example.org"], size=len(other)))
+    data, message_id = message_bytes()
+    proc = site.helper("submit", "bob@example.org", stdin=data, BACKGROUND="1")
+    assert proc.returncode == 0
+    wait_for(lambda: received(relay) == {message_id: 1, other_id: 1})
+    wait_for(lambda: site.queue.ids() == [] and os.listdir(site.queue.maildrop) == [])
+
+
 def test_background_child_holds_no_descriptor_of_the_caller(site_factory, relay):
     with socket.socket() as silent:  # accepts connections, never says a word
         silent.bind(("127.0.0.1", 0))

@@ -256,7 +256,7 @@ def test_write_config_keeps_mode_and_a_backup(tmp_path):
 def test_integration_hints_name_the_files_and_the_lines_to_add(tmp_path):
     program = tmp_path / "usr/bin/sendmail-shim"
     for name, text in {
-        "usr/bin/sendmail-shim": "#!/usr/bin/python3\nfrom sendmail_shim.cli import main\n",
+        "usr/bin/sendmail-shim": "#!/usr/bin/python3\nfrom sendmail_shim.cli import console\n",
         "usr/sbin/sendmail": "\x7fELF postfix",
         "etc/php/8.2/fpm/php.ini": "[mail function]\n;sendmail_path =\n",
         "etc/php/8.2/cli/php.ini": "sendmail_path = /usr/bin/sendmail-shim -t -i\n",
