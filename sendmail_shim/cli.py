@@ -4,6 +4,7 @@ Modules are imported per mode so that every call of the sendmail path pays only 
 uses (PHP and cron start one process per mail).
 """
 
+import gc
 import os
 import sys
 
@@ -64,8 +65,11 @@ def console() -> None:
     Tearing down an interpreter that has loaded ssl and the email package takes ~25 ms, which
     every PHP mail() and cron call would wait for, and nothing needs it: when `main` returns, files
     are closed, threads joined and the background child detached. Only stdout and stderr are
-    flushed (a reader that went away cannot be told anything more).
+    flushed (a reader that went away cannot be told anything more). The cyclic garbage collector
+    is off until `run` knows the mode: the imports of a one-message call make no garbage worth
+    ~6 ms of collecting.
     """
+    gc.disable()
     code = main()
     try:
         sys.stdout.flush()
@@ -76,6 +80,8 @@ def console() -> None:
 
 def run(opts, stdin, stdout, stderr, environ) -> int:
     """The program without error handling."""
+    if opts.mode != "send":  # queue runs, -bs sessions, setup: long enough to need it
+        gc.enable()
     if opts.mode == "help":
         stdout.write(localize(USAGE, environ))
         return EX_OK
