@@ -8,7 +8,7 @@ to bench/results/ (with a PNG chart when matplotlib, the optional ``bench`` extr
 The shim runs as the Debian package runs it: /usr/bin/python3 (with python3-dotenv) and the
 package's code, here from this checkout; ``--python`` picks another interpreter.
 
-    python bench/run.py            # the full run (about 15 minutes)
+    python bench/run.py            # the full run (about 4 minutes)
     python bench/run.py --smoke    # tiny counts: proves the script works (CI)
     python bench/run.py --only backlog --backlog 100 --msmtp-sample 3 --out /tmp/b   # one measurement
 """
