@@ -257,6 +257,7 @@ def pick_up_and_deliver(config, queue: Queue, msg_id: str, *, log) -> None:
     """The background process (background.py): take in maildrop/ (where an ``-odb`` caller left
     `msg_id`), then deliver, as a queue run would, `msg_id` and whatever the pickup queued —
     other callers' drops too, which the pickup took from the queue runner's trigger."""
+    config.require_sender()
     for queued in dict.fromkeys([msg_id, *_pick_up(config, queue, log, RunStats())]):
         deliver_now(config, queue, queued, log=log, interactive=False)
 

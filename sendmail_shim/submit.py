@@ -35,6 +35,7 @@ def _hand_over(stream, opts, config) -> str:
     from .queue import Queue
 
     with _draining(stream):
+        config.require_sender()  # a set-up error is the caller's to hear, not the pickup's
         header_block = stream.read_header_block()
         fields = drop.request(opts, header_block)
     queue = Queue(config.queue_dir)

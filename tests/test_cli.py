@@ -84,6 +84,13 @@ def test_default_mode_still_refuses_what_needs_no_header_parsing(shim_factory, r
     assert relay.messages == [] and not shim.queue_dir.exists()  # refused before anything was written
 
 
+def test_default_mode_reports_a_missing_sender_at_once(shim_factory, relay):
+    shim = shim_factory(relay, password=None, SMTP_USER=None)
+    result = shim.run("-t", "-i", stdin=PHP_MAIL, expect_exit=EX_CONFIG)
+    assert "SMTP_USER" in result.stderr and result.stderr.count("\n") == 1
+    assert not shim.queue_dir.exists()
+
+
 @pytest.mark.parametrize("args, stdin, settings, reason", [
     (["-i", "bad@@example.com"], b"Subject: x\n\nbody\n", {}, "cannot parse recipient"),
     (["-t", "-i"], b"To: ,\nSubject: x\n\nbody\n", {}, "no recipients"),
