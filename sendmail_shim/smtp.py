@@ -45,19 +45,16 @@ class SendResult(NamedTuple):
     reply: str  # final reply to the end of data, e.g. "250 Mail OK queued as X"
     accepted: list[str]
     refused: dict[str, tuple[int, str]]  # recipients the relay refused while accepting others
-    warnings: list[str]  # e.g. an 8-bit message sent to a relay without 8BITMIME
 
 
 class Transaction(SimpleNamespace):
     """One message on a connection, from `Relay.begin` to `Relay.collect`."""
 
-    def __init__(self, mail: str, rcpts: list[str], smtputf8: bool, recipients: list[str], clock: "_Clock",
-                 warnings: list[str]):
+    def __init__(self, mail: str, rcpts: list[str], smtputf8: bool, recipients: list[str], clock: "_Clock"):
         super().__init__(
             mail=mail, rcpts=rcpts, smtputf8=smtputf8,  # the command lines
             recipients=recipients,
             clock=clock,  # its own SMTP_DEADLINE, also while the next message's envelope is on its way
-            warnings=warnings,
             pipelined=False,  # MAIL, RCPT… and DATA went out in `begin`, their replies unread
             reset=False,  # … behind an RSET
             accepted=[], refused={},  # by `transfer`
@@ -423,12 +420,11 @@ class Relay:
         in the order the commands went out."""
         if not self.usable:
             raise TempFail(_("the connection to {where} is no longer usable; open a new one").format(where=self.where))
-        warnings: list[str] = []
-        mail, rcpts, smtputf8 = self._commands(envelope, warnings)
+        mail, rcpts, smtputf8 = self._commands(envelope)
         # the first transaction shares its deadline with open(); each other one gets its own
         clock = _Clock(self.config.timeout, self.config.deadline) if self._transactions else self._clock
         self._transactions += 1
-        transaction = Transaction(mail, rcpts, smtputf8, list(envelope.recipients), clock, warnings)
+        transaction = Transaction(mail, rcpts, smtputf8, list(envelope.recipients), clock)
         if "pipelining" in self.features:
             self._use(transaction, "mail")
             with self._at("mail"):
@@ -499,7 +495,7 @@ class Relay:
             code, text = self._wire.getreply()
         if not 200 <= code < 300:
             raise self._failure(code, text, "dot")
-        return SendResult(f"{code} {_text(text)}", transaction.accepted, transaction.refused, transaction.warnings)
+        return SendResult(f"{code} {_text(text)}", transaction.accepted, transaction.refused)
 
     def verify_sender(self) -> str:
         """MAIL FROM:<sender> then RSET: does the relay accept our sender? (for --check)"""
@@ -514,7 +510,7 @@ class Relay:
             raise self._failure(code, text, "mail")
         return f"{code} {_text(text)}"
 
-    def _commands(self, envelope, warnings: list[str]) -> tuple[str, list[str], bool]:
+    def _commands(self, envelope) -> tuple[str, list[str], bool]:
         """The MAIL and RCPT command lines for this relay's extensions, and whether SMTPUTF8."""
         addresses = [envelope.sender, *envelope.recipients]
         if not envelope.recipients:
@@ -527,7 +523,7 @@ class Relay:
             if "8bitmime" in features:
                 params.append("BODY=8BITMIME")
             else:
-                warnings.append(f"{self.where} does not offer 8BITMIME; the 8-bit message was sent anyway")
+                self._warn(f"{self.where} does not offer 8BITMIME; an 8-bit message was sent anyway")
         wide = next((address for address in addresses if not address.isascii()), None)
         smtputf8 = bool(envelope.smtputf8 or wide)
         if smtputf8:

@@ -304,6 +304,15 @@ def test_interactive_partial_refusal_is_reported_by_mail_not_by_exit_status(shim
     assert any("status=bounced" in line and "gone@example.com" in line for line in shim.log_lines())
 
 
+def test_8bit_message_to_a_relay_without_8bitmime_is_sent_and_logged(shim_factory, relay_factory):
+    relay = relay_factory(eightbitmime=False)
+    shim = shim_factory(relay)
+    shim.run("-odq", "-t", "-i", stdin=PHP_MAIL)  # a UTF-8 subject and body
+    shim.run("-q")
+    assert len(relay.messages) == 1 and "BODY=8BITMIME" not in relay.messages[0].mail_options
+    assert any("warning:" in line and "does not offer 8BITMIME" in line for line in shim.log_lines())
+
+
 def test_tls_verification_off_warns_in_the_log_of_a_queue_run(shim_factory, relay_factory):
     relay = relay_factory(cert="untrusted")
     shim = shim_factory(relay, SMTP_TLS_VERIFY="no", SMTP_CA_FILE=None)

@@ -235,9 +235,10 @@ def test_smtputf8_not_offered_is_a_data_error(relay_factory, session):
 
 def test_8bit_without_8bitmime_is_sent_with_a_warning(relay_factory, session):
     server = relay_factory(security="tls", eightbitmime=False)
-    result = session(server).send()
+    shim = session(server)
+    shim.send()
     assert server.messages[0].data == BODY and "BODY=8BITMIME" not in server.messages[0].mail_options
-    assert any("8BITMIME" in warning for warning in result.warnings)
+    assert any("8BITMIME" in warning for warning in shim.warnings)
 
 
 def test_7bit_message_has_no_body_parameter(relay, session):
