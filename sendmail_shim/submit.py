@@ -157,7 +157,7 @@ def _deliver_direct(opts, config, reader, headers, envelope, log, stderr, enviro
                       recipients=envelope.recipients, relay=f"{config.host}:{config.port}", size=envelope.size)
         try:
             with Relay(config, lambda: credentials.get_password(config, environ), transcript=_transcript(opts, stderr),
-                       warn=lambda text: print(f"sendmail-shim: warning: {text}", file=stderr)) as relay:
+                       warn=log.warning) as relay:
                 result = relay.send(envelope, spool, all_or_nothing=True)
         except ShimError as exc:
             status = "refused" if isinstance(exc, SMTPFailure) and exc.permanent else "deferred"
