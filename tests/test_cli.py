@@ -3,13 +3,17 @@
 import grp
 import os
 import re
+import shutil
+import socket
 import stat
+import subprocess
 import time
 
 import pytest
 
 from tests.faults import wait_idle
 from tests.relay import RELAY_PASSWORD
+from tests.shim import OUTPUTS, SHIM, SHIM_PYTHON
 from sendmail_shim.errors import (
     EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE,
 )
@@ -311,6 +315,40 @@ def test_8bit_message_to_a_relay_without_8bitmime_is_sent_and_logged(shim_factor
     shim.run("-q")
     assert len(relay.messages) == 1 and "BODY=8BITMIME" not in relay.messages[0].mail_options
     assert any("warning:" in line and "does not offer 8BITMIME" in line for line in shim.log_lines())
+
+
+# The shim's own mount namespace, where /dev is a small tmpfs with the device nodes Python needs and
+# /dev/log is the test's datagram socket: syslog output is read without touching the machine's.
+PRIVATE_DEV_LOG = r'''
+set -e
+mkdir -p "$0.dev"
+mount --bind /dev "$0.dev"
+mount -t tmpfs -o size=64k,mode=755 tmpfs /dev
+for node in null zero random urandom; do touch /dev/$node; mount --bind "$0.dev/$node" /dev/$node; done
+touch /dev/log
+mount --bind "$0" /dev/log
+exec "$@"
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a private /dev/log needs root")
+def test_syslog_gets_one_mail_facility_line_per_event(shim_factory, relay, tmp_path, relay_password):
+    shim = shim_factory(relay, SENDMAIL_SHIM_SYSLOG="yes", SENDMAIL_SHIM_LOG_FILE=None)
+    dev_log = tmp_path / "log"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(dev_log))
+        server.settimeout(15)
+        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_DEV_LOG,
+                               str(dev_log), SHIM_PYTHON, str(SHIM), "-t", "-i"],
+                              input=PHP_MAIL, capture_output=True, env=shim.env, timeout=60)
+        assert (proc.returncode, proc.stderr) == (0, b"")
+        lines = [server.recv(4096).decode() for _ in range(2)]  # queued (at pickup), then sent
+    OUTPUTS.extend(lines)  # the session's leak scan reads them too
+    assert len(relay.messages) == 1
+    for line in lines:  # <22>: facility mail (2), severity info (6)
+        assert re.match(r"<22>\w{3} [ \d]\d \d\d:\d\d:\d\d sendmail-shim\[\d+\]: [0-9A-F]{16}: ", line), line
+        assert relay_password not in line
+    assert "status=queued" in lines[0] and "status=sent" in lines[1] and f"from=<{relay.login}>" in lines[1]
 
 
 def test_tls_verification_off_warns_in_the_log_of_a_queue_run(shim_factory, relay_factory):
