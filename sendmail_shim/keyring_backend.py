@@ -30,11 +30,15 @@ class _classproperty:
 
 
 def _store() -> credstore.Store:
-    return credstore.locate(os.environ.get("SENDMAIL_SHIM_CREDENTIALS_FILE"), os.environ)
+    """The file the shim itself reads: its configuration (files and environment) decides."""
+    from . import config
+
+    return credstore.locate(config.load(os.environ).credentials_file)
 
 
 class ShimFileKeyring(keyring.backend.KeyringBackend):
-    """The file at SENDMAIL_SHIM_CREDENTIALS_FILE, else the default credential file."""
+    """The credential file of sendmail-shim's configuration (SENDMAIL_SHIM_CREDENTIALS_FILE, else
+    the system or per-user default, chosen as the shim chooses it)."""
 
     @_classproperty
     def priority(cls) -> float:

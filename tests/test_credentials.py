@@ -532,6 +532,24 @@ def test_auto_detection_sees_the_backend_when_the_file_exists(tmp_path):
     assert result.stdout.strip() == "ShimFileKeyring"
 
 
+def test_the_backend_uses_the_file_the_shim_configuration_names(tmp_path):
+    """Not only the environment: a key in the config file (or the system/per-user choice that
+    the config files make) moves the backend's file as it moves the shim's."""
+    config_file = tmp_path / "sendmail-shim.env"
+    config_file.write_text(f"SMTP_USER={USER}\nSENDMAIL_SHIM_CREDENTIALS_FILE={tmp_path / 'from-config'}\n")
+    env = hermetic_env(tmp_path, SENDMAIL_SHIM_CONFIG=str(config_file))
+    result = run_python(
+        f"""
+        import sys
+        from sendmail_shim.keyring_backend import ShimFileKeyring
+        ShimFileKeyring().set_password("sendmail-shim", "{USER}", sys.stdin.read())
+        """,
+        env, input=PASSWORD,  # not in argv
+    )
+    assert result.returncode == 0, result.stderr
+    assert credstore.Store(str(tmp_path / "from-config")).get("sendmail-shim", USER) == PASSWORD
+
+
 def test_keyring_api_on_the_backend_holds_only_sendmail_shim(tmp_path, monkeypatch):
     import keyring.errors
 
