@@ -14,10 +14,10 @@ from typing import NamedTuple
 from email.utils import formatdate
 
 from .errors import DataError
+from .log import one_line
 
 MAX_ORIGINAL_HEADERS = 64 << 10
 _REPLY = re.compile(r"([245])\d\d(?:[ -]+([245]\.\d{1,3}\.\d{1,3}))?")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 class Failure(NamedTuple):
@@ -151,4 +151,4 @@ def _status_part(failures, boundary, queue_id, arrival, reporting_mta, remote_mt
 
 def _clean(text: str) -> str:
     """One line, at most 900 characters: a reply must not break the report's structure."""
-    return _CONTROL.sub(" ", text).strip()[:900]
+    return one_line(text)[:900]

@@ -13,6 +13,7 @@ from . import message, reader, submit
 from .errors import (
     EX_OK, ConfigError, DataError, PolicyError, SMTPFailure, ShimError, TempFail, UsageError,
 )
+from .log import one_line
 from .options import Options
 
 MAX_COMMAND = 2048  # RFC 5321 §4.5.3.1.4 says 512; clients with long parameters exist
@@ -113,7 +114,7 @@ class Session:
             [resolved] = message.parse_recipient_args([address])
             message.resolve_local(resolved, self.config.aliases, self.hostname)
         except (DataError, ValueError) as exc:
-            return self.reply(f"550 5.1.1 {_one_line(exc)}")
+            return self.reply(f"550 5.1.1 {one_line(exc)}")
         self.recipients.append(address)
         self.reply("250 2.1.5 Ok")
 
@@ -227,15 +228,11 @@ def _discard_unwritten(stdout) -> None:
     os.close(null)
 
 
-def _one_line(exc) -> str:
-    return " ".join(str(exc).split())
-
-
 def reply_for(exc: ShimError) -> str:
     """The SMTP reply that makes the application raise the same failure the exit code would."""
-    text = _one_line(exc)
+    text = one_line(exc)
     if isinstance(exc, SMTPFailure) and exc.code >= 400:
-        return f"{exc.code} {_one_line(exc.reply)}"
+        return f"{exc.code} {one_line(exc.reply)}"
     if isinstance(exc, (TempFail, ConfigError)):
         return f"451 4.3.0 {text}"
     if isinstance(exc, PolicyError):
@@ -248,7 +245,7 @@ def reply_for(exc: ShimError) -> str:
 def refuse_session(stdout, exc: ShimError) -> None:
     """Greet with 421 and the reason: Symfony and SwiftMailer put it in their exception."""
     out = getattr(stdout, "buffer", stdout)
-    out.write(f"421 4.3.0 sendmail-shim: {_one_line(exc)}\r\n".encode("utf-8", "replace"))
+    out.write(f"421 4.3.0 sendmail-shim: {one_line(exc)}\r\n".encode("utf-8", "replace"))
     out.flush()
 
 

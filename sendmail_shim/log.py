@@ -31,9 +31,9 @@ def format_line(
     if sender is not None:
         parts.append(f"from=<{sender}>")
     if requested and requested != sender:
-        parts.append(f"requested=<{_clean(requested)}>")
+        parts.append(f"requested=<{one_line(requested)}>")
     if recipients:
-        parts.append("to=" + ",".join(f"<{_clean(r)}>" for r in recipients))
+        parts.append("to=" + ",".join(f"<{one_line(r)}>" for r in recipients))
     if relay:
         parts.append(f"relay={relay}")
     if size is not None:
@@ -42,13 +42,14 @@ def format_line(
         parts.append(f"delay={delay:.2f}")
     parts.append(f"status={status}")
     if reply:
-        parts.append(f"({_clean(reply)})")
+        parts.append(f"({one_line(reply)})")
     return " ".join(parts)
 
 
-def _clean(text: str) -> str:
-    """One line, printable: a server reply or an address must not forge log lines."""
-    return "".join(c if c.isprintable() else " " for c in str(text)).strip()
+def one_line(text) -> str:
+    """Printable, on one line, white space collapsed: a server reply, an address or an error must
+    not forge a log line, an SMTP reply or a report's structure."""
+    return " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
 
 
 class MessageLog:
@@ -68,7 +69,7 @@ class MessageLog:
 
     def warning(self, text: str) -> None:
         """A line that is not about one message (e.g. TLS verification turned off)."""
-        self._emit(f"warning: {_clean(text)}")
+        self._emit(f"warning: {one_line(text)}")
 
     def _emit(self, line: str) -> None:
         if self.log_file:
