@@ -1,4 +1,5 @@
-"""``-odb``: a detached process picks up and delivers what the caller just dropped.
+"""Background delivery: a detached process picks up maildrop/ and delivers what the caller just
+dropped (``-odb``) or queued (``-bs`` in background mode).
 
 The caller pays for a fork and nothing else: the runner (smtplib, ssl, the email parser, the
 header policy) is imported in the child.
