@@ -506,8 +506,13 @@ class Spool:
 
     def commit_request(self, fields: dict) -> str:
         """Make a maildrop file durable whose trailer is `fields` (drop.py): the header policy
-        runs at pickup. Returns its id."""
-        trailer = dict(fields, version=1, size=self.file.tell())
+        runs at pickup. Returns its id. A message the pickup would refuse for its size is
+        refused here, where the caller still hears of it."""
+        size = self.file.tell()
+        if size > MAX_DROP_SIZE:
+            raise DataError(_("the message is larger than {limit} MiB, the most the queue's maildrop takes; "
+                              "-odq or -odi take it when you may read the password").format(limit=MAX_DROP_SIZE >> 20))
+        trailer = dict(fields, version=1, size=size)
         return self._durable(self._publish_drop, json.dumps(trailer, ensure_ascii=True).encode() + b"\n")
 
     def _durable(self, commit: Callable[[], None], trailer: bytes = b"") -> str:

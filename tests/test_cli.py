@@ -95,6 +95,16 @@ def test_default_mode_reports_a_missing_sender_at_once(shim_factory, relay):
     assert not shim.queue_dir.exists()
 
 
+@pytest.mark.slow
+def test_default_mode_refuses_a_message_the_maildrop_cannot_take(shim_factory, relay):
+    shim = shim_factory(relay)
+    big = b"Subject: big\n\n" + (b"x" * 76 + b"\n") * (65 * 1024 * 1024 // 77)  # 65 MiB, 66 with CRLF
+    result = shim.run("-i", "bob@example.org", stdin=big, expect_exit=EX_DATAERR)
+    assert "larger than 64 MiB" in result.stderr and result.stderr.count("\n") == 1
+    wait_idle(shim.config_file)
+    assert relay.messages == [] and not any(p.is_file() for p in shim.queue_dir.rglob("*"))
+
+
 @pytest.mark.parametrize("args, stdin, settings, reason", [
     (["-i", "bad@@example.com"], b"Subject: x\n\nbody\n", {}, "cannot parse recipient"),
     (["-t", "-i"], b"To: ,\nSubject: x\n\nbody\n", {}, "no recipients"),
