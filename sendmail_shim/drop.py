@@ -51,7 +51,7 @@ def accept(config, fields: dict, data, out):
     problem = _malformed(fields)
     if problem:
         raise DataError(problem)
-    reader = MessageReader(data, dot_ends=False)
+    reader = MessageReader(data, dot_ends=False, mbox_from=False)
     try:
         headers, envelope = message.prepare(
             reader.read_header_block(), extract_recipients=fields.get("extract") is True,

@@ -42,10 +42,11 @@ class BodyInfo(NamedTuple):
 class MessageReader:
     """Reads a message from a binary stream with sendmail's rules (see the module docstring)."""
 
-    def __init__(self, stream: BinaryIO, *, dot_ends: bool, chunk_size: int = 65536):
+    def __init__(self, stream: BinaryIO, *, dot_ends: bool, mbox_from: bool = True, chunk_size: int = 65536):
         self._stream = stream
         self._read = getattr(stream, "read1", stream.read)  # read1: a typed "." is seen at once
         self._dot_ends = dot_ends
+        self._mbox_from = mbox_from  # False for a stored message: its reader removed it already
         self._chunk_size = chunk_size
         self._cr = False  # the last chunk ended in CR, which may be the first half of a CRLF
         self._partial = b""  # LF-normalised start of a line whose end has not been read yet
@@ -58,7 +59,7 @@ class MessageReader:
         """CRLF-normalised header block including its terminating empty line (b"\\r\\n") if there
         is one; b"" if the message has no header block; mbox From_ line removed."""
         line = self._next_line()
-        if line is not None and line.startswith(b"From "):
+        if self._mbox_from and line is not None and line.startswith(b"From "):
             line = self._next_line()
         if line is None or not (line == b"\r\n" or _FIELD_LINE.match(line)):
             self._unread(line)

@@ -28,6 +28,14 @@ ADDRESSES = [
 FIELDS = ["To", "Cc", "Bcc", "From", "Reply-To", "Resent-To", "Sender", "Subject"]
 
 
+def without_generated(data: bytes) -> bytes:
+    """The message without the Date and Message-ID fields the policy makes up (random, clock)
+    when the header has none, e.g. when a second mbox From_ line turned it into body."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    kept = [line for line in head.split(b"\r\n") if not line.startswith((b"Date: ", b"Message-ID: "))]
+    return b"\r\n".join(kept) + b"\r\n\r\n" + body
+
+
 def outcome(function):
     try:
         return function(), None
@@ -39,25 +47,31 @@ def outcome(function):
 @given(fields=st.lists(st.tuples(st.sampled_from(FIELDS), st.sampled_from(ADDRESSES)), max_size=5),
        argv=st.lists(st.sampled_from(ADDRESSES), max_size=3), extract=st.booleans(),
        sender=st.sampled_from([None, "www-data@web.example", "root", "bad<"]),
-       full_name=st.sampled_from([None, "Cron Daemon", "网站", "x\r\nBcc: evil@example.org"]))
-def test_deferred_policy_gives_what_the_front_end_gives(fields, argv, extract, sender, full_name):
-    header = b"".join(f"{name}: {value}\r\n".encode() for name, value in fields)
-    raw = header + b"Date: Mon, 25 Nov 2024 13:00:00 +0000\r\nMessage-ID: <fixed@example.org>\r\n\r\nbody\r\n"
+       full_name=st.sampled_from([None, "Cron Daemon", "网站", "x\r\nBcc: evil@example.org"]),
+       mbox_lines=st.integers(0, 2))
+def test_deferred_policy_gives_what_the_front_end_gives(fields, argv, extract, sender, full_name, mbox_lines):
+    header = b"".join(f"{name}: {value}\n".encode() for name, value in fields)
+    stdin = (b"From someone Mon Nov 25 13:00:00 2024\n" * mbox_lines + header
+             + b"Date: Mon, 25 Nov 2024 13:00:00 +0000\nMessage-ID: <fixed@example.org>\n\nbody\n")
     opts = Options(recipients=argv, extract_recipients=extract, sender=sender, full_name=full_name, dot_ends=False)
 
     def now():
-        reader = MessageReader(io.BytesIO(raw), dot_ends=False)
+        reader = MessageReader(io.BytesIO(stdin), dot_ends=False)
         headers, envelope = message.prepare(
             reader.read_header_block(), extract_recipients=extract, argv_recipients=argv, requested_sender=sender,
             policy=message.HeaderPolicy.from_config(CONFIG, full_name))
         out = io.BytesIO()
         return out, message.write(out, reader, headers, envelope)
 
-    def later():
-        header_block = MessageReader(io.BytesIO(raw), dot_ends=False).read_header_block()
+    def later():  # what the -odb caller spools, then what the pickup makes of it
+        reader = MessageReader(io.BytesIO(stdin), dot_ends=False)
+        header_block = reader.read_header_block()
         fields_ = drop.request(opts, header_block)
+        spooled = io.BytesIO(header_block)
+        spooled.seek(0, io.SEEK_END)
+        reader.copy_body(spooled)
         out = io.BytesIO()
-        return out, drop.accept(CONFIG, fields_, io.BytesIO(raw), out)
+        return out, drop.accept(CONFIG, fields_, io.BytesIO(spooled.getvalue()), out)
 
     expected, refusal = outcome(now)
     got, deferred_refusal = outcome(later)
@@ -68,8 +82,9 @@ def test_deferred_policy_gives_what_the_front_end_gives(fields, argv, extract, s
         assert isinstance(deferred_refusal, DataError) and not isinstance(deferred_refusal, Rejected)
         assert any(not word.isprintable() or len(word) > drop.MAX_ADDRESS for word in argv)
     else:
-        assert got[0].getvalue() == expected[0].getvalue()
-        assert got[1] == expected[1]
+        assert without_generated(got[0].getvalue()) == without_generated(expected[0].getvalue())
+        assert got[1]._replace(message_id=None, size=0) == expected[1]._replace(message_id=None, size=0)
+        assert (got[1].size, expected[1].size) == (len(got[0].getvalue()), len(expected[0].getvalue()))
     COUNTS["fuzz examples: deferred policy"] += 1
 
 
