@@ -390,6 +390,14 @@ class RelayServer(pytest_localserver.smtp.Server):
     def login(self) -> str:
         return next(iter(self.users))
 
+    def verbs(self, timeout: float = 5.0) -> list[str]:
+        """The command verbs received so far, once every session has ended (the client does not
+        wait for the reply to QUIT, so the relay may still be reading it)."""
+        deadline = time.monotonic() + timeout
+        while self.handler.open_connections > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [line.split(" ")[0].upper() for line in self.commands]
+
     def config_env(self, **overrides: str | None) -> dict[str, str]:
         """SMTP_* settings pointing the shim at this relay; an override of None drops a key."""
         env = {

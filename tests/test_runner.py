@@ -203,7 +203,7 @@ def test_one_connection_serves_the_whole_run(relay_factory, site_factory, pipeli
     lines = []
     assert site.run(transcript=lines.append).sent == 3
     assert received(relay) == dict.fromkeys(ids, 1)
-    commands = verbs(relay)
+    commands = relay.verbs()
     assert commands.count("EHLO") == 1 and commands.count("AUTH") == 1
     assert commands[commands.index("MAIL"):] == ["MAIL", "RCPT", "DATA"] * 3 + ["QUIT"]  # no RSET
     after_data = [lines[i + 1:i + 4] for i, line in enumerate(lines) if line.startswith("C: <message")]
@@ -221,10 +221,6 @@ def counting_password(site: Site) -> Path:
     return runs
 
 
-def verbs(relay) -> list[str]:
-    return [c.split(" ")[0].upper() for c in relay.commands]
-
-
 def test_parallel_connections_deliver_each_message_once(relay_factory, site_factory):
     relay = relay_factory(security="tls", pipelining=True)
     site = site_factory(relay, SENDMAIL_SHIM_QUEUE_CONNECTIONS="3")
@@ -234,8 +230,8 @@ def test_parallel_connections_deliver_each_message_once(relay_factory, site_fact
     stats = site.run(progress=lambda done, total, line: calls.append((done, total, line)))
     assert (stats.sent, stats.deferred, stats.failed, stats.busy) == (30, 0, 0, 0)
     assert received(relay) == dict.fromkeys(ids, 1) and site.queue.ids() == []
-    assert verbs(relay).count("EHLO") >= 2  # one per connection (implicit TLS: no second EHLO)
-    assert verbs(relay).count("EHLO") == verbs(relay).count("AUTH") <= 3
+    assert relay.verbs().count("EHLO") >= 2  # one per connection (implicit TLS: no second EHLO)
+    assert relay.verbs().count("EHLO") == relay.verbs().count("AUTH") <= 3
     assert runs.read_text() == "x\n"  # the password was fetched once for all connections
     assert sorted(done for done, _, _ in calls) == list(range(1, 31)) and {t for _, t, _ in calls} == {30}
     assert site.log_text().count("status=sent") == 30
@@ -282,7 +278,7 @@ def test_refused_data_fails_only_that_message(relay_factory, site_factory):
     assert site.queue.ids() == [] and site.queue.failed_ids() == [spam]
     assert "status=bounced (554 5.7.1 looks like spam)" in log_lines_of(site, spam)[0]
     assert all("status=sent" in log_lines_of(site, msg_id)[0] for msg_id in (before, after))
-    assert "RSET" not in verbs(relay)  # the refusal of the data ended that transaction
+    assert "RSET" not in relay.verbs()  # the refusal of the data ended that transaction
 
 
 def test_refused_recipient_of_the_next_message_leaves_the_previous_one_sent(relay_factory, site_factory):
@@ -294,7 +290,7 @@ def test_refused_recipient_of_the_next_message_leaves_the_previous_one_sent(rela
     assert (stats.sent, stats.failed, stats.bounces) == (2, 1, 1)  # the good one and the report
     assert received(relay)[good_mid] == 1 and site.queue.failed_ids() == [bad]
     assert "status=sent" in log_lines_of(site, good)[0] and "status=bounced (550" in log_lines_of(site, bad)[0]
-    commands = verbs(relay)  # RSET only after the aborted transaction, in the report's group
+    commands = relay.verbs()  # RSET only after the aborted transaction, in the report's group
     assert commands[commands.index("MAIL"):] == ["MAIL", "RCPT", "DATA"] * 2 + ["RSET", "MAIL", "RCPT", "DATA", "QUIT"]
 
 
@@ -338,7 +334,7 @@ def test_refused_login_costs_one_auth_per_connection_at_most(relay_factory, site
     ids = sorted(site.submit(f"r{i}@example.org")[0] for i in range(12))
     stats = site.run()
     assert (stats.deferred, stats.sent) == (12, 0) and site.queue.ids() == ids
-    assert 1 <= verbs(relay).count("AUTH") <= 3 and relay.messages == []
+    assert 1 <= relay.verbs().count("AUTH") <= 3 and relay.messages == []
     assert runs.read_text() == "x\n"
     assert site.log_text().count("status=deferred (535") == 12
 

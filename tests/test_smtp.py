@@ -345,7 +345,7 @@ def test_one_connection_carries_several_messages(relay, session):
             connection.send(Envelope(sender=RELAY_LOGIN, recipients=["nobody@example.test"]), io.BytesIO(BODY))
         connection.send(envelope, io.BytesIO(b"second\r\n"))
     assert [m.data for m in relay.messages] == [BODY, b"second\r\n"]
-    verbs = [line.split(" ")[0].upper() for line in relay.commands]
+    verbs = relay.verbs()
     assert verbs.count("EHLO") == 1 and verbs.count("AUTH") == 1
     # no RSET after a message the relay answered: the reply to its data ended the transaction
     assert verbs[verbs.index("DATA"):] == ["DATA", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
@@ -364,7 +364,7 @@ def test_rset_only_after_an_aborted_transaction_and_in_the_next_group(relay_fact
     assert [m.data for m in server.messages] == [BODY, b"second\r\n"]
     start = shim.transcript.index("C: RSET")  # one write: no reply read before DATA is sent
     assert [line.split(" ")[1] for line in shim.transcript[start:start + 4]] == ["RSET", "MAIL", "RCPT", "DATA"]
-    verbs = [line.split(" ")[0].upper() for line in server.commands]
+    verbs = server.verbs()
     assert verbs[verbs.index("DATA"):] == ["DATA", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
 
 
@@ -403,7 +403,7 @@ def test_next_envelope_goes_out_before_the_final_reply(relay_factory, session, p
         assert connection.collect(second).accepted == ["b@example.test"]
     assert [(m.rcpt_tos, m.data) for m in server.messages] == [(["a@example.test"], BODY),
                                                                 (["b@example.test"], b"second\r\n")]
-    verbs = [line.split(" ")[0].upper() for line in server.commands]
+    verbs = server.verbs()
     assert verbs[verbs.index("MAIL"):] == ["MAIL", "RCPT", "DATA"] * 2 + ["QUIT"]
     body = next(i for i, line in enumerate(shim.transcript) if line.startswith("C: <message"))
     following = [line.split(" ")[:2] for line in shim.transcript[body + 1:body + 5]]
@@ -464,7 +464,7 @@ def test_verify_sender(relay, session):
     shim = session(relay)
     with shim.relay as connection:
         assert connection.verify_sender().startswith("250")
-    assert [line.split(" ")[0] for line in relay.commands[-3:]] == ["MAIL", "RSET", "QUIT"]
+    assert relay.verbs()[-3:] == ["MAIL", "RSET", "QUIT"]
 
 
 # -- timeouts and unreachable relays --------------------------------------------------------------
