@@ -37,7 +37,7 @@ from typing import BinaryIO, NamedTuple
 from .envelope import NO_RECIPIENTS, Envelope
 from .errors import DataError, PolicyError, UsageError
 from .i18n import _
-from .reader import BodyInfo, MessageReader, _Field, split_fields
+from .reader import BodyInfo, HeaderField, MessageReader, split_fields
 
 # A longer display name (-F, a From: name) is cut: folding cannot break one long word, and even
 # quoted with every character escaped, this many stay within the 998-octet line limit.
@@ -95,14 +95,14 @@ def prepare(
     names = {f.name for f in fields}
     if "date" not in names:
         date = formatdate(now, localtime=True)
-        fields.append(_Field("date", f"Date: {date}\r\n".encode()))
+        fields.append(HeaderField("date", f"Date: {date}\r\n".encode()))
     if "message-id" in names:
         message_id = _decode(next(f for f in fields if f.name == "message-id").value).strip()
     else:
         message_id = make_msgid(domain=_message_id_domain(policy))
-        fields.append(_Field("message-id", f"Message-ID: {message_id}\r\n".encode()))
+        fields.append(HeaderField("message-id", f"Message-ID: {message_id}\r\n".encode()))
     if not names & {"to", "cc"}:
-        fields.append(_Field("to", b"To: undisclosed-recipients:;\r\n"))
+        fields.append(HeaderField("to", b"To: undisclosed-recipients:;\r\n"))
 
     envelope = Envelope(
         sender=policy.sender,
@@ -156,7 +156,7 @@ def resolve_local(address: str, aliases: dict[str, str], local_hostname: str) ->
     return target
 
 
-def _header_recipients(fields: list[_Field]) -> list[str]:
+def _header_recipients(fields: list[HeaderField]) -> list[str]:
     names = ("to", "cc", "bcc")
     if any(f.name.startswith("resent-") for f in fields):
         names = ("resent-to", "resent-cc", "resent-bcc")
@@ -175,7 +175,7 @@ def _header_recipients(fields: list[_Field]) -> list[str]:
 _VISIBLE_RECIPIENTS = ("to", "cc", "resent-to", "resent-cc")
 
 
-def _qualify_locals(f: _Field, policy: HeaderPolicy) -> _Field:
+def _qualify_locals(f: HeaderField, policy: HeaderPolicy) -> HeaderField:
     """The field with its local names replaced by their aliases; untouched when it has none."""
     header = _address_header(f.name, _decode(f.value))
     if header is None:
@@ -195,7 +195,7 @@ def _qualify_locals(f: _Field, policy: HeaderPolicy) -> _Field:
 
     groups = [Group(g.display_name, [qualified(a) for a in g.addresses]) for g in header.groups]
     pol = email_policy.SMTP if all(v.isascii() for v in resolved.values()) else email_policy.SMTPUTF8
-    return _Field(f.name, pol.fold_binary(name, pol.header_factory(name, groups)))
+    return HeaderField(f.name, pol.fold_binary(name, pol.header_factory(name, groups)))
 
 
 def _address_header(name: str, text: str):
@@ -216,8 +216,8 @@ def _address_header(name: str, text: str):
 
 
 def _apply_from_policy(
-    fields: list[_Field], policy: HeaderPolicy
-) -> tuple[list[_Field], str | None]:
+    fields: list[HeaderField], policy: HeaderPolicy
+) -> tuple[list[HeaderField], str | None]:
     """From = the login (module docstring); returns the new fields and the original address."""
     from_fields = [f for f in fields if f.name == "from"]
     if not from_fields:
@@ -248,15 +248,15 @@ def _apply_from_policy(
     return rest[:first] + new + rest[first:], original
 
 
-def _mailbox_field(name: str, display_name: str, username: str, domain: str) -> _Field:
+def _mailbox_field(name: str, display_name: str, username: str, domain: str) -> HeaderField:
     """One folded mailbox field; RFC 2047 for a non-ASCII name; CR/LF/NUL cannot get through."""
     # a non-ASCII address needs SMTPUTF8 anyway; SMTP would RFC 2047-encode the address itself
     pol = email_policy.SMTP if (username + domain).isascii() else email_policy.SMTPUTF8
     header = pol.header_factory(name, Address(_shown(display_name)[:MAX_DISPLAY_NAME], username, domain))
-    return _Field(name.lower(), pol.fold_binary(name, header))
+    return HeaderField(name.lower(), pol.fold_binary(name, header))
 
 
-def _login_field(display_name: str, login: str) -> _Field:
+def _login_field(display_name: str, login: str) -> HeaderField:
     username, at, domain = login.rpartition("@")
     return _mailbox_field("From", display_name, username if at else login, domain)
 

@@ -180,7 +180,9 @@ def _break_line(line: bytes) -> list[bytes]:
     return pieces
 
 
-class _Field(NamedTuple):
+class HeaderField(NamedTuple):
+    """One field of a header block, as bytes."""
+
     name: str  # lower case
     raw: bytes  # the whole field, continuation lines and final CRLF included
 
@@ -190,9 +192,9 @@ class _Field(NamedTuple):
         return self.raw.partition(b":")[2].replace(b"\r\n", b"")
 
 
-def split_fields(header_block: bytes) -> list[_Field]:
+def split_fields(header_block: bytes) -> list[HeaderField]:
     """CRLF header block → fields, each with its continuation lines; the empty line is dropped."""
-    fields: list[_Field] = []
+    fields: list[HeaderField] = []
     lines = header_block.split(b"\r\n")
     if not lines[-1]:
         lines.pop()  # the text after the final CRLF
@@ -200,8 +202,8 @@ def split_fields(header_block: bytes) -> list[_Field]:
         if not line:
             break
         if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] = _Field(fields[-1].name, fields[-1].raw + line + b"\r\n")
+            fields[-1] = HeaderField(fields[-1].name, fields[-1].raw + line + b"\r\n")
         else:
             name = line.partition(b":")[0].strip().decode("ascii", "replace").lower()
-            fields.append(_Field(name, line + b"\r\n"))
+            fields.append(HeaderField(name, line + b"\r\n"))
     return fields
