@@ -408,7 +408,8 @@ class Queue:
         return any(os.path.lexists(os.path.join(d, msg_id)) for d in (self.queue, self.failed))
 
     def _refuse(self, name: str, uid: int, reason: str, result: PickupResult) -> str | None:
-        """Move a refused file to corrupt/; returns where it is now (None: gone)."""
+        """Move a refused file to corrupt/; returns its path there, None when it is not there
+        (gone, or not movable: then the next run refuses it again, so nobody is told twice)."""
         kept = os.path.join(self.corrupt, name)
         try:
             os.rename(os.path.join(self.maildrop, name), kept)
@@ -416,7 +417,7 @@ class Queue:
             return None
         except OSError as exc:  # e.g. a directory some user made there, which we may not move
             reason += f"; cannot move it to {self.corrupt}: {exc.strerror}"
-            kept = os.path.join(self.maildrop, name)
+            kept = None
         result.rejected.append((name, uid, reason))
         return kept
 
