@@ -469,9 +469,9 @@ class _Attempt:
         message.attempts += 1
         message.last_reply = _reply_text(error) if error else next(iter(verdicts.values()))[1]
         message.next_attempt = next_attempt_after(message.attempts, now)
-        self._log(message, pending, "sent", now)
-        self._log(message, pending, "failed", now)
-        self._log(message, pending, "pending", now, ambiguous=ambiguous)
+        self._log(message, pending, "sent")
+        self._log(message, pending, "failed")
+        self._log(message, pending, "pending", ambiguous=ambiguous)
         return self._settle(message, [r for r in pending if r.state == "failed"], error, now)
 
     def _collect(self) -> tuple[dict, ShimError | None, bool]:
@@ -507,7 +507,7 @@ class _Attempt:
         for rcpt in failed:
             rcpt.state = "failed"
             rcpt.reply = rcpt.reply or "never tried"
-        self.last_line = self._record(message, failed, "expired", now,
+        self.last_line = self._record(message, failed, "expired",
                                       f"gave up after {age}; last reply: {message.last_reply or 'none'}")
         return self._settle(message, failed, None, now, expired=True)
 
@@ -548,21 +548,22 @@ class _Attempt:
                              arrival=message.arrival, requested_sender=message.envelope.requested_sender,
                              failures=[bounce.Failure(r.address, r.reply, expired) for r in failed], now=now)
 
-    def _log(self, message, pending, state: str, now: float, ambiguous: bool = False) -> None:
+    def _log(self, message, pending, state: str, ambiguous: bool = False) -> None:
         group = [r for r in pending if r.state == state]
         if not group:
             return
         refused = "refused" if self._caller_reports(message) or message.bounce else "bounced"  # no report
         status = {"sent": "sent", "failed": refused, "pending": "ambiguous" if ambiguous else "deferred"}[state]
-        self.last_line = self._record(message, group, status, now, group[0].reply)
+        self.last_line = self._record(message, group, status, group[0].reply)
 
-    def _record(self, message, recipients, status: str, now: float, reply: str) -> str:
+    def _record(self, message, recipients, status: str, reply: str) -> str:
+        """The log line; ``delay`` runs from the arrival to now, the end of the attempt (Postfix's)."""
         env = message.envelope
         relay = f"{self.config.host}:{self.config.port}" if self.config.host else None
         return self.log.record(
             message.id, status=status, sender=env.sender, requested=env.requested_sender,
             recipients=[r.address for r in recipients], relay=relay, size=env.size,
-            delay=now - message.arrival, reply=reply,
+            delay=time.time() - message.arrival, reply=reply,
         )
 
 

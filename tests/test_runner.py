@@ -5,6 +5,7 @@ Everything is counted at the relay, by Message-ID."""
 import email
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -264,6 +265,17 @@ def submit_in_order(site: Site, *recipients: str) -> list[tuple[str, str]]:
 
 def log_lines_of(site: Site, msg_id: str) -> list[str]:
     return [line for line in site.log_text().splitlines() if f" {msg_id}: " in f" {line}"]
+
+
+def test_logged_delay_runs_to_the_end_of_the_attempt(relay_factory, site_factory):
+    """delay= is Postfix's: from the arrival to the verdict, the time spent talking included."""
+    relay = relay_factory(security="tls")
+    relay.hang_at.add("data")  # no answer to DATA: the attempt ends with SMTP_TIMEOUT
+    site = site_factory(relay, SMTP_TIMEOUT="0.6")
+    msg_id, _ = site.submit("bob@example.org")
+    site.run()
+    [line] = [line for line in log_lines_of(site, msg_id) if "status=deferred" in line]
+    assert float(re.search(r" delay=([\d.]+) ", line).group(1)) >= 0.6
 
 
 def test_refused_data_fails_only_that_message(relay_factory, site_factory):
