@@ -17,18 +17,18 @@ name without alias) raises `Rejected`: the sender is told by mail, the caller ha
 from . import envelope as dsn
 from .errors import DataError, Rejected, ShimError, UsageError
 from .i18n import _
+from .reader import MessageReader, recipient_fields, split_fields
 
 MAX_RECIPIENTS = 1000
 MAX_ADDRESS = 320  # RFC 5321's 64 + 1 + 255, with room for a display name on the command line
 MAX_FULL_NAME = 1000  # -F; the header policy shortens it further
-_RECIPIENT_FIELDS = {b"to", b"cc", b"bcc", b"resent-to", b"resent-cc", b"resent-bcc"}
 
 
 def request(opts, header_block: bytes) -> dict:
     """The trailer fields for `opts` (the command line). Refuses here, with the caller's exit
     status, what the pickup would refuse as malformed, and a message that names no recipient at
     all; what only the header policy can find out is left to the pickup."""
-    if not opts.recipients and not (opts.extract_recipients and _names_recipients(header_block)):
+    if not opts.recipients and not (opts.extract_recipients and recipient_fields(split_fields(header_block))):
         raise UsageError(dsn.NO_RECIPIENTS)
     fields = {
         "recipients": list(opts.recipients), "extract": opts.extract_recipients,
@@ -46,7 +46,6 @@ def accept(config, fields: dict, data, out):
     message) and write the result to `out`; returns its envelope. Raises DataError for a
     malformed file, `Rejected` for a well-formed request the policy refuses."""
     from . import message
-    from .reader import MessageReader
 
     problem = _malformed(fields)
     if problem:
@@ -88,9 +87,3 @@ def _malformed(fields: dict) -> str | None:
 
 def _text(value, limit: int) -> bool:
     return isinstance(value, str) and value.isprintable() and len(value) <= limit
-
-
-def _names_recipients(header_block: bytes) -> bool:
-    """Whether a field that -t takes recipients from is there (its content is the pickup's)."""
-    return any(line.partition(b":")[0].strip().lower() in _RECIPIENT_FIELDS
-               for line in header_block.split(b"\r\n") if line[:1] not in (b" ", b"\t"))

@@ -37,7 +37,7 @@ from typing import BinaryIO, NamedTuple
 from .envelope import NO_RECIPIENTS, Envelope
 from .errors import DataError, PolicyError, UsageError
 from .i18n import _
-from .reader import BodyInfo, HeaderField, MessageReader, split_fields
+from .reader import BodyInfo, HeaderField, MessageReader, recipient_fields, split_fields
 
 # A longer display name (-F, a From: name) is cut: folding cannot break one long word, and even
 # quoted with every character escaped, this many stay within the 998-octet line limit.
@@ -157,18 +157,14 @@ def resolve_local(address: str, aliases: dict[str, str], local_hostname: str) ->
 
 
 def _header_recipients(fields: list[HeaderField]) -> list[str]:
-    names = ("to", "cc", "bcc")
-    if any(f.name.startswith("resent-") for f in fields):
-        names = ("resent-to", "resent-cc", "resent-bcc")
     addresses = []
-    for f in fields:
-        if f.name in names:
-            text = _decode(f.value)
-            header = _address_header(f.name, text)
-            if header is None:
-                label = f.raw.partition(b":")[0].decode("ascii", "replace")
-                raise DataError(_("cannot parse the addresses in {header}: {text!r}").format(header=label, text=_shown(text)))
-            addresses += [a.addr_spec for a in header.addresses]
+    for f in recipient_fields(fields):
+        text = _decode(f.value)
+        header = _address_header(f.name, text)
+        if header is None:
+            label = f.raw.partition(b":")[0].decode("ascii", "replace")
+            raise DataError(_("cannot parse the addresses in {header}: {text!r}").format(header=label, text=_shown(text)))
+        addresses += [a.addr_spec for a in header.addresses]
     return addresses
 
 

@@ -207,3 +207,12 @@ def split_fields(header_block: bytes) -> list[HeaderField]:
             name = line.partition(b":")[0].strip().decode("ascii", "replace").lower()
             fields.append(HeaderField(name, line + b"\r\n"))
     return fields
+
+
+def recipient_fields(fields: list[HeaderField]) -> list[HeaderField]:
+    """The fields ``-t`` takes recipients from: To, Cc and Bcc, or Resent-To/-Cc/-Bcc when any
+    Resent- field is present."""
+    names = ("to", "cc", "bcc")
+    if any(f.name.startswith("resent-") for f in fields):
+        names = ("resent-to", "resent-cc", "resent-bcc")
+    return [f for f in fields if f.name in names]
