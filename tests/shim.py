@@ -20,6 +20,12 @@ SHIM_PYTHON = os.environ.get("SHIM_PYTHON") or sys.executable
 
 __all__ = ["Result", "Shim", "shim", "shim_factory", "secret_forms", "assert_no_secret", "OUTPUTS"]
 
+
+def readable_by_others(path: Path = ROOT) -> bool:
+    """Whether another user can read `path` (the source tree, for tests that switch users): it
+    lets others read, and it and every directory above it let others through (`mktemp -d` does not)."""
+    return bool(path.stat().st_mode & 0o004) and all(p.stat().st_mode & 0o001 for p in (path, *path.parents))
+
 OUTPUTS: list[str] = []  # everything any shim run printed or logged, for the session-wide scan
 
 

@@ -20,6 +20,7 @@ import pytest
 from sendmail_shim import config, credentials, credstore
 from sendmail_shim.errors import EX_CONFIG, EX_USAGE, ConfigError, UsageError
 from sendmail_shim.secret import Secret
+from tests.shim import readable_by_others
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "Tr0ub4dor&3-授权码"
@@ -259,7 +260,7 @@ NOBODY = 65534
 @pytest.fixture
 def nobody_dir():
     """A directory user nobody owns and can reach (pytest's tmp_path is private to root)."""
-    if os.geteuid() != 0 or not os.path.exists("/usr/bin/python3") or not os.stat(ROOT).st_mode & 0o005:
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/python3") or not readable_by_others():
         pytest.skip("needs root, /usr/bin/python3 and a world-readable source tree")
     import tempfile
 

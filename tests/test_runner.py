@@ -28,7 +28,7 @@ from sendmail_shim.log import MessageLog
 from sendmail_shim.queue import Queue
 from sendmail_shim.runner import Selector, deliver_now, run_queue
 from tests.relay import RELAY_LOGIN
-from tests.shim import OUTPUTS
+from tests.shim import OUTPUTS, readable_by_others
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -615,8 +615,8 @@ def as_user(user: str, *command: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating users and switching to them needs root")
-@pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON) or not shutil.which("setpriv"),
-                    reason="needs /usr/bin/python3 and setpriv")
+@pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON) or not shutil.which("setpriv") or not readable_by_others(),
+                    reason="needs /usr/bin/python3, setpriv and a source tree other users can read")
 def test_unprivileged_caller_drops_and_the_service_runner_delivers(relay, relay_password):
     base = Path(tempfile.mkdtemp(prefix="shim-system-", dir="/tmp"))  # traversable by other users
     try:
