@@ -4,7 +4,8 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 # Debian's interpreter and libraries: the .deb runs on them, so CI runs the end-to-end tests on them too.
 APT_PACKAGES := python3 python3-venv python3-keyring python3-dotenv ca-certificates \
-  php-cli php-mbstring libphp-phpmailer php-symfony-mailer php-swiftmailer git git-email libmailtools-perl mailutils mutt swaks
+  php-cli php-mbstring libphp-phpmailer php-symfony-mailer php-swiftmailer git git-email libmailtools-perl mailutils mutt swaks \
+  pflogsumm
 
 .PHONY: test test-venv test-debian demo apt-deps clean
 

@@ -8,7 +8,7 @@ to bench/results/ (with a PNG chart when matplotlib, the optional ``bench`` extr
 The shim runs as the Debian package runs it: /usr/bin/python3 (with python3-dotenv) and the
 package's code, here from this checkout; ``--python`` picks another interpreter.
 
-    python bench/run.py            # the full run (about 4 minutes)
+    python bench/run.py            # the full run (about 5 minutes)
     python bench/run.py --smoke    # tiny counts: proves the script works (CI)
     python bench/run.py --only backlog --backlog 100 --msmtp-sample 3 --out /tmp/b   # one measurement
 """
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 SHIM = ROOT / "bin" / "sendmail-shim"
 RESULTS = ROOT / "bench" / "results"
 GNU_TIME = "/usr/bin/time"
-STEPS = ("startup", "background", "interactive", "memory", "backlog", "imports")
+STEPS = ("startup", "background", "service", "interactive", "memory", "backlog", "hostile", "imports")
 _LINE = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd\n"
 
 
@@ -260,6 +260,89 @@ def bench_background(args, servers, shim, msmtp, message) -> Row:
                      "shim ≤ 1/20 of msmtp", 1 / 20)
 
 
+class ServiceSite:
+    """A server's layout for the shim: a service user owning the spool, the submission service
+    (`sendmail-shim -bd`) running as it, and an unprivileged caller (throwaway accounts; root
+    only). Everything lives in a directory other users can reach."""
+
+    def __init__(self, python: str, servers: Servers, port: int):
+        import pwd
+
+        tag = os.getpid() % 100000
+        self.users = [f"benchsvc{tag}", f"benchwww{tag}"]
+        for name in self.users:
+            subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                            "/usr/sbin/nologin", name], check=True, capture_output=True)
+        service = pwd.getpwnam(self.users[0])
+        self.base = Path(tempfile.mkdtemp(prefix="sendmail-shim-bench-service-", dir="/tmp"))
+        self.base.chmod(0o755)
+        spool = self.base / "spool"
+        spool.mkdir(mode=0o711)
+        os.chown(spool, service.pw_uid, service.pw_gid)
+        password = self.base / "password"
+        password.write_text(servers.info["password"] + "\n")
+        os.chown(password, service.pw_uid, service.pw_gid)
+        password.chmod(0o600)
+        ca_file = shutil.copy(servers.info["ca_file"], self.base / "ca.pem")
+        config = self.base / "sendmail-shim.env"
+        config.write_text(
+            f"SMTP_HOST=127.0.0.1\nSMTP_PORT={port}\nSMTP_SECURITY=tls\nSMTP_CA_FILE={ca_file}\n"
+            f"SMTP_USER={servers.info['login']}\nSMTP_PASSWORD_COMMAND=cat {password}\n"
+            f"SENDMAIL_SHIM_QUEUE_DIR={spool}\nSENDMAIL_SHIM_SUBMIT_SOCKET={self.base / 'submit.sock'}\n"
+            "SENDMAIL_SHIM_SYSLOG=no\nSMTP_TIMEOUT=60\n")
+        config.chmod(0o644)
+        self.env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8",
+                    "SENDMAIL_SHIM_CONFIG": str(config)}
+        self.python = python
+        self.daemon = subprocess.Popen([python, str(SHIM), "-bd"], env=self.env, cwd="/")
+        for _ in range(300):
+            if (self.base / "submit.sock").exists():
+                break
+            time.sleep(0.02)
+
+    def command(self, *args) -> list[str]:
+        """The shim as the unprivileged caller."""
+        return ["setpriv", f"--reuid={self.users[1]}", f"--regid={self.users[1]}", "--clear-groups",
+                self.python, str(SHIM), *args]
+
+    def close(self) -> None:
+        self.daemon.terminate()
+        self.daemon.wait(30)
+        for name in reversed(self.users):
+            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+            subprocess.run(["userdel", "--force", name], capture_output=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def bench_service(args, servers, python, msmtp, message) -> Row:
+    """(1b) What an unprivileged caller (www-data) waits for with -odb through a relay 200 ms
+    away: its message goes through the submission service's socket."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return Row("1b. caller latency via the submission service", "n/a (needs root and setpriv)", "n/a", "n/a",
+                   "shim ≤ 1/20 of msmtp", None)
+    site = ServiceSite(python, servers, servers.info["delayed_port"])
+    delivered = servers.count()
+    try:
+        def shim_run():
+            nonlocal delivered
+            elapsed = timed_popen(site.command("-odb", "-t", "-i"), site.env, message)
+            delivered += 1
+            servers.wait_for(delivered)
+            return elapsed
+
+        def msmtp_run():
+            nonlocal delivered
+            elapsed = timed_popen(msmtp.command("-t", "-i"), msmtp.env, message)
+            delivered += 1
+            return elapsed
+
+        a, b = alternate(args.short_runs, shim_run, msmtp_run if msmtp else None)
+    finally:
+        site.close()
+    return ratio_row("1b. caller latency, 2 KB, relay +200 ms: an unprivileged caller's `-odb` (through the "
+                     "submission service) vs msmtp", a, b, "shim ≤ 1/20 of msmtp", 1 / 20)
+
+
 def bench_interactive(args, servers, shim, msmtp, message) -> Row:
     """(2) -odi on loopback TLS: the whole delivery inside the caller's wait."""
     a, b = alternate(args.short_runs, lambda: timed_popen(shim.command("-odi", "-t", "-i"), shim.env, message),
@@ -329,6 +412,93 @@ def bench_backlog(args, servers, delayed_shim, delayed_msmtp, message) -> Row:
     return Row(name, f"{shim.median:.1f} s ({shim_total / args.backlog * 1000:.0f} ms/message)", msmtp_text,
                f"{speedup:.1f}× faster", "≥ 50× faster", speedup >= 50,
                (shim_total * 1000, extrapolated.median * 1000))
+
+
+# What `bench_hostile` times, in the shim's interpreter: the header policy as the pickup runs it
+# (reader, `message.prepare`, body copy) for each message given on stdin as JSON (name → latin-1
+# text, -t), `runs` times; prints {name: [[seconds, CPU seconds], ...]}. A refusal is a result too.
+HOSTILE_WORKER = r"""
+import io, json, sys, time
+sys.path.insert(0, sys.argv[1])
+from sendmail_shim import message
+from sendmail_shim.errors import ShimError
+from sendmail_shim.reader import MessageReader
+policy = message.HeaderPolicy(sender="alice@163.test", aliases={"root": "admin@example.com"}, local_hostname="web1")
+
+def pickup(text, extract):
+    start, cpu = time.perf_counter(), time.thread_time()
+    reader = MessageReader(io.BytesIO(text.encode("latin-1")), dot_ends=False, mbox_from=False)
+    try:
+        headers, envelope = message.prepare(reader.read_header_block(), extract_recipients=extract,
+                                            argv_recipients=[] if extract else ["bob@example.org"],
+                                            requested_sender=None, policy=policy)
+        message.write(io.BytesIO(), reader, headers, envelope)
+    except ShimError:
+        pass
+    return [time.perf_counter() - start, time.thread_time() - cpu]
+
+cases = json.load(sys.stdin)
+pickup(*next(iter(cases.values())))  # warm-up
+print(json.dumps({name: [pickup(*case) for _ in range(int(sys.argv[2]))] for name, case in cases.items()}))
+"""
+
+# The costliest shapes of each kind at the header policy's caps (message.py), as (prefix, unit,
+# tail): an address of about 1 KiB, in four 64 KiB To fields folded after each address (split,
+# each address parsed), or in 255 To fields of 1 KiB (each parsed whole); every field differs
+# (a field is parsed once).
+HOSTILE_KINDS = {
+    "quotes": ("", '""', " <u@x.test>"), "backslashes": ("", "\\\\", ""), "dots": ("", "a.", " <u@x.test>"),
+    "spaces": ("", "a ", "<u@x.test>"), "commas": ("", "a@b.test,", "a@b.test"), "comments": ("", "(a)", "u@x.test"),
+    "angle brackets": ("", "<(", ""), "groups": ("", "a ", ":;"), "encoded words": ("", "=?utf-8?q?a?= ", "<u@x.test>"),
+    "obsolete routes": ("<", "@a,", "@a:u@x.test>"),
+}
+
+
+def hostile_messages(login: str) -> dict[str, tuple[bytes, str]]:
+    """name → (message, kind): each kind in its two forms, with a 2 KB body."""
+    body = b"\n" + _LINE * 26
+    messages = {}
+    for kind, (prefix, unit, tail) in HOSTILE_KINDS.items():
+        element = prefix + unit * ((1010 - len(prefix) - len(tail)) // len(unit)) + tail
+        count = 64 * 1024 // (len(element) + 3) - 1
+        folded = ",\n ".join([element] * count)
+        long_fields = "".join(f"To: {folded},\n u{f}@x.test\n" for f in range(4))
+        short_fields = "".join(f"To: {element} ({i:04d})\n" for i in range(255))
+        for form, fields in (("4 × 64 KiB To", long_fields), ("255 × 1 KiB To", short_fields)):
+            messages[f"{kind}, {form}"] = (f"From: {login}\nSubject: hostile\n{fields}".encode() + body, kind)
+    return messages
+
+
+def bench_hostile(args, shim, message: bytes) -> list[Row]:
+    """(6) The largest delay one user's hostile message adds to another's: the pickup handles one
+    message at a time, so a message's header policy delays every message behind it. Each kind of
+    hostile shape at the caps (its costliest form, with -t or without) against an ordinary 2 KB
+    message, in the shim's interpreter."""
+    login = "alice@163.test"
+    many = ",\n ".join(f'"User {i}, Dept" <user{i}@example.org>' for i in range(1000))
+    cases = {"ordinary 2 KB": (message.decode("latin-1"), True),
+             "1000 recipients": (message.decode("latin-1").replace("To: bob@example.org", f"To: {many}"), True)}
+    kinds = {}
+    for name, (data, kind) in hostile_messages(login).items():
+        for extract in (True, False):
+            cases[f"{name}{'' if extract else ', no -t'}"] = (data.decode("latin-1"), extract)
+            kinds[f"{name}{'' if extract else ', no -t'}"] = kind
+    proc = subprocess.run([shim.python, "-c", HOSTILE_WORKER, str(ROOT), str(args.hostile_runs)],
+                          input=json.dumps(cases), capture_output=True, text=True, check=True)
+    results = json.loads(proc.stdout)
+    samples = {name: Sample([wall for wall, _cpu in values]) for name, values in results.items()}
+    cpu = {name: Sample([cpu for _wall, cpu in values]) for name, values in results.items()}
+    ordinary, many = samples.pop("ordinary 2 KB"), samples.pop("1000 recipients")
+    rows = [Row("6. header policy at pickup: ordinary 2 KB message (reference)", ordinary.spread(1000, "ms", 1),
+                "n/a", "n/a", "—", None),
+            Row("6. header policy at pickup: 1,000 ordinary recipients in To (reference)", many.spread(1000, "ms"),
+                "n/a", f"{many.median / ordinary.median:.0f}× the 2 KB message", "—", None)]
+    for kind in HOSTILE_KINDS:
+        name, worst = max(((n, s) for n, s in samples.items() if kinds[n] == kind), key=lambda item: item[1].median)
+        rows.append(Row(f"6. delay a hostile message adds to others: {kind} ({name.split(', ', 1)[1]})",
+                        f"{worst.spread(1000, 'ms')}, CPU {cpu[name].median * 1000:.0f} ms", "n/a",
+                        f"{worst.median / ordinary.median:.0f}× the 2 KB message", "≤ 1 s", worst.median <= 1.0))
+    return rows
 
 
 def bench_startup(args, shim, msmtp) -> Row:
@@ -444,6 +614,7 @@ def main() -> int:
     parser.add_argument("--backlog", type=int, default=1000, help="queued messages for the -q measurement")
     parser.add_argument("--msmtp-sample", type=int, default=15, help="msmtp calls measured for the backlog")
     parser.add_argument("--big-mb", type=int, default=50, help="size of the big message")
+    parser.add_argument("--hostile-runs", type=int, default=3, help="runs of each hostile-header shape")
     parser.add_argument("--delay", type=float, default=0.2, help="seconds added to every relay reply")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the table and chart go")
     parser.add_argument("--queue-connections", type=int, default=None,
@@ -453,6 +624,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.runs, args.short_runs, args.backlog, args.msmtp_sample, args.big_mb = 2, 3, 5, 2, 2
+        args.hostile_runs = 1
         if args.out == RESULTS:
             args.out = Path(tempfile.gettempdir()) / "sendmail-shim-bench-smoke"
     selected = set(args.only or STEPS)
@@ -483,11 +655,14 @@ def main() -> int:
                 ("startup", "start-up", lambda: [bench_startup(args, shim_near, msmtp_near)]),
                 ("background", "1. -odb through the 200 ms relay",
                  lambda: [bench_background(args, servers, shim_far, msmtp_far, message)]),
+                ("service", "1b. -odb of an unprivileged caller, through the submission service",
+                 lambda: [bench_service(args, servers, python, msmtp_far, message)]),
                 ("interactive", "2. -odi on loopback",
                  lambda: [bench_interactive(args, servers, shim_near, msmtp_near, message)]),
                 ("memory", f"3. peak RSS, {args.big_mb} MB", lambda: bench_memory(args, servers, shim_near, msmtp_near, work)),
                 ("backlog", f"4. backlog of {args.backlog}",
                  lambda: [bench_backlog(args, servers, shim_far, msmtp_far, message)]),
+                ("hostile", "6. header policy, hostile shapes at the caps", lambda: bench_hostile(args, shim_near, message)),
             ):
                 if key in selected:
                     print(f"bench: {title} …", flush=True)

@@ -3,7 +3,10 @@
 #   make deb-lint  build, then lintian (fails on errors)
 #   make test-deb  build, lint, install on this machine, deliver to a loopback relay, purge,
 #                  restore the previous MTA (root only; see packaging/test-deb.sh)
-.PHONY: deb deb-lint test-deb
+#   make test-units build, boot a Debian 12 container under systemd-nspawn, install there and
+#                  prove the systemd units and the submission service (root only; SKIPs where
+#                  systemd cannot boot; see packaging/test-units.sh)
+.PHONY: deb deb-lint test-deb test-units
 
 deb:
 	bash packaging/build-deb.sh
@@ -13,3 +16,6 @@ deb-lint: deb
 
 test-deb:
 	bash packaging/test-deb.sh
+
+test-units:
+	bash packaging/test-units.sh

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The Debian packages, proven on this machine (root, Debian 12): build, lintian, apt-get install,
 # configure for a loopback test relay (implicit TLS + AUTH + 163's sender rule), deliver as PHP
-# mail(), cron, mail(1) and an unprivileged user do, mailq, the runner as user sendmail-shim,
-# apt-get purge (empty and non-empty queue), then the machine's previous MTA is put back.
+# mail(), cron, mail(1) and an unprivileged user do (through the submission service, started by
+# hand as in a container: this machine runs no systemd), attacks of another local user on the
+# spool, mailq, the runner as user sendmail-shim, apt-get purge (empty and non-empty queue), then
+# the machine's previous MTA is put back.
 #
 # Every check prints PASS or FAIL; the last line is "N passed, M failed"; the exit status is
 # non-zero when anything failed. Nothing leaves 127.0.0.1.
@@ -19,7 +21,7 @@ CONF=/etc/sendmail-shim/sendmail-shim.env
 PACKAGES=(sendmail-shim sendmail-shim-mta)
 TOKEN=$(date +%s)-$$
 PASSED=0 FAILED=0
-WORK= RELAY_PID= MTAS_BEFORE= INSTALLED_BEFORE= SENDMAIL_BEFORE=
+WORK= RELAY_PID= DAEMON_PID= MTAS_BEFORE= INSTALLED_BEFORE= SENDMAIL_BEFORE=
 
 pass() { PASSED=$((PASSED + 1)); echo "PASS: $*"; }
 fail() { FAILED=$((FAILED + 1)); echo "FAIL: $*"; }
@@ -71,6 +73,7 @@ cleanup() {
     local status=$?
     trap - EXIT INT TERM
     [ -z "$RELAY_PID" ] || kill "$RELAY_PID" 2>/dev/null
+    stop_daemon
     if [ -n "$INSTALLED_BEFORE" ]; then
         local pkg leftovers=()
         for pkg in "${PACKAGES[@]}"; do known "$pkg" && leftovers+=("$pkg"); done
@@ -155,13 +158,13 @@ installed_layout() {
 700 sendmail-shim sendmail-shim $SPOOL/queue
 700 sendmail-shim sendmail-shim $SPOOL/failed
 700 sendmail-shim sendmail-shim $SPOOL/corrupt
-3733 sendmail-shim sendmail-shim $SPOOL/maildrop-tmp
-3733 sendmail-shim sendmail-shim $SPOOL/maildrop
+700 sendmail-shim sendmail-shim $SPOOL/maildrop-tmp
+700 sendmail-shim sendmail-shim $SPOOL/maildrop
 640 root sendmail-shim /etc/sendmail-shim/credentials
 EOF
     local unit
-    for unit in $(cd "$ROOT/packaging/systemd" && ls *.path *.timer); do
-        check "$unit is enabled (the delivery trigger)" \
+    for unit in sendmail-shim.socket sendmail-shim.service; do
+        check "$unit is enabled" \
             test -n "$(find /etc/systemd/system -path "*.wants/$unit")"
     done
     check "Debian's python3-keyring finds the keyring.backends entry point" /usr/bin/python3 -c '
@@ -243,8 +246,40 @@ mailx_mail() {
     delivered "mail(1)" "mailx-$TOKEN" you@example.test
 }
 
+# The submission service as a container runs it: started by root, it binds the socket and
+# becomes user sendmail-shim.
+start_daemon() {
+    /usr/bin/sendmail-shim -bd >"$WORK/daemon.log" 2>&1 &
+    DAEMON_PID=$!
+    local i
+    for i in $(seq 100); do [ -S /run/sendmail-shim/submit.sock ] && break; sleep 0.1; done
+    check "sendmail-shim -bd listens on /run/sendmail-shim/submit.sock (mode 666)" \
+        test "$(stat -c %a /run/sendmail-shim/submit.sock 2>/dev/null)" = 666
+    check "sendmail-shim -bd runs as user sendmail-shim" \
+        test "$(ps -o user= -p "$DAEMON_PID" 2>/dev/null)" = sendmail-shim
+}
+
+stop_daemon() {
+    [ -n "$DAEMON_PID" ] || return 0
+    kill "$DAEMON_PID" 2>/dev/null
+    wait "$DAEMON_PID" 2>/dev/null
+    DAEMON_PID=
+    sed 's/^/    daemon: /' "$WORK/daemon.log"
+}
+
+# as_nobody_send SUBJECT RCPT: the system's sendmail as user nobody.
+as_nobody_send() {
+    printf 'Subject: %s\n\n%s\n' "$1" "$1" \
+        | runuser -u nobody -- env -i PATH=/usr/bin:/bin HOME=/nonexistent /usr/sbin/sendmail -i "$2"
+}
+
+refused_without_daemon() {
+    as_nobody_send "refused-$TOKEN" x@example.test
+    [ $? = 75 ]
+}
+
 queue_and_runner() {
-    # A message that waits in the queue for mailq, and one dropped by a user without the password.
+    # A message that waits in the queue for mailq, and one handed over by a user without the password.
     check "sendmail -odq queues a message" bash -c \
         "printf 'Subject: queued-$TOKEN\n\nqueued\n' | /usr/sbin/sendmail -odq -i queued@example.test"
     local listing
@@ -253,15 +288,29 @@ queue_and_runner() {
     sed 's/^/    mailq: /' <<<"$listing"
 
     check "user nobody cannot read the credential file" bash -c "! runuser -u nobody -- test -r /etc/sendmail-shim/credentials"
-    check "user nobody sends (exit 0)" bash -c \
-        "printf 'Subject: dropped-$TOKEN\n\ndropped\n' | runuser -u nobody -- env -i PATH=/usr/bin:/bin HOME=/nonexistent /usr/sbin/sendmail -i dropped@example.test"
-    check "the message waits in the maildrop" test -n "$(find $SPOOL/maildrop -type f)"
-    check "nobody cannot list the maildrop" bash -c "! runuser -u nobody -- ls $SPOOL/maildrop"
+    check "without the submission service, user nobody's message is refused with exit 75" refused_without_daemon
+    start_daemon
+    check "user nobody sends (exit 0)" as_nobody_send "dropped-$TOKEN" dropped@example.test
+    delivered "sent by nobody through the submission service" "dropped-$TOKEN" dropped@example.test
+
+    # Issue 13's first two attacks: another local user cannot plant anything in the spool, and
+    # what root (or an older, world-writable spool) left there does not stop delivery.
+    local dir
+    for dir in maildrop maildrop-tmp tmp queue; do
+        check "user nobody cannot create a directory in $SPOOL/$dir" \
+            bash -c "! runuser -u nobody -- mkdir $SPOOL/$dir/0 2>/dev/null"
+    done
+    mkdir "$SPOOL/maildrop/0" "$SPOOL/maildrop-tmp/old"
+    touch -d '2 hours ago' "$SPOOL/maildrop-tmp/old"
+    check "with a directory in maildrop/ and an old one in maildrop-tmp/, user nobody sends (exit 0)" \
+        as_nobody_send "after-attack-$TOKEN" attacked@example.test
+    delivered "nobody's message after the attack" "after-attack-$TOKEN" attacked@example.test
+
     check "the runner, started by hand as user sendmail-shim, exits 0" \
         as_user sendmail-shim /usr/bin/sendmail-shim -q
     delivered "queued (-odq)" "queued-$TOKEN" queued@example.test
-    delivered "dropped by nobody" "dropped-$TOKEN" dropped@example.test
     check "the queue is empty after the run" grep -qx 'Mail queue is empty' <(mailq)
+    stop_daemon
 }
 
 # ---- purge ------------------------------------------------------------------------------------
@@ -293,7 +342,7 @@ purge_empty() {
 purge_nonempty() {
     check "reinstall" apt-get install -y -qq "$ROOT"/dist/sendmail-shim_*_all.deb "$ROOT"/dist/sendmail-shim-mta_*_all.deb
     check "a message is queued (no relay configured)" bash -c \
-        "printf 'Subject: kept\n\nkept\n' | SMTP_USER=$LOGIN /usr/sbin/sendmail -odq -i kept@example.test"
+        "printf 'Subject: kept\n\nkept\n' | SENDMAIL_SHIM_SMTP_USER=$LOGIN /usr/sbin/sendmail -odq -i kept@example.test"
     local out
     out=$(apt-get purge -y -qq "${PACKAGES[@]}" 2>&1)
     check "apt-get purge (one message queued)" test $? -eq 0

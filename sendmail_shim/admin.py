@@ -3,7 +3,7 @@
 from . import runner
 from .errors import EX_OK
 from .i18n import _, localize
-from .log import MessageLog
+from .log import POSTSUPER, MessageLog
 from .queue import Queue
 
 
@@ -13,17 +13,14 @@ def run(opts, config, stdout, stderr, environ) -> int:
         stdout.write(queue.listing())
         return EX_OK
     if opts.mode == "run-queue":
-        return _run_queue(opts, config, queue, stderr)
+        return _run_queue(opts, config, queue, stderr, environ)
     if opts.mode == "show":
         stdout.flush()
         getattr(stdout, "buffer", stdout).write(queue.show(opts.target))
         return EX_OK
     if opts.mode == "delete":
         message = queue.delete(opts.target)
-        MessageLog.from_config(config).record(
-            message.id, status="deleted", sender=message.envelope.sender,
-            recipients=[r.address for r in message.pending], reply="deleted by the administrator",
-        )
+        MessageLog.from_config(config).removed(message.id, program=POSTSUPER)  # as Postfix's postsuper -d
         done = _("{id} deleted").format(id=message.id)
     elif opts.mode == "retry":
         changed = queue.retry_now(None if opts.target == "all" else opts.target)
@@ -35,7 +32,9 @@ def run(opts, config, stdout, stderr, environ) -> int:
     return EX_OK
 
 
-def _run_queue(opts, config, queue, stderr) -> int:
+def _run_queue(opts, config, queue, stderr, environ) -> int:
+    """-q: every queued message now (as sendmail 8's -q and Postfix's postqueue -f); -q --due:
+    only those whose next-attempt time has come (the runner service, cron)."""
     selector = runner.Selector(*opts.queue_filter) if opts.queue_filter else None
     progress = None
     if opts.verbose and stderr.isatty():
@@ -44,13 +43,13 @@ def _run_queue(opts, config, queue, stderr) -> int:
         progress = lambda done, total, line: print(f"[{done}/{total}] {line}", file=stderr)  # noqa: E731
     transcript = (lambda line: print(line, file=stderr)) if opts.verbose > 1 else None
     stats = runner.run_queue(config, queue, log=MessageLog.from_config(config), selector=selector,
-                             progress=progress, transcript=transcript)
+                             progress=progress, transcript=transcript, due_only=opts.due_only)
     if opts.verbose:
-        print(
-            f"\nsendmail-shim: {stats.sent} sent, {stats.deferred} deferred, {stats.failed} failed, "
-            f"{stats.bounces} bounces, {stats.picked_up} picked up, {stats.busy} busy",
-            file=stderr,
-        )
+        summary = _("{sent} sent, {deferred} deferred, {failed} failed, {bounces} bounces, "
+                    "{picked_up} picked up, {busy} busy").format(
+            sent=stats.sent, deferred=stats.deferred, failed=stats.failed, bounces=stats.bounces,
+            picked_up=stats.picked_up, busy=stats.busy)
+        print(f"\nsendmail-shim: {localize(summary, environ)}", file=stderr)
     return EX_OK
 
 

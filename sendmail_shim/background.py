@@ -19,7 +19,10 @@ def start(config, queue, msg_id: str) -> None:
     try:
         child = os.fork()
     except OSError as exc:
-        _log(config).record(msg_id, status="deferred", reply=f"cannot start the background delivery: {exc.strerror}")
+        from .log import SENDMAIL
+
+        _log(config).warning(SENDMAIL, f"cannot start the background delivery: {exc.strerror}; the queue runner "
+                                       "will deliver it", msg_id=msg_id)
         return
     if child:
         try:
@@ -38,7 +41,10 @@ def start(config, queue, msg_id: str) -> None:
         try:
             runner.pick_up_and_deliver(config, queue, msg_id, log=log)
         except Exception as exc:  # nobody else would ever see it; the queue runner will retry
-            log.record(msg_id, status="deferred", reply=f"background delivery: {type(exc).__name__}: {exc}")
+            from .log import QMGR
+
+            log.error(QMGR, f"background delivery: {type(exc).__name__}: {exc}; the queue runner will retry",
+                      msg_id=msg_id)
     finally:
         os._exit(0)
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 from email.utils import formatdate
 
 from .errors import DataError
-from .log import one_line
+from .log import one_line, reply_status
 
 MAX_ORIGINAL_HEADERS = 64 << 10
 _REPLY = re.compile(r"([245])\d\d(?:[ -]+([245]\.\d{1,3}\.\d{1,3}))?")
@@ -26,17 +26,18 @@ class Failure(NamedTuple):
     expired: bool = False  # given up after SENDMAIL_SHIM_MAX_QUEUE_AGE rather than refused
 
 
-def recipient_for(bounce_to: str | None, requested_sender: str | None, login: str,
+def recipient_for(bounce_to: str | None, account: str | None, login: str,
                   aliases: dict[str, str], local_hostname: str) -> str:
-    """SENDMAIL_SHIM_BOUNCE_TO, else the sender the caller asked for (a local name through the
-    alias map), else the login."""
+    """SENDMAIL_SHIM_BOUNCE_TO, else the alias of the submitting `account` (its local user name
+    through the alias map), else the login. Never the sender the caller asked for (-f): nobody
+    verified it, and a report quotes the message's headers to whomever it names."""
     if bounce_to:
         return bounce_to
-    if requested_sender and not any(c in requested_sender for c in " \t\r\n<>,;"):
+    if account:
         from .message import resolve_local
 
         try:
-            return resolve_local(requested_sender, aliases, local_hostname)
+            return resolve_local(account, aliases, local_hostname)
         except DataError:
             pass  # a local name without an alias
     return login
@@ -45,12 +46,10 @@ def recipient_for(bounce_to: str | None, requested_sender: str | None, login: st
 def status_code(failure: Failure) -> str:
     """RFC 3463 status: the enhanced code of the reply, else the class of its basic code;
     4.4.7 (delivery time expired) when we gave up on a temporary failure."""
-    match = _REPLY.match(failure.reply)
-    if failure.expired and not (match and match.group(1) == "5"):
+    status = reply_status(failure.reply)
+    if failure.expired and not status.startswith("5"):
         return "4.4.7"
-    if match and match.group(2):
-        return match.group(2)
-    return f"{match.group(1)}.0.0" if match else "5.0.0"
+    return status or "5.0.0"
 
 
 def header_block(message: bytes) -> bytes:
@@ -76,9 +75,11 @@ def build(
     boundary: str,
     now: float,
     refusal: str | None = None,
+    requested_sender: str | None = None,
 ) -> bytes:
     """The report as CRLF bytes. `sender` is the login (From: and the envelope sender).
-    `refusal` (with no `failures`): why the message was not accepted at all."""
+    `refusal` (with no `failures`): why the message was not accepted at all. `requested_sender`
+    (-f) is shown, never written to: the report goes to `to`, the submitting account's."""
     content_type = ("multipart/mixed" if refusal is not None
                     else "multipart/report; report-type=delivery-status")
     lines = [
@@ -101,6 +102,8 @@ def build(
         f"This is the mail system (sendmail-shim) at {reporting_mta}.",
         "",
     ]
+    if requested_sender:
+        lines += [f"The sender it asked for (not used): {_clean(requested_sender)}", ""]
     if refusal is not None:
         lines += [f"Your message (queue ID {queue_id}) was not accepted for delivery:", "", _clean(refusal), "",
                   "It is attached below (headers only)."]
@@ -119,7 +122,7 @@ def build(
         "Content-Type: text/rfc822-headers",
         "",
     ]
-    head = ("\r\n".join(lines) + "\r\n").encode("utf-8")
+    head = ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")  # a -f with a lone surrogate
     headers = original_headers.rstrip(b"\r\n")
     return head + headers + (b"\r\n" if headers else b"") + f"\r\n--{boundary}--\r\n".encode()
 

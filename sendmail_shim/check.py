@@ -1,12 +1,15 @@
 """`--check`: prove the configuration works, step by step, without sending anything.
 
-Prints the resolved configuration (no secrets), a redacted SMTP transcript, what TLS and AUTH
-gave, whether the relay accepts the login as sender (then RSET), and one verdict line. With
-``--to ADDR`` it also sends a test message.
+Prints the resolved configuration (no secrets), each value with where it came from (file:line,
+environment variable, preset, default), a warning when log lines would go nowhere, a redacted
+SMTP transcript, what TLS and AUTH gave, whether the relay accepts the login as sender (then
+RSET), and one verdict line. With ``--to ADDR`` it also sends a test message.
 """
 
 import io
+import os
 import socket
+import stat
 
 from . import credentials, message
 from .errors import EX_OK, ShimError
@@ -16,9 +19,15 @@ from .smtp import Relay
 
 def run(config, out, environ, *, to: str | None = None, verbose: int = 0) -> int:
     say = lambda text="": print(localize(text, environ), file=out, flush=True)  # noqa: E731
+    config.require_sender()  # nothing configured at all: the error says to run --setup
     say(_("configuration:"))
     for key, value in config.redacted().items():
-        say(f"  {key} = {value}")
+        origin = config.origins.get(key)
+        say(f"  {key} = {value}" + (f"  ({localize(origin, environ)})" if origin else ""))
+    say(_("files read: {files}").format(files=", ".join(config.sources) or _("none")))
+    nowhere = log_warning(config)
+    if nowhere:
+        say(_("warning: {text}").format(text=nowhere))
     say()
     say(_("connecting to {host}:{port} ({security}) …").format(host=config.host, port=config.port, security=config.security))
     relay = Relay(config, lambda: credentials.get_password(config, environ),
@@ -43,6 +52,23 @@ def run(config, out, environ, *, to: str | None = None, verbose: int = 0) -> int
         say(_("verdict: OK — {host}:{port} accepts {sender} as sender").format(
             host=config.host, port=config.port, sender=config.sender))
     return EX_OK
+
+
+def log_warning(config, dev_log: str = "/dev/log"):
+    """Why the log lines of deliveries would go nowhere, or None: no log file, and syslog off or
+    without its socket (a container, a chroot)."""
+    if config.log_file:
+        return None
+    if not config.syslog:
+        return _("log lines go nowhere: SENDMAIL_SHIM_SYSLOG=no and no SENDMAIL_SHIM_LOG_FILE")
+    try:
+        listening = stat.S_ISSOCK(os.stat(dev_log).st_mode)
+    except OSError:
+        listening = False
+    if not listening:
+        return _("log lines go nowhere: syslog has no {socket} socket here and SENDMAIL_SHIM_LOG_FILE "
+                 "is not set").format(socket=dev_log)
+    return None
 
 
 def _describe(relay, say) -> None:

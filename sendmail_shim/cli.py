@@ -12,11 +12,16 @@ from . import __version__
 from .errors import EX_OK, EX_SOFTWARE, EX_TEMPFAIL, ShimError
 from .i18n import _, describe, localize
 
+# The exit status of a command whose reader went away (`mailq | head -1`): a C program dies of
+# SIGPIPE, which the shell reports as 128 + 13; Python ignores SIGPIPE and gets EPIPE instead.
+EX_PIPE = 141
+
 USAGE = _("""\
 usage: sendmail-shim [-t] [-i|-oi] [-f sender] [-F name] [-odb|-odi|-odq] [-v] [--] [recipient ...]
        sendmail-shim -bs            SMTP on stdin/stdout (Symfony, Laravel, SwiftMailer)
        sendmail-shim -bp | mailq    list the queue
-       sendmail-shim -q [-v] [-qR…|-qS…|-qI…]   deliver what is due
+       sendmail-shim -bd            the submission service (as root or the service user)
+       sendmail-shim -q [-v] [--due|-qR…|-qS…|-qI…]   deliver the queue now (--due: only what is due)
        sendmail-shim --check [--to ADDR]          test the configuration (and send a test mail)
        sendmail-shim --setup [--provider P --user ADDR --password-stdin --yes …]   guided setup
        sendmail-shim --set-password | --delete-password
@@ -35,12 +40,12 @@ def main(argv=None, *, stdin=None, stdout=None, stderr=None, environ=None) -> in
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     environ = os.environ if environ is None else environ
-    verbose = False
+    verbose, mode = False, None
     try:
         from . import options
 
         opts = options.parse(list(argv[1:]), os.path.basename(argv[0]) if argv else "")
-        verbose = opts.verbose > 0
+        verbose, mode = opts.verbose > 0, opts.mode
         return run(opts, stdin, stdout, stderr, environ)
     except ShimError as exc:
         print(f"sendmail-shim: {describe(exc, environ)}", file=stderr)
@@ -50,6 +55,8 @@ def main(argv=None, *, stdin=None, stdout=None, stderr=None, environ=None) -> in
         print(f"sendmail-shim: {localize(interrupted, environ)}", file=stderr)
         return EX_TEMPFAIL
     except Exception as exc:  # a bug: still one line and a non-zero exit, never a lost message
+        if isinstance(exc, BrokenPipeError) and mode not in (None, "send", "smtp"):
+            return EX_PIPE  # `sendmail-shim --check | head -1`: the reader has all it wanted
         bug = _("internal error: {error}").format(error=f"{type(exc).__name__}: {exc}")
         print(f"sendmail-shim: {localize(bug, environ)}", file=stderr)
         if verbose:
@@ -72,8 +79,11 @@ def console() -> None:
     gc.disable()
     code = main()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BrokenPipeError:  # `mailq | head -1`: what is left had no reader
+                code = code or EX_PIPE
     finally:
         os._exit(code)
 
@@ -105,6 +115,8 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
 
             bsmtp.refuse_session(stdout, exc)
         raise
+    if opts.mode == "send" and opts.verbose and not opts.delivery and config.delivery == "background":
+        opts.delivery = "interactive"  # sendmail's -v: deliver now, in the foreground, and show the dialogue
     if opts.mode == "send":
         from . import submit
 
@@ -117,6 +129,10 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
         from . import check
 
         return check.run(config, stdout, environ, to=opts.check_to, verbose=opts.verbose)
+    if opts.mode == "daemon":
+        from . import receiver
+
+        return receiver.run(opts, config)
     if opts.mode in ("set-password", "delete-password"):
         return _password_command(opts.mode, config, stdin, stdout, stderr, environ)
     from . import admin

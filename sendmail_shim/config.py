@@ -1,7 +1,9 @@
 """Configuration: dotenv files and environment variables → a frozen `Config`.
 
 Precedence, highest first:
-  1. environment variables with the documented names;
+  1. the environment variable ``SENDMAIL_SHIM_<KEY>`` of a key (`env_name`: SENDMAIL_SHIM_SMTP_HOST
+     for SMTP_HOST; SENDMAIL_SHIM_QUEUE_DIR for itself). An application's own SMTP_HOST,
+     SMTP_PASSWORD… (PHP, Docker images, CI jobs export them for themselves) change nothing;
   2. ``--config FILE`` or ``SENDMAIL_SHIM_CONFIG=FILE`` — when given, the only file read;
   3. otherwise the user file ``${XDG_CONFIG_HOME:-~/.config}/sendmail-shim/sendmail-shim.env``
      over the system file ``/etc/sendmail-shim/sendmail-shim.env``;
@@ -23,6 +25,7 @@ SYSTEM_CONFIG = os.path.join(SYSTEM_DIR, "sendmail-shim.env")
 SYSTEM_CREDENTIALS = os.path.join(SYSTEM_DIR, "credentials")
 SYSTEM_QUEUE = "/var/spool/sendmail-shim"
 SERVICE_USER = "sendmail-shim"
+SUBMIT_SOCKET = "/run/sendmail-shim/submit.sock"
 
 SECURITIES = ("tls", "starttls", "none")
 FROM_POLICIES = ("rewrite", "reject")
@@ -50,7 +53,7 @@ KEYS = {
     "SMTP_PASSWORD_COMMAND": "command whose first output line is the password",
     "SMTP_KEYRING_BACKEND": "keyring backend class path (default: sendmail-shim's file backend)",
     "SENDMAIL_SHIM_CREDENTIALS_FILE": "credential file of the built-in keyring backend",
-    "SENDMAIL_SHIM_LOG_FILE": "file that gets one line per message",
+    "SENDMAIL_SHIM_LOG_FILE": "file that gets the log lines too (one per event, in Postfix's format)",
     "SENDMAIL_SHIM_SYSLOG": "yes (default) to log to syslog facility mail",
     "SENDMAIL_SHIM_DELIVERY": "background (default), interactive, queue or direct",
     "SENDMAIL_SHIM_QUEUE_DIR": "queue directory",
@@ -58,7 +61,13 @@ KEYS = {
     "SENDMAIL_SHIM_QUEUE_CONNECTIONS": "connections a queue run delivers over in parallel (default 8; 1 with "
                                        "the 163, 126, yeah, qq and exmail presets, whose servers block an "
                                        "address that opens too many)",
-    "SENDMAIL_SHIM_BOUNCE_TO": "address that receives failure reports (default: the sender)",
+    "SENDMAIL_SHIM_BOUNCE_TO": "address that receives failure reports and notices (default: the submitting "
+                               "user's alias, else the login)",
+    "SENDMAIL_SHIM_SUBMIT_SOCKET": "the submission service's socket, for users who may not write the queue "
+                                   f"(default {SUBMIT_SOCKET})",
+    "SENDMAIL_SHIM_USER_RATE": "messages a local user (not root) may submit per minute (default 600)",
+    "SENDMAIL_SHIM_USER_QUEUE_SIZE": "bytes a local user's mail may take in the queue (default 1G)",
+    "SENDMAIL_SHIM_USER_MESSAGE_SIZE": "largest message a local user may submit (default 64M, the most)",
 }
 
 _FORBIDDEN = {
@@ -97,7 +106,13 @@ class Config(NamedTuple):
     max_queue_age: float = 5 * 86400.0
     queue_connections: int = providers.DEFAULT_CONNECTIONS
     bounce_to: str | None = None
-    sources: tuple[str, ...] = ()
+    submit_socket: str = SUBMIT_SOCKET
+    user_rate: int = 600
+    user_queue_size: int = 1 << 30
+    user_message_size: int = 64 << 20
+    sources: tuple[str, ...] = ()  # the files read
+    searched: tuple[str, ...] = ()  # the files looked for (none of which may exist)
+    origins: dict[str, str] = MappingProxyType({})  # key → where its value came from (`build`)
 
     @property
     def sender(self) -> str | None:
@@ -106,24 +121,41 @@ class Config(NamedTuple):
 
     def require_sender(self) -> str:
         if not self.sender:
+            if not self.sources:  # nothing configured at all: a fresh machine
+                raise ConfigError(
+                    _("sendmail-shim is not configured: none of {files} exists").format(
+                        files=", ".join(self.searched) or "(no file)"),
+                    _("run sendmail-shim --setup"))
             raise ConfigError(_("neither SMTP_USER nor SMTP_FROM is set: one of them is the sender of every message"))
         return self.sender
 
     def redacted(self) -> dict[str, str]:
-        """Settings for display; the password command is shown only as set/unset."""
+        """Every key's value in effect, for display (`origins` says where each came from); the
+        password command is shown only as set/unset."""
         shown = {}
-        for name in (
-            "provider", "host", "port", "security", "user", "from_address", "from_policy",
-            "allow_plaintext_auth", "ca_file", "tls_fingerprint", "tls_verify", "helo",
-            "timeout", "connect_timeout", "deadline", "keyring_backend", "credentials_file",
-            "log_file", "syslog", "delivery", "queue_dir", "max_queue_age", "queue_connections",
-            "bounce_to",
-        ):
-            shown[name] = str(getattr(self, name))
-        shown["aliases"] = ",".join(f"{k}:{v}" for k, v in self.aliases.items())
-        shown["password_command"] = "(set)" if self.password_command else "(unset)"
-        shown["sources"] = ", ".join(self.sources) or "(no file)"
+        for key in KEYS:
+            value = getattr(self, field_of(key), None)
+            if key == "SMTP_PASSWORD_COMMAND":
+                value = "(set)" if value else None
+            elif key == "SMTP_ALIASES":
+                value = ",".join(f"{k}:{v}" for k, v in value.items()) or None
+            elif isinstance(value, bool):
+                value = "yes" if value else "no"
+            shown[key] = "(unset)" if value is None else str(value)
         return shown
+
+
+def env_name(key: str) -> str:
+    """The environment variable that overrides `key`: SENDMAIL_SHIM_ + the key, for a key that
+    does not already begin with it (an application's SMTP_HOST is its own, not ours)."""
+    return key if key.startswith("SENDMAIL_SHIM_") else "SENDMAIL_SHIM_" + key
+
+
+def field_of(key: str) -> str:
+    """The `Config` field of a key: SMTP_CA_FILE → ca_file."""
+    if key == "SMTP_FROM":
+        return "from_address"
+    return key.lower().removeprefix("smtp_").removeprefix("sendmail_shim_")
 
 
 def config_files(environ, explicit: str | None) -> list[str]:
@@ -137,24 +169,33 @@ def config_files(environ, explicit: str | None) -> list[str]:
 def load(environ=None, explicit: str | None = None) -> Config:
     environ = os.environ if environ is None else environ
     values: dict[str, str] = {}
+    origins: dict[str, str] = {}
     sources = []
     explicit = explicit or environ.get("SENDMAIL_SHIM_CONFIG")
-    for path in config_files(environ, explicit):
+    searched = config_files(environ, explicit)
+    for path in searched:
         if not explicit and not os.path.exists(path):
             continue  # the default files are optional; an explicit one must exist
-        values.update(read_file(path))
+        for key, (value, line) in read_lines(path).items():
+            values[key], origins[key] = value, f"{path}:{line}"
         sources.append(path)
-    for key in (*KEYS, *_FORBIDDEN):
-        if key in environ:
-            values[key] = environ[key]
     for key, why in _FORBIDDEN.items():
-        if key in values:
-            raise ConfigError(_("{key} is not accepted: {why}").format(key=key, why=why))
-    return build(values, environ, tuple(sources))
+        if env_name(key) in environ:
+            raise ConfigError(_("{key} is not accepted: {why}").format(key=env_name(key), why=why))
+    for key in KEYS:
+        name = env_name(key)
+        if name in environ:
+            values[key], origins[key] = environ[name], _("environment {name}").format(name=name)
+    return build(values, environ, tuple(sources), origins=origins, searched=tuple(searched))
 
 
 def read_file(path: str) -> dict[str, str]:
     """Parse one dotenv file strictly: an unparsable line or unknown key is an error."""
+    return {key: value for key, (value, _line) in read_lines(path).items()}
+
+
+def read_lines(path: str) -> dict[str, tuple[str, int]]:
+    """`read_file`, with the line number of each key's (last) setting."""
     parse_stream = _dotenv_parser().parse_stream  # dotenv_values() would drop bad lines silently
     try:
         with open(path, encoding="utf-8-sig") as stream:
@@ -179,7 +220,7 @@ def read_file(path: str) -> dict[str, str]:
         if binding.value is None:
             raise ConfigError(_("{path}:{line}: {key} has no value (write {key}=…)").format(
                 path=path, line=line, key=binding.key))
-        values[binding.key] = binding.value
+        values[binding.key] = (binding.value, line)
     return values
 
 
@@ -217,8 +258,13 @@ def _check_trusted(path: str, st: os.stat_result) -> None:
         )
 
 
-def build(values: dict[str, str], environ, sources: tuple[str, ...] = ()) -> Config:
-    """Validate merged key/value strings into a Config (pure apart from the home lookup)."""
+def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
+          origins: dict[str, str] | None = None, searched: tuple[str, ...] = ()) -> Config:
+    """Validate merged key/value strings into a Config (pure apart from the home lookup).
+
+    `origins` says where each of `values` came from (``file:line``, ``environment NAME``); a
+    value without one is labelled ``set``. Keys without a value get ``preset <name>`` or
+    ``default``."""
     get = lambda key: (values.get(key) or "").strip() or None  # noqa: E731
     provider = (get("SMTP_PROVIDER") or "custom").lower()
     if provider not in providers.PROVIDERS:
@@ -281,8 +327,32 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = ()) -> Con
                                  preset.connections if preset else providers.DEFAULT_CONNECTIONS,
                                  most=MAX_QUEUE_CONNECTIONS),
         bounce_to=get("SENDMAIL_SHIM_BOUNCE_TO"),
+        submit_socket=get("SENDMAIL_SHIM_SUBMIT_SOCKET") or SUBMIT_SOCKET,
+        user_rate=_whole(values, "SENDMAIL_SHIM_USER_RATE", 600, most=1 << 30),
+        user_queue_size=_size(values, "SENDMAIL_SHIM_USER_QUEUE_SIZE", 1 << 30),
+        user_message_size=min(_size(values, "SENDMAIL_SHIM_USER_MESSAGE_SIZE", 64 << 20), 64 << 20),
         sources=sources,
+        searched=searched,
+        origins=_origins(values, origins or {}, provider if preset else None,
+                         preset is not None and security == preset.security),
     )
+
+
+# Keys whose value, when not set, comes from the provider preset.
+_PRESET_KEYS = ("SMTP_HOST", "SMTP_SECURITY", "SENDMAIL_SHIM_QUEUE_CONNECTIONS")
+
+
+def _origins(values: dict[str, str], given: dict[str, str], preset: str | None, preset_port: bool):
+    """Where every key's value in effect comes from (see `build`)."""
+    result = {}
+    for key in KEYS:
+        if (values.get(key) or "").strip():
+            result[key] = given.get(key) or _("set")
+        elif preset and (key in _PRESET_KEYS or (key == "SMTP_PORT" and preset_port)):
+            result[key] = _("preset {name}").format(name=preset)
+        else:
+            result[key] = _("default")
+    return MappingProxyType(result)
 
 
 def parse_aliases(text: str) -> dict[str, str]:
@@ -376,6 +446,21 @@ def _seconds(values, key: str, default: float) -> float:
     if number <= 0:
         raise ConfigError(_("{key}={value}: must be positive").format(key=key, value=raw))
     return number * (unit or 1)
+
+
+_SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(values, key: str, default: int) -> int:
+    """Bytes, with an optional k, M or G suffix."""
+    raw = (values.get(key) or "").strip().lower()
+    if not raw:
+        return default
+    unit = _SIZE_UNITS.get(raw[-1])
+    digits = raw[:-1] if unit else raw
+    if not (digits.isascii() and digits.isdigit()) or not int(digits):
+        raise ConfigError(_("{key}={value}: expected a size in bytes, e.g. 500k, 64M or 1G").format(key=key, value=raw))
+    return int(digits) * (unit or 1)
 
 
 def _whole(values, key: str, default: int, most: int) -> int:

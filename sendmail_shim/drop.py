@@ -3,7 +3,9 @@
 A maildrop file is the message (CRLF-normalised by `reader.MessageReader`) followed by a
 one-line JSON trailer of request fields: ``recipients`` (command-line words, or the addresses
 the front end already extracted), ``extract`` (``-t``: take the recipients from the header at
-pickup), ``requested_sender`` (``-f``), ``full_name`` (``-F``) and the DSN wishes. Two kinds of
+pickup), ``requested_sender`` (``-f``), ``full_name`` (``-F``) and the DSN wishes; the submission
+service adds ``uid``, the submitter's (from SO_PEERCRED), which the pickup believes only in a file
+of the spool's owner or root (`Queue._submitter`). Two kinds of
 writer use it: a caller that cannot read the password (its message is picked up by the queue
 runner), and the default ``-odb`` front end, which leaves the header policy to the pickup (as
 Postfix's sendmail leaves it to cleanup) so that the caller's wait holds no address parsing.
@@ -11,7 +13,8 @@ Postfix's sendmail leaves it to cleanup) so that the caller's wait holds no addr
 The pickup (`accept`) trusts nothing of the file: the trailer is checked, the header policy runs
 over the message as the front end would run it, and only then is it queued. A well-formed
 request that the policy refuses (no recipients, an unparseable address, From refused, a local
-name without alias) raises `Rejected`: the sender is told by mail, the caller having exited 0.
+name without alias) raises `Rejected`: the submitting account is told by mail (bounce.py), the
+caller having exited 0.
 """
 
 from . import envelope as dsn
@@ -35,6 +38,26 @@ def request(opts, header_block: bytes) -> dict:
         "requested_sender": opts.sender, "full_name": opts.full_name,
         "dsn_notify": opts.dsn_notify, "dsn_ret": opts.dsn_ret, "envid": opts.envid,
     }
+    problem = _malformed(fields)
+    if problem:
+        raise DataError(problem)
+    return fields
+
+
+REQUEST_KEYS = ("recipients", "extract", "requested_sender", "full_name", "dsn_notify", "dsn_ret", "envid")
+
+
+def parse_request(line: bytes) -> dict:
+    """A request line sent to the submission service (receiver.py): a flat JSON object of
+    REQUEST_KEYS, checked as `request` builds it. Raises DataError."""
+    import json
+
+    try:
+        fields = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: a request nested thousands deep
+        raise DataError(_("the submission request is not readable")) from None
+    if not isinstance(fields, dict) or not set(fields) <= set(REQUEST_KEYS):
+        raise DataError(_("the submission request is not readable"))
     problem = _malformed(fields)
     if problem:
         raise DataError(problem)

@@ -18,6 +18,9 @@ class Envelope(NamedTuple):
     dsn_ret: str | None = None  # -R hdrs|full
     envid: str | None = None  # -V
     size: int = 0  # bytes of the CRLF-normalised message
+    # recipient → the address as the caller gave it, for those the alias map changed (the log's
+    # orig_to=, as Postfix's); to be filled by message.prepare
+    orig_to: dict[str, str] | None = None
 
     def to_dict(self) -> dict:
         return self._asdict()

@@ -23,6 +23,9 @@ class ShimError(Exception):
     """An error the user should see as one line; ``hint`` says how to fix it."""
 
     exit_code = EX_SOFTWARE
+    # RFC 3463 status of a delivery that failed this way without an SMTP reply, for the log's
+    # dsn= (its class follows the log status: see log.dsn_for)
+    dsn = "4.0.0"
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -39,6 +42,7 @@ class UsageError(ShimError):
 
 class DataError(ShimError):
     exit_code = EX_DATAERR
+    dsn = "5.6.0"
 
 
 class Rejected(DataError):
@@ -49,34 +53,40 @@ class CantCreate(ShimError):
     """The queue or a temporary file cannot be written."""
 
     exit_code = EX_CANTCREAT
+    dsn = "4.3.0"
 
 
 class ConfigError(ShimError):
     exit_code = EX_CONFIG
+    dsn = "4.3.5"
 
 
 class PolicyError(ShimError):
     """Sender policy or authentication refused the message."""
 
     exit_code = EX_NOPERM
+    dsn = "5.7.0"
 
 
 class Unavailable(ShimError):
     """Permanent failure: retrying will not help."""
 
     exit_code = EX_UNAVAILABLE
+    dsn = "5.7.0"
 
 
 class TempFail(ShimError):
     """Temporary failure: the same message may succeed later."""
 
     exit_code = EX_TEMPFAIL
+    dsn = "4.4.2"
 
 
 class ProtocolError(ShimError):
     """The server broke the protocol (unexpected reply, TLS failure mid-dialogue)."""
 
     exit_code = EX_PROTOCOL
+    dsn = "4.5.0"
 
 
 class SMTPFailure(ShimError):
@@ -97,6 +107,14 @@ class SMTPFailure(ShimError):
     @property
     def permanent(self) -> bool:
         return self.code >= 500
+
+
+def for_exit_code(code: int, message: str) -> ShimError:
+    """The error a sysexits `code` stands for (a refusal reported by the submission service)."""
+    for kind in (UsageError, DataError, CantCreate, ConfigError, PolicyError, Unavailable, TempFail, ProtocolError):
+        if kind.exit_code == code:
+            return kind(message)
+    return TempFail(message)
 
 
 def exit_code_for_reply(code: int, stage: str) -> int:

@@ -29,6 +29,7 @@ LONG_OPTIONS = {
     "check": False, "to": True, "set-password": False, "delete-password": False,
     "config": True, "show": True, "delete": True, "retry": True, "requeue": True,
     "version": False, "help": False, "setup": False,
+    "due": False,  # -q --due: only messages whose next-attempt time has come (automatic runs)
     # --setup's answers (each also an environment variable of the config key), and its flags
     "provider": True, "user": True, "host": True, "port": True, "security": True, "ca-file": True,
     "from-policy": True, "aliases": True, "password-command": True,
@@ -48,7 +49,7 @@ class Options(SimpleNamespace):
 
     def __init__(self, **changes):
         super().__init__(
-            mode="send",  # send | smtp (-bs) | list (-bp) | run-queue (-q) | newaliases | an admin action
+            mode="send",  # send | smtp (-bs) | list (-bp) | run-queue (-q) | daemon (-bd) | newaliases | an admin action
             extract_recipients=False,  # -t
             dot_ends=True,  # cleared by -i / -oi
             sender=None,  # -f / -r: requested envelope sender, logged only
@@ -60,6 +61,7 @@ class Options(SimpleNamespace):
             dsn_ret=None,  # -R
             envid=None,  # -V
             queue_filter=None,  # -qR… / -qS… / -qI…: (kind, substring)
+            due_only=False,  # -q --due: honour the backoff (the runner service); bare -q tries everything
             config_path=None,  # --config
             check_to=None,  # --check --to
             setup_answers={},  # --setup --user … → {"SMTP_USER": …}
@@ -113,6 +115,8 @@ def _long_option(opts: Options, word: str, words: list[str]) -> None:
         opts.setup_answers[SETUP_KEYS[name]] = value
     elif name in _SETUP_FLAGS:
         opts.setup_flags.add(name)
+    elif name == "due":
+        opts.due_only = True
     else:
         if opts.mode not in ("send",):
             raise UsageError(_("--{name} cannot be combined with another action").format(name=name))
@@ -194,9 +198,9 @@ def _o_option(opts: Options, value: str) -> None:
 
 
 def _b_option(opts: Options, value: str) -> None:
-    modes = {"m": "send", "s": "smtp", "p": "list", "i": "newaliases"}
+    modes = {"m": "send", "s": "smtp", "p": "list", "i": "newaliases", "d": "daemon"}
     if value not in modes:
-        raise UsageError(_("-b{value} is not supported (supported: -bm, -bs, -bp, -bi)").format(value=value))
+        raise UsageError(_("-b{value} is not supported (supported: -bm, -bs, -bp, -bi, -bd)").format(value=value))
     opts.mode = modes[value]
 
 
@@ -206,12 +210,15 @@ def _queue_run(opts: Options, rest: str) -> None:
         if len(rest) < 2:
             raise UsageError(_("-q{letter} needs a substring to match").format(letter=rest[:1]))
         opts.queue_filter = (rest[0], rest[1:])
-    # -q with an interval (-q30m) or -qf: one queue run now; we are not a daemon.
+    # -q with an interval (-q30m) or -qf: one queue run now, of every queued message whatever its
+    # backoff (sendmail 8's -q, Postfix's postqueue -f); sendmail-shim -q is no daemon.
 
 
 def _check_combination(opts: Options) -> None:
     if opts.check_to and opts.mode != "check":
         raise UsageError(_("--to goes with --check"))
+    if opts.due_only and (opts.mode != "run-queue" or opts.queue_filter):
+        raise UsageError(_("--due goes with a plain -q (-qR, -qS and -qI try what they select at once)"))
     if (opts.setup_answers or opts.setup_flags) and opts.mode != "setup":
         raise UsageError(_("--provider, --user, --yes and the other answers of --setup go only with --setup"))
     if opts.mode in _ACTIONS and opts.recipients:

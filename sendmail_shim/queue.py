@@ -6,18 +6,17 @@ Layout under the queue directory (one directory per state, as in Postfix)::
     queue/<id>/data       the message: CRLF line ends, not dot-stuffed, never modified
     queue/<id>/envelope.json   envelope + per-recipient state; replaced atomically
     failed/<id>/          given up (permanent refusal or too old); same shape, reason included
-    maildrop-tmp/         submissions being written by users who may not write queue/
-    maildrop/             finished submissions (untrusted) for the runner to pick up
+    maildrop-tmp/         submissions being written (as read, header policy not applied yet)
+    maildrop/             finished submissions for the runner to pick up
     corrupt/              maildrop files the runner refused, kept for inspection
 
 Committing a message is one rename of its whole directory from tmp/ into queue/ followed by an
 fsync of queue/; `Spool.commit` returns only after that, and only then may the caller exit 0.
 
-A system spool (owned by the service user, mode 0711) has ``maildrop-tmp/`` and ``maildrop/``
-mode 3733: any user may create files there but nobody but the owner can list them, and the
-setgid bit gives each file the service group, which the runner reads it through (Postfix's
-maildrop without a setgid binary). A dropped file is written in maildrop-tmp/ and renamed into
-maildrop/ when complete, so maildrop/ holds only finished files and the runner empties it on every
+Every directory is 0700 and only the spool's owner (the service user on a server) and root write
+here: a user who may not write the queue hands its message to the submission service
+(receiver.py), which writes it into maildrop/ with the submitter's uid in its trailer. A dropped
+file is written in maildrop-tmp/ and renamed into maildrop/ when complete, so maildrop/ holds only finished files and the runner empties it on every
 run (a systemd ``DirectoryNotEmpty=`` trigger never spins on a file still being written). A dropped
 file is the message followed by one JSON trailer line; the runner validates it and rewrites it
 into queue/ (`pickup`) — nothing in it is trusted beyond what the front end would accept from any
@@ -25,6 +24,11 @@ caller.
 
 Locks are ``flock`` on ``data`` (an inode that never changes, moving with its directory): whoever
 holds it owns the message. After taking it, the holder checks the message is still where it was.
+
+Nothing in the spool stops a run, and nothing in it is followed: every entry of maildrop/ is
+looked at with lstat and handled in its own error boundary, and removal and clean-up go through
+directory descriptors opened with O_NOFOLLOW, since root may run the queue of a spool whose owner
+could plant links to root's files.
 """
 
 import fcntl
@@ -36,7 +40,7 @@ import stat
 import time
 from contextlib import contextmanager, suppress
 from types import SimpleNamespace
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, NamedTuple
 
 from .config import SERVICE_USER, SYSTEM_QUEUE
 from .envelope import Envelope
@@ -47,6 +51,11 @@ ID_PATTERN = re.compile(r"[0-9A-F]{16}\Z")
 DROP_PATTERN = re.compile(r"([0-9A-F]{16})\.[0-9a-f]{16}\Z")  # <id>.<64 random bits>
 MAX_DROP_SIZE = 64 << 20  # larger than any provider accepts
 MAX_TRAILER = 64 << 10
+MAX_TREE_DEPTH = 8  # levels of directories removed under a leftover (a message directory has one)
+SENT_MARK = re.compile(r"sent\.(\d{1,6})\Z")  # see `Queue.mark_sent`
+# one JSON token: a string, a bracket, or a run of anything else (read by `_flat`, never searched)
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[][{}]|[^][{}"]+', re.S)
+_DEPTH = {b"[": 1, b"{": 1, b"]": -1, b"}": -1}
 TMP_GRACE = 60.0  # seconds an unlocked temporary entry is left alone (its writer may be starting)
 MIN_BACKOFF, MAX_BACKOFF = 60.0, 3600.0
 
@@ -124,13 +133,26 @@ class QueuedMessage(SimpleNamespace):
         return cls(path=path, **fields)
 
 
+class Refusal(NamedTuple):
+    """A well-formed request the header policy refused at pickup, with what its notice needs, read
+    through the descriptor the pickup held: the file kept in corrupt/ is its writer's to change."""
+
+    id: str
+    reason: str
+    headers: bytes  # the original header block (`bounce.header_block`)
+    requested_sender: str | None
+    arrival: float
+    uid: int  # the submitter
+
+
 class PickupResult(SimpleNamespace):
-    """What `Queue.pickup` did: ``accepted`` messages; ``rejected`` files as (file, uid, reason);
-    ``refusals``, those of them that were well-formed requests the header policy refused, as
-    (where the file is kept, reason)."""
+    """What `Queue.pickup` did: ``accepted`` messages; ``rejected`` entries as (name, uid, reason);
+    ``refusals`` (`Refusal`), those of them that were well-formed requests the header policy
+    refused and that are kept in corrupt/; ``left`` entries as (name, reason), left in maildrop/
+    for the next run because our own disk failed."""
 
     def __init__(self):
-        super().__init__(accepted=[], rejected=[], refusals=[])
+        super().__init__(accepted=[], rejected=[], refusals=[], left=[])
 
 
 class Queue:
@@ -148,19 +170,18 @@ class Queue:
     def ensure(self) -> None:
         """Create what is missing: the root (0700; the system spool 0711 owned by the service
         user when root creates it and that user exists, as tmpfiles.d would), its
-        sub-directories 0700 owned like the root, and maildrop/ and maildrop-tmp/ 3733 when the
-        root lets others in, else 0700. Existing directories are left alone."""
+        sub-directories 0700 owned like the root: only the owner (and root) writes here; other
+        users submit through the submission service (receiver.py). Existing directories are left
+        alone."""
         try:
             if not os.path.isdir(self.root):
                 self._make_root()
             st = os.stat(self.root)
             if os.geteuid() not in (0, st.st_uid):
                 return  # someone else's spool: we only ever drop into its maildrop/
-            shared = bool(st.st_mode & 0o001)
             for path in (self.tmp, self.queue, self.failed, self.corrupt, self.droptmp, self.maildrop):
                 if not os.path.isdir(path):
-                    mode = 0o3733 if shared and path in (self.droptmp, self.maildrop) else 0o700
-                    _mkdir(path, mode, st.st_uid, st.st_gid)
+                    _mkdir(path, 0o700, st.st_uid, st.st_gid)
         except OSError as exc:
             raise CantCreate(_("cannot create the queue in {path}: {reason}").format(path=self.root, reason=exc.strerror)) from None
 
@@ -225,9 +246,15 @@ class Queue:
         return message
 
     def _read(self, path: str) -> QueuedMessage | None:
+        """The message in directory `path`, with the recipients `mark_sent` recorded; a link in
+        place of the directory or of envelope.json is damage, not a message."""
         try:
-            with open(os.path.join(path, "envelope.json"), encoding="utf-8") as stream:
-                return QueuedMessage.from_dict(json.load(stream), path)
+            with _opened(path) as directory:
+                fd = os.open("envelope.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+                with open(fd, encoding="utf-8") as stream:
+                    message = QueuedMessage.from_dict(json.load(stream), path)
+                _apply_marks(message, os.listdir(directory))
+                return message
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -239,18 +266,21 @@ class Queue:
         holds it or it is gone. The data file is positioned at its start."""
         path = os.path.join(self.queue, _checked_id(msg_id))
         try:
-            data = open(os.path.join(path, "data"), "rb")
+            with _opened(path) as directory:
+                fd = os.open("data", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
         except FileNotFoundError:
             yield None
             return
-        with data:
+        except OSError as exc:  # a link where the message was: root must not read what it names
+            raise DataError(f"{path}/data is unreadable: {exc.strerror}") from None
+        with open(fd, "rb") as data:
             try:
                 fcntl.flock(data.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 yield None
                 return
             # it may have been delivered or moved between open() and flock()
-            message = self._read(path) if _same_file(data.fileno(), data.name) else None
+            message = self._read(path) if _same_file(data.fileno(), os.path.join(path, "data")) else None
             if message is not None:
                 message.data_file = data
             yield message
@@ -260,10 +290,12 @@ class Queue:
     def finish(self, message: QueuedMessage) -> None:
         """Remove a message that needs nothing more (delivered, or deleted by the admin)."""
         self._forget_drop(message)
-        trash = os.path.join(self.tmp, f"{message.id}.done.{os.urandom(4).hex()}")
-        os.rename(message.path, trash)  # one atomic step; a crash leaves only tmp/ garbage
-        _fsync_dir(os.path.dirname(message.path))
-        _rmtree(trash)
+        trash = f"{message.id}.done.{os.urandom(4).hex()}"
+        with _opened(os.path.dirname(message.path)) as source, _opened(self.tmp) as tmp:
+            # one atomic step; a crash leaves only tmp/ garbage
+            os.rename(os.path.basename(message.path), trash, src_dir_fd=source, dst_dir_fd=tmp)
+            os.fsync(source)
+            _remove_entry(tmp, trash)
 
     def fail(self, message: QueuedMessage, reason: str) -> None:
         """Move a message to failed/ with the reason (no more attempts)."""
@@ -281,8 +313,23 @@ class Queue:
         runner that crashed between commit and unlink would have it picked up again."""
         if not message.drop or not DROP_PATTERN.match(message.drop):
             return
-        with self._pickup_lock():
-            _unlink(os.path.join(self.maildrop, message.drop))
+        try:
+            with self._pickup_lock() as maildrop:
+                os.unlink(message.drop, dir_fd=maildrop)
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # gone already, or no maildrop/ to pick it up from again
+
+    def mark_sent(self, message: QueuedMessage) -> None:
+        """Record the recipients who took the message without writing a block: one empty file
+        ``sent.<index>`` each (an inode and a directory entry), for when envelope.json cannot be
+        replaced (a full disk). `_read` applies them: no later attempt sends them a second copy."""
+        with _opened(message.path) as directory:
+            for index, rcpt in enumerate(message.recipients):
+                if rcpt.state == "sent":
+                    with suppress(FileExistsError):
+                        os.close(os.open(f"sent.{index}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                         | os.O_CLOEXEC, 0o600, dir_fd=directory))
+            os.fsync(directory)
 
     # -- administration ----------------------------------------------------------------------
 
@@ -360,95 +407,139 @@ class Queue:
         returns its envelope, or raises ShimError to refuse it.
         """
         result = PickupResult()
-        names = sorted(_listdir(self.maildrop))  # all of them: maildrop/ must end up empty
-        if not names:
-            return result
-        with self._pickup_lock():
-            for name in names:
-                self._pickup_one(name, accept, result)
+        try:
+            with self._pickup_lock() as maildrop:
+                for name in sorted(os.listdir(maildrop)):  # all of them: maildrop/ must end up empty
+                    self._pickup_one(maildrop, name, accept, result)
+        except (FileNotFoundError, PermissionError):
+            pass  # no maildrop/ here, or not ours to read
         return result
 
-    def _pickup_one(self, name: str, accept, result: PickupResult) -> None:
-        path = os.path.join(self.maildrop, name)
+    def _pickup_one(self, maildrop: int, name: str, accept, result: PickupResult) -> None:
+        """One entry, in its own error boundary: it is queued, or quarantined in corrupt/, or
+        (when our own disk fails) left for the next run; either way the pickup goes on."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._take(maildrop, name, accept, result)
+        except CantCreate as exc:  # our disk, not their file
+            result.left.append((name, str(exc)))
+        except Exception as exc:  # an entry nobody foresaw must not stop every later run
+            self._refuse(maildrop, name, _owner_of(maildrop, name), f"cannot pick it up: {type(exc).__name__}", result)
+
+    def _take(self, maildrop: int, name: str, accept, result: PickupResult) -> None:
+        """Look at the entry with lstat before opening it (a directory, FIFO, socket or link is
+        never opened), then check the file actually opened, which may have been swapped."""
+        try:
+            problem = _odd_drop(os.stat(name, dir_fd=maildrop, follow_symlinks=False), name)
+        except FileNotFoundError:
+            return
+        if problem:
+            self._refuse(maildrop, name, _owner_of(maildrop, name), problem, result)
+            return
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=maildrop)
         except FileNotFoundError:
             return
         except OSError as exc:
-            self._refuse(name, _lstat_uid(path), f"cannot open: {exc.strerror}", result)
+            self._refuse(maildrop, name, _owner_of(maildrop, name), f"cannot open: {exc.strerror}", result)
             return
+        st = os.fstat(fd)
+        problem = _odd_drop(st, name)
+        if problem:
+            os.close(fd)
+            self._refuse(maildrop, name, st.st_uid, problem, result)
+            return
+        msg_id = DROP_PATTERN.match(name).group(1)
         with open(fd, "rb") as source:
-            st = os.fstat(fd)
-            match = DROP_PATTERN.match(name)
-            if match and (self._exists(match.group(1))):
-                _unlink(path)  # already picked up by a runner that died before removing it
-                _fsync_dir(self.maildrop)
+            if self._exists(msg_id):
+                os.unlink(name, dir_fd=maildrop)  # already picked up by a runner that died before removing it
+                os.fsync(maildrop)
                 return
-            try:
-                fields, size = _check_drop(source, st, match)
-                msg_id = match.group(1)
-                # a pickup that died half-way (we hold the pickup lock: nobody else writes it)
-                _rmtree(os.path.join(self.tmp, msg_id))
-                with Spool(self, False, msg_id) as spool:
-                    envelope = accept(fields, _Bounded(source, size), spool.file)
-                    spool.commit(envelope, uid=st.st_uid, arrival=min(st.st_ctime, time.time()), drop=name)
-            except CantCreate:
-                raise  # our disk, not their file: leave it in maildrop/ for the next run
-            except ShimError as exc:
-                kept = self._refuse(name, st.st_uid, str(exc), result)
-                if isinstance(exc, Rejected) and kept:
-                    result.refusals.append((kept, str(exc)))
-                return
+            message = self._queue_drop(maildrop, name, msg_id, source, st, accept, result)
+        if message is None:
+            return
         crash_point("pickup-committed")
-        _unlink(path)
-        _fsync_dir(self.maildrop)
-        result.accepted.append(spool.message)
+        os.unlink(name, dir_fd=maildrop)
+        os.fsync(maildrop)
+        result.accepted.append(message)
+
+    def _queue_drop(self, maildrop: int, name: str, msg_id: str, source: BinaryIO, st: os.stat_result, accept,
+                    result: PickupResult) -> QueuedMessage | None:
+        """The drop checked, accepted and committed to queue/; None when it is refused."""
+        uid = st.st_uid
+        try:
+            fields, size = _check_drop(source, st)
+            uid = self._submitter(fields, st)
+            # a pickup that died half-way (we hold the pickup lock: nobody else writes it)
+            _rmtree(os.path.join(self.tmp, msg_id))
+            with Spool(self, False, msg_id) as spool:
+                envelope = accept(fields, _Bounded(source, size), spool.file)
+                spool.commit(envelope, uid=uid, arrival=_arrival(st), drop=name)
+            return spool.message
+        except CantCreate:
+            raise  # our disk, not their file: `_pickup_one` leaves it for the next run
+        except Rejected as exc:
+            refusal = Refusal(msg_id, str(exc), _original_headers(source, size), fields.get("requested_sender"),
+                              _arrival(st), uid)
+            if self._refuse(maildrop, name, uid, str(exc), result):
+                result.refusals.append(refusal)
+        except ShimError as exc:
+            self._refuse(maildrop, name, uid, str(exc), result)
+        return None
+
+    def _submitter(self, fields: dict, st: os.stat_result) -> int:
+        """Whom the message is from: the trailer's "uid" in a file of the spool's owner (the
+        submission service, which has it from SO_PEERCRED) or of root; else the file's owner,
+        whatever its trailer claims."""
+        if st.st_uid not in (0, self._owner()[0]):
+            return st.st_uid
+        uid = fields.get("uid", st.st_uid)
+        if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 1 << 32:
+            raise DataError("the trailer's uid is not a uid")
+        return uid
 
     def _exists(self, msg_id: str) -> bool:
         return any(os.path.lexists(os.path.join(d, msg_id)) for d in (self.queue, self.failed))
 
-    def _refuse(self, name: str, uid: int, reason: str, result: PickupResult) -> str | None:
-        """Move a refused file to corrupt/; returns its path there, None when it is not there
-        (gone, or not movable: then the next run refuses it again, so nobody is told twice)."""
-        kept = os.path.join(self.corrupt, name)
+    def _refuse(self, maildrop: int, name: str, uid: int, reason: str, result: PickupResult) -> bool:
+        """Move a refused entry to corrupt/ (under a new name when its own is taken there);
+        whether it is there now. When it cannot be moved it is logged, and the next run refuses
+        it again (its notice waits for that: nobody is told twice)."""
         try:
-            os.rename(os.path.join(self.maildrop, name), kept)
-        except FileNotFoundError:
-            return None
+            with _opened(self.corrupt) as corrupt:
+                os.rename(name, _free_name(corrupt, name), src_dir_fd=maildrop, dst_dir_fd=corrupt)
+            moved = True
         except OSError as exc:  # e.g. a directory some user made there, which we may not move
+            if _owner_of(maildrop, name) < 0:
+                return False  # gone meanwhile
             reason += f"; cannot move it to {self.corrupt}: {exc.strerror}"
-            kept = None
+            moved = False
         result.rejected.append((name, uid, reason))
-        return kept
+        return moved
 
     @contextmanager
     def _pickup_lock(self):
-        """Serialises pickups with the removal of picked-up messages (see `_forget_drop`)."""
-        fd = os.open(self.maildrop, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
+        """maildrop/, opened (never through a link) and locked: serialises pickups with the
+        removal of picked-up messages (see `_forget_drop`)."""
+        with _opened(self.maildrop) as fd:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+            yield fd
 
     # -- crash leftovers ---------------------------------------------------------------------
 
     def clean_tmp(self, grace: float = TMP_GRACE) -> list[str]:
-        """Remove what crashed writers left: unlocked entries of tmp/ (and, when readable,
-        maildrop-tmp/) older than `grace` seconds. Returns the names removed."""
+        """Remove what crashed writers left in tmp/ (and, when readable, maildrop-tmp/): entries
+        older than `grace` seconds that no writer holds, and anything else old there (a
+        directory, FIFO or link someone planted), never following a link. Returns the names
+        removed; what cannot be removed is left for the next run."""
         removed = []
         cutoff = time.time() - grace
-        for name in _listdir(self.tmp):
-            path = os.path.join(self.tmp, name)
-            if _abandoned(path, os.path.join(path, "data"), cutoff):
-                _rmtree(path)
-                removed.append(name)
-        if os.access(self.droptmp, os.R_OK):
-            for name in _listdir(self.droptmp):
-                path = os.path.join(self.droptmp, name)
-                if _abandoned(path, path, cutoff):
-                    _unlink(path)
-                    removed.append(name)
+        for directory, lock_name in ((self.tmp, "data"), (self.droptmp, None)):
+            try:
+                with _opened(directory) as fd:
+                    removed += [name for name in os.listdir(fd)
+                                if _stale(fd, name, lock_name, cutoff) and _remove_entry(fd, name)]
+            except OSError:
+                continue  # missing, a dropper's maildrop-tmp/ it may not list, or a link
         return removed
 
 
@@ -513,8 +604,11 @@ class Spool:
         if size > MAX_DROP_SIZE:
             raise DataError(_("the message is larger than {limit} MiB, the most the queue's maildrop takes; "
                               "-odq or -odi take it when you may read the password").format(limit=MAX_DROP_SIZE >> 20))
-        trailer = dict(fields, version=1, size=size)
-        return self._durable(self._publish_drop, json.dumps(trailer, ensure_ascii=True).encode() + b"\n")
+        trailer = json.dumps(dict(fields, version=1, size=size), ensure_ascii=True).encode() + b"\n"
+        if len(trailer) >= MAX_TRAILER:  # the pickup would not find it: refused here, where the caller hears of it
+            raise DataError(_("the recipients take more than {limit} KiB, the most the queue's maildrop takes; "
+                              "-odq or -odi take them when you may read the password").format(limit=MAX_TRAILER >> 10))
+        return self._durable(self._publish_drop, trailer)
 
     def _durable(self, commit: Callable[[], None], trailer: bytes = b"") -> str:
         """Write `trailer`, fsync the file, then `commit` (rename it into place)."""
@@ -655,25 +749,28 @@ def _ctime(when: float) -> str:
 # -- maildrop validation -----------------------------------------------------------------------
 
 
-def _check_drop(source: BinaryIO, st: os.stat_result, match) -> tuple[dict, int]:
-    """Structural checks of a dropped file: (trailer fields, message size) or DataError."""
-    if not match:
-        raise DataError("not a maildrop file name")
+def _odd_drop(st: os.stat_result, name: str) -> str | None:
+    """What makes entry `name` of maildrop/ no maildrop file, or None."""
+    if not DROP_PATTERN.match(name):
+        return "not a maildrop file name"
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        raise DataError("not a plain file")
+        return "not a plain file"
     if st.st_size > MAX_DROP_SIZE + MAX_TRAILER:
-        raise DataError(f"larger than {MAX_DROP_SIZE} bytes")
+        return f"larger than {MAX_DROP_SIZE} bytes"
+    return None
+
+
+def _check_drop(source: BinaryIO, st: os.stat_result) -> tuple[dict, int]:
+    """The trailer of a dropped file that `_odd_drop` let through: (fields, message size) or
+    DataError."""
     tail_size = min(st.st_size, MAX_TRAILER)
     source.seek(st.st_size - tail_size)
     tail = source.read(tail_size)
     start = tail.rfind(b"\n", 0, len(tail) - 1) + 1
     if not tail.endswith(b"\n") or (start == 0 and tail_size == MAX_TRAILER):
         raise DataError("no trailer")
-    try:
-        fields = json.loads(tail[start:])
-    except ValueError:
-        raise DataError("unreadable trailer") from None
-    if not isinstance(fields, dict) or fields.get("version") != 1:
+    fields = _trailer(tail[start:])
+    if fields.get("version") != 1:
         raise DataError("unknown trailer version")
     size = fields.get("size")
     if not isinstance(size, int) or size != st.st_size - (len(tail) - start) or size > MAX_DROP_SIZE:
@@ -682,10 +779,61 @@ def _check_drop(source: BinaryIO, st: os.stat_result, match) -> tuple[dict, int]
     return fields, size
 
 
-def drop_fields(path: str) -> dict:
-    """The trailer of a maildrop file that passed `_check_drop` before (a refused request)."""
-    with open(path, "rb") as source:
-        return _check_drop(source, os.fstat(source.fileno()), DROP_PATTERN.match(os.path.basename(path)))[0]
+def _trailer(line: bytes) -> dict:
+    """A trailer's fields: a flat JSON object whose values are strings, integers, booleans, null
+    or lists of strings. Its depth is checked first, without recursion: json.loads recurses once
+    per level, and ten thousand ``[`` would end in a RecursionError on every run."""
+    if not _flat(line):
+        raise DataError("not a flat trailer")
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        raise DataError("unreadable trailer") from None
+    if not isinstance(fields, dict) or not all(map(_plain_value, fields.values())):
+        raise DataError("not a flat trailer")
+    return fields
+
+
+def _flat(line: bytes) -> bool:
+    """No more than two levels of brackets outside strings (an object, a list in it), token by
+    token from the start: a string that does not end stops the scan instead of being searched
+    for again from each of its quotes."""
+    depth = pos = 0
+    while pos < len(line):
+        token = _TOKEN.match(line, pos)
+        if token is None:
+            return False
+        pos = token.end()
+        depth += _DEPTH.get(token.group(), 0)
+        if depth > 2:
+            return False
+    return True
+
+
+def _plain_value(value) -> bool:
+    return (value is None or isinstance(value, (str, int))  # bool is an int
+            or isinstance(value, list) and all(isinstance(item, str) for item in value))
+
+
+def _arrival(st: os.stat_result) -> float:
+    """A dropped message's arrival: when its file was renamed into maildrop/ (not in the future)."""
+    return min(st.st_ctime, time.time())
+
+
+def _original_headers(source: BinaryIO, size: int) -> bytes:
+    """The header block of a dropped message, for the notice of its refusal."""
+    from .bounce import MAX_ORIGINAL_HEADERS, header_block
+
+    source.seek(0)
+    return header_block(source.read(min(size, MAX_ORIGINAL_HEADERS + 4)))
+
+
+def _apply_marks(message: QueuedMessage, names: list[str]) -> None:
+    """Recipients `Queue.mark_sent` recorded as sent in the message directory's `names`."""
+    for name in names:
+        match = SENT_MARK.match(name)
+        if match and int(match.group(1)) < len(message.recipients):
+            message.recipients[int(match.group(1))].state = "sent"
 
 
 class _Bounded:
@@ -748,10 +896,14 @@ def _write_json(directory: str, name: str, data: dict, owner: tuple[int, int]) -
     temp = os.path.join(directory, name + ".tmp")
     _unlink(temp)  # a crash's leftover
     fd = _create(temp, 0o600)
-    with open(fd, "wb") as stream:
-        stream.write(json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8"))
-        stream.flush()
-        os.fsync(fd)
+    try:
+        with open(fd, "wb") as stream:
+            stream.write(json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8"))
+            stream.flush()
+            os.fsync(fd)
+    except OSError:
+        _unlink(temp)  # a full disk: give its blocks back
+        raise
     _give(temp, owner)
     os.rename(temp, os.path.join(directory, name))
     _fsync_dir(directory)
@@ -773,13 +925,47 @@ def _fsync_dir(path: str, may_refuse: bool = False) -> bool:
 
 
 def _rmtree(path: str) -> None:
-    """Remove a message directory, which holds only files; errors are ignored (`clean_tmp`
-    retries). shutil, with bz2, lzma and fnmatch, would cost every -odi call ~3 ms."""
-    for name in _listdir(path):
-        with suppress(OSError):
-            os.unlink(os.path.join(path, name))
-    with suppress(OSError):
-        os.rmdir(path)
+    """Remove `path` with `_remove_entry`; errors are ignored (`clean_tmp` retries)."""
+    with suppress(OSError), _opened(os.path.dirname(path)) as parent:
+        _remove_entry(parent, os.path.basename(path))
+
+
+def _remove_entry(parent: int, name: str, depth: int = 0) -> bool:
+    """Remove entry `name` of directory `parent`, a directory with what is in it (down to
+    MAX_TREE_DEPTH); whether it is gone. Only through descriptors opened with O_NOFOLLOW: a link
+    (or a FIFO, a socket) is removed itself, never opened — not even one swapped in meanwhile.
+    shutil, with bz2, lzma and fnmatch, would cost every -odi call ~3 ms."""
+    try:
+        os.unlink(name, dir_fd=parent)
+        return True
+    except FileNotFoundError:
+        return True
+    except (IsADirectoryError, PermissionError):  # Linux says EISDIR for a directory, POSIX EPERM
+        pass
+    except OSError:
+        return False
+    if depth < MAX_TREE_DEPTH:
+        with suppress(OSError), _opened(name, parent) as directory:
+            for entry in os.listdir(directory):
+                _remove_entry(directory, entry, depth + 1)
+    try:
+        os.rmdir(name, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def _opened(path: str, parent: int | None = None):
+    """A directory's descriptor (`path` relative to `parent` when given); a link in its place is
+    refused (ELOOP or ENOTDIR)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: str) -> None:
@@ -814,18 +1000,28 @@ def _same_file(fd: int, path: str) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _lstat_uid(path: str) -> int:
+def _owner_of(parent: int, name: str) -> int:
+    """The uid owning entry `name` of directory `parent`, -1 when it is gone."""
     try:
-        return os.lstat(path).st_uid
+        return os.stat(name, dir_fd=parent, follow_symlinks=False).st_uid
     except OSError:
         return -1
+
+
+def _free_name(directory: int, name: str) -> str:
+    """`name`, or a variant of it when `directory` has an entry of that name already."""
+    try:
+        os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return name
+    return f"{name}.{os.urandom(4).hex()}"
 
 
 @contextmanager
 def _locked(path: str):
     """Hold the flock of `path` if it is free: yields True, else False."""
     try:
-        # O_NONBLOCK: a FIFO a user planted in maildrop-tmp/ must not hang the runner's open
+        # O_NONBLOCK: a FIFO in place of a data file must not hang the runner's open
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
     except FileNotFoundError:
         yield False
@@ -847,16 +1043,35 @@ def _is_locked(path: str) -> bool:
         return not free and os.path.exists(path)
 
 
-def _abandoned(entry: str, lock_path: str, cutoff: float) -> bool:
-    """`entry` is older than cutoff and no writer holds `lock_path` (a crashed writer's lock died
-    with it)."""
+def _stale(parent: int, name: str, lock_name: str | None, cutoff: float) -> bool:
+    """Entry `name` of `parent` is a leftover: older than `cutoff` and either not what a writer
+    makes there (in tmp/ a directory locked through its `lock_name`, in maildrop-tmp/ a locked
+    file) or not held by one (a crashed writer's lock died with it)."""
     try:
-        if os.lstat(entry).st_mtime > cutoff:
-            return False
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
     except OSError:
         return False
+    if st.st_mtime > cutoff:
+        return False
+    made = stat.S_ISDIR(st.st_mode) if lock_name else stat.S_ISREG(st.st_mode)
+    return not made or not _held(parent, name, lock_name)
+
+
+def _held(parent: int, name: str, lock_name: str | None) -> bool:
+    """Whether a writer holds the flock of entry `name` (of `lock_name` inside it, when given)."""
+    probe = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not hang us
     try:
-        with _locked(lock_path) as free:
-            return free or not os.path.exists(lock_path)  # no data: died before creating it
+        if lock_name:
+            with _opened(name, parent) as directory:
+                fd = os.open(lock_name, probe, dir_fd=directory)
+        else:
+            fd = os.open(name, probe, dir_fd=parent)
     except OSError:
-        return True  # not ours to read, a symlink, a FIFO…: only a hostile entry is, and it is stale
+        return False  # no data yet (its writer died before creating it), or nothing we may open
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:  # BlockingIOError: held; anything else: left alone too
+        return True
+    finally:
+        os.close(fd)

@@ -8,9 +8,17 @@ Sendmail's rules (`MessageReader`):
   read and discarded, so the writer never gets EPIPE and nothing is sent before EOF; on a terminal
   the dot ends the input, as it does with sendmail.
 - With ``-i`` the input is read verbatim to EOF.
-- Every ``\\r\\n``, lone ``\\r`` and lone ``\\n`` is one line end, written as CRLF, so no
-  bare-CR/bare-LF sequence can end DATA early on a lenient receiver (SMTP smuggling). A missing
-  final newline is added. A leading mbox ``From `` line is removed.
+- In the body, every ``\\r\\n``, lone ``\\r`` and lone ``\\n`` is one line end, written as CRLF,
+  so no bare-CR/bare-LF sequence can end DATA early on a lenient receiver (SMTP smuggling). A
+  missing final newline is added. A leading mbox ``From `` line is removed.
+- In the header block (and the mbox ``From `` line) a line ends only at LF: ``\\r*\\n`` is one
+  line end (``\\r\\r\\n`` comes from some PHP set-ups); CRs that end the input are line ends too,
+  as in the body. A CR anywhere else in a header line is refused (`DataError`): taken as a line
+  end it would let ``Subject: x\\rBcc: victim`` add a header field (a recipient with ``-t``), and
+  kept as data it would reach the relay as a bare CR, which relays read as a line end or refuse.
+  A line that is not part of the header block (the first body line) is read with the body's
+  rules; one that starts with a lone CR begins with an empty line under them, which ends the
+  header block.
 - A line longer than 998 octets is broken as Postfix does it (``smtp_line_length_limit``):
   after 998 octets a CRLF and one SPACE are inserted, so the rest becomes a continuation line
   (in a header it stays part of the same field) and no line exceeds 998 octets.
@@ -48,6 +56,9 @@ class MessageReader:
         self._dot_ends = dot_ends
         self._mbox_from = mbox_from  # False for a stored message: its reader removed it already
         self._chunk_size = chunk_size
+        self._raw = bytearray()  # input read for the header block and not taken by it yet
+        self._rpos = 0  # where the untaken part of _raw starts
+        self._scanned = 0  # _raw[_rpos:_scanned] holds no LF
         self._cr = False  # the last chunk ended in CR, which may be the first half of a CRLF
         self._partial = b""  # LF-normalised start of a line whose end has not been read yet
         self._done = False  # the message has ended (EOF or the terminating dot)
@@ -57,26 +68,51 @@ class MessageReader:
 
     def read_header_block(self) -> bytes:
         """CRLF-normalised header block including its terminating empty line (b"\\r\\n") if there
-        is one; b"" if the message has no header block; mbox From_ line removed."""
-        line = self._next_line()
-        if self._mbox_from and line is not None and line.startswith(b"From "):
-            line = self._next_line()
-        if line is None or not (line == b"\r\n" or _FIELD_LINE.match(line)):
-            self._unread(line)
-            return b""
-        block = []
+        is one; b"" if the message has no header block; mbox From_ line removed. Lines are read
+        with the header block's rules (module docstring); what follows is left to `copy_body`."""
+        block: list[bytes] = []
         size = 0
-        while line is not None:
-            if line != b"\r\n" and not _FIELD_LINE.match(line) and line[:1] not in (b" ", b"\t"):
-                self._unread(line)
+        mbox_from = self._mbox_from
+        while not self._done:
+            line = self._header_line(MAX_LINE + 2)  # enough to tell a header line from a body line
+            if line is None:
                 break
-            size += len(line)
+            raw, length = line
+            if length < 0 and not raw.strip(b"\r"):  # only CRs so far: the line end decides
+                raw, length = self._whole_line(size)
+            if self._dot_ends and raw == b"." and length >= 0:
+                self._end_at_dot()
+                break
+            text = _unstuff(raw) if self._dot_ends else raw
+            first, mbox_from = mbox_from, False
+            if first and text.startswith(b"From "):  # the mbox From_ line: dropped
+                if length < 0:
+                    raw, length = self._whole_line(size)
+                _checked(raw)
+                self._rpos += length
+                continue
+            if not text and length >= 0:
+                self._rpos += length
+                block.append(b"\r\n")
+                break
+            if not (_FIELD_LINE.match(text[:MAX_LINE]) or (block and text[:1] in (b" ", b"\t"))):
+                if text[:1] == b"\r":  # the body's rules make this lone CR an empty line
+                    self._rpos += 1
+                    block.append(b"\r\n")
+                break  # the first body line: left for copy_body, which reads it with the body's rules
+            if length < 0:
+                raw, length = self._whole_line(size)
+                text = _unstuff(raw) if self._dot_ends else raw
+            pieces = _break_line(_checked(text))
+            size += sum(len(piece) + 2 for piece in pieces)
             if size > MAX_HEADER_BLOCK:
                 raise DataError(_("header block larger than 1 MiB"))
-            block.append(line)
-            if line == b"\r\n":
-                break
-            line = self._next_line()
+            block += [piece + b"\r\n" for piece in pieces]
+            self._rpos += length
+        if self._rpos < len(self._raw) and not self._done:
+            # the body read with the header block is taken now, as the chunk it came in: a NUL
+            # there is refused before the caller has written anything
+            self._out, self._pos = self._process(), 0
         return b"".join(block)
 
     def copy_body(self, out: BinaryIO) -> BodyInfo:
@@ -99,33 +135,61 @@ class MessageReader:
             self._eof = not self._read(self._chunk_size)
         self._done = True
 
-    def _next_line(self) -> bytes | None:
+    def _header_line(self, limit: int) -> tuple[bytes, int] | None:
+        """The next line under the header block's rules, not taken yet: its text without the line
+        end (``\\r*\\n``, or one ``\\r`` of the CRs that end the input) and its length with it;
+        None at the end of the input. A line with no LF within `limit` bytes comes unfinished,
+        length -1."""
         while True:
-            end = self._out.find(b"\r\n", self._pos)
+            end = self._raw.find(b"\n", max(self._scanned, self._rpos))
             if end >= 0:
-                line = self._out[self._pos : end + 2]
-                self._pos = end + 2
-                return line
-            if self._done:
-                return None
-            self._out, self._pos = self._process(), 0  # _out held only whole lines: it is used up
+                return bytes(self._raw[self._rpos : end]).rstrip(b"\r"), end + 1 - self._rpos
+            rest = len(self._raw) - self._rpos
+            if self._eof:
+                if not rest:
+                    self._done = True
+                    return None
+                text = bytes(self._raw[self._rpos :])
+                line = text.rstrip(b"\r")  # ends at the first of the final CRs (the rest: empty lines)
+                return line, len(line) + (len(line) < len(text))
+            if rest > limit:
+                return bytes(self._raw[self._rpos : self._rpos + limit]), -1
+            self._scanned = len(self._raw)
+            if self._rpos > 65536 and self._rpos * 2 > len(self._raw):
+                del self._raw[: self._rpos]
+                self._scanned -= self._rpos
+                self._rpos = 0
+            chunk = self._read(self._chunk_size)
+            self._eof = not chunk
+            self._raw += chunk
 
-    def _unread(self, line: bytes | None) -> None:
-        if line is not None:
-            self._pos -= len(line)
+    def _whole_line(self, size: int) -> tuple[bytes, int]:
+        """The line `_header_line` gave unfinished, whole; one longer than what is left of the
+        header block's 1 MiB is refused."""
+        text, length = self._header_line(MAX_HEADER_BLOCK - size)
+        if length < 0:
+            raise DataError(_("header block larger than 1 MiB"))
+        return text, length
 
     def _process(self) -> bytes:
-        """Read one chunk; return the lines it completes, as CRLF-terminated bytes."""
-        raw = self._read(self._chunk_size)
-        self._eof = not raw
+        """Read one chunk; return the lines it completes, as CRLF-terminated bytes. The first chunk
+        after the header block is what it left of the input."""
+        if self._rpos < len(self._raw):
+            raw, final = bytes(self._raw[self._rpos :]), self._eof
+            self._raw, self._rpos, self._scanned = bytearray(), 0, 0
+        elif self._eof:  # the header block read the end of the input already
+            raw, final = b"", True
+        else:
+            raw = self._read(self._chunk_size)
+            final = self._eof = not raw
         data = b"\r" + raw if self._cr else raw
-        self._cr = not self._eof and data.endswith(b"\r")
+        self._cr = not final and data.endswith(b"\r")
         if self._cr:
             data = data[:-1]
         text = self._partial + data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = text.split(b"\n")
         self._partial = lines.pop()
-        if self._eof:
+        if final:
             if self._partial:
                 lines.append(self._partial)  # no final newline: the line still counts
                 self._partial = b""
@@ -159,11 +223,21 @@ class MessageReader:
 
     def _end_at_dot(self) -> None:
         self._partial = b""
+        self._raw, self._rpos, self._scanned = bytearray(), 0, 0
         self._done = True
         if self._stream.isatty():
             self._eof = True  # a person typed the dot: stop here, as sendmail does
         else:
             self.drain()
+
+
+def _checked(line: bytes) -> bytes:
+    """A line of the header block (or the mbox From_ line), refused if it has a lone CR or a NUL."""
+    if b"\r" in line:
+        raise DataError(_("a header line contains a carriage return (CR) without a line feed (LF)"))
+    if b"\0" in line:
+        raise DataError(_("message contains a NUL byte"))
+    return line
 
 
 def _unstuff(line: bytes) -> bytes:
@@ -172,12 +246,10 @@ def _unstuff(line: bytes) -> bytes:
 
 def _break_line(line: bytes) -> list[bytes]:
     """Postfix's smtp_line_length_limit: CRLF SPACE after every 998 octets."""
-    pieces = []
-    while len(line) > MAX_LINE:
-        pieces.append(line[:MAX_LINE])
-        line = b" " + line[MAX_LINE:]
-    pieces.append(line)
-    return pieces
+    if len(line) <= MAX_LINE:
+        return [line]
+    rest = range(MAX_LINE, len(line), MAX_LINE - 1)
+    return [line[:MAX_LINE]] + [b" " + line[i : i + MAX_LINE - 1] for i in rest]
 
 
 class HeaderField(NamedTuple):

@@ -4,15 +4,19 @@ Per attempt, each still-pending recipient gets a verdict:
 
 - accepted → sent;
 - refused with 5xx (at RCPT, or the whole message at MAIL/DATA/end of data) → failed, and a
-  failure report (`bounce`) goes to the sender — immediately, not after the retries;
+  failure report (`bounce`) goes to the submitting account (SENDMAIL_SHIM_BOUNCE_TO, else its
+  alias, else the login; never to an unverified -f) — immediately, not after the retries;
 - anything else → stays pending: 4xx replies, but also every failure to connect, verify TLS or
   log in (the set-up may be fixed by then). The message is tried again after a backoff (1 min,
   doubling, at most 1 h) until it is older than SENDMAIL_SHIM_MAX_QUEUE_AGE, then it fails too.
 
-A message whose recipients are all settled leaves queue/: removed when everything was sent,
-moved to failed/ otherwise. The connection dying after the whole message went out and before the
-relay's reply is logged as ``status=ambiguous`` and retried (the recipient may get it twice, as
-with every MTA); so is a crash between the relay's acceptance and the state update on disk.
+A message whose recipients are all settled leaves queue/ (logged ``removed``, as Postfix's qmgr):
+removed when everything was sent, moved to failed/ otherwise. The connection dying after the whole
+message went out and before the relay's reply is logged ``status=deferred (… -- message may be
+sent more than once)``, as Postfix does, and retried (the recipient may get it twice, as with
+every MTA); so is a crash between the relay's acceptance and the state update on disk. A
+state update the disk refuses (full) is not a crash: the recipients who took the message are
+marked in a way that needs no new block (`Queue.mark_sent`), and the run goes on.
 
 A queue run delivers over SENDMAIL_SHIM_QUEUE_CONNECTIONS connections in parallel, one worker
 thread each, taking the next due message from a shared list; each connection carries many messages.
@@ -23,7 +27,6 @@ so a refused login costs at most one AUTH per connection. A message is only touc
 lock (`Queue.lock`), so workers, concurrent runners and background deliveries never send it twice.
 """
 
-import os
 import socket
 import threading
 import time
@@ -32,8 +35,15 @@ from types import SimpleNamespace
 from typing import Callable, Iterator, NamedTuple
 
 from .envelope import Envelope
-from .errors import DataError, ShimError, SMTPFailure
-from .queue import Queue, QueuedMessage, crash_point, drop_fields, next_attempt_after
+from .errors import CantCreate, ConfigError, DataError, ShimError, SMTPFailure
+from .i18n import _
+from .log import BOUNCE, PICKUP, QMGR, SMTP, Timing, dsn_for, relay_name
+from .queue import DROP_PATTERN, Queue, QueuedMessage, Refusal, crash_point, next_attempt_after
+
+# What a queue file, mailq, a report and a message's log line say of a local configuration error
+# (ConfigError: a failing SMTP_PASSWORD_COMMAND, whose stderr may hold a token, a CA file…): the
+# log's error line has its message, `--check` (run by the administrator) its details.
+LOCAL_ERROR = "local configuration error, see the log"
 
 
 class Outcome(NamedTuple):
@@ -79,9 +89,12 @@ class Selector(NamedTuple):
 
 def run_queue(config, queue: Queue, *, log, selector: Selector | None = None,
               progress: Callable[[int, int, str], None] | None = None, password=None,
-              transcript: Callable[[str], None] | None = None) -> RunStats:
-    """``-q``: take in maildrop/, then try every due (or selected) message, over up to
-    SENDMAIL_SHIM_QUEUE_CONNECTIONS connections in parallel.
+              transcript: Callable[[str], None] | None = None, due_only: bool = True) -> RunStats:
+    """Take in maildrop/, then try the queued messages, over up to SENDMAIL_SHIM_QUEUE_CONNECTIONS
+    connections in parallel: with `due_only` (automatic runs: ``-q --due``, the runner service)
+    those whose next-attempt time has come; without (the administrator's ``-q``, as sendmail 8's
+    ``-q`` and Postfix's ``postqueue -f``) every one, whatever its backoff; with a `selector`
+    (``-qR``/``-qS``/``-qI``) the selected ones, whatever their backoff.
 
     `progress(done, total, line)` is called after each message with its log line (from one thread
     at a time). `password` (a Secret) skips the credential lookup. Raises PolicyError when this
@@ -94,10 +107,10 @@ def run_queue(config, queue: Queue, *, log, selector: Selector | None = None,
     stats = RunStats()
     queue.clean_tmp()
     _pick_up(config, queue, log, stats)
-    run = _Run(config, queue, log, stats, selector, progress)
+    run = _Run(config, queue, log, stats, selector, progress, due_only)
     password = _Password(config, password)
     sessions = [_Session(config, password, _numbered(transcript, n) if transcript and run.workers > 1 else transcript,
-                         log.warning)
+                         log)
                 for n in range(1, run.workers + 1)]
     threads = [threading.Thread(target=run.work, args=(session,), name=f"sendmail-shim queue {n}", daemon=True)
                for n, session in enumerate(sessions[1:], 2)]  # daemons: ^C ends the run at once
@@ -120,11 +133,13 @@ class _Run:
     """What the workers of a queue run share: the due messages not taken yet and the counts,
     behind one lock."""
 
-    def __init__(self, config, queue: Queue, log, stats: RunStats, selector, progress):
+    def __init__(self, config, queue: Queue, log, stats: RunStats, selector, progress, due_only: bool = True):
         self.config, self.queue, self.log, self.stats = config, queue, log, stats
-        self.selector, self.progress = selector, progress
+        self.selector, self.progress, self.due_only = selector, progress, due_only
         self.lock = threading.Lock()
+        listed = time.time()
         self.todo = deque(msg_id for msg_id in queue.ids() if self._wanted(msg_id))
+        self.active = dict.fromkeys(self.todo, listed)  # id → when the run took it on (the log's delays=)
         self.done, self.total = 0, len(self.todo)
         self.workers = min(config.queue_connections, len(self.todo))  # still taking messages
         self.error: Exception | None = None
@@ -133,15 +148,16 @@ class _Run:
         try:
             message = self.queue.load(msg_id)
         except DataError as exc:  # a damaged envelope.json: kept for the administrator
-            self.log.record(msg_id, status="deferred", reply=str(exc))
+            self.log.warning(QMGR, f"{exc}; left in the queue", msg_id=msg_id)
             return False
         return message is not None and self.due(message)
 
     def due(self, message: QueuedMessage) -> bool:
-        """Selected messages are tried whatever their next-attempt time (as Postfix's flush)."""
+        """Selected messages are tried whatever their next-attempt time (as Postfix's flush); the
+        others only once it has come, unless the run is not `due_only` (the administrator's -q)."""
         if self.selector:
             return self.selector.matches(message)
-        return message.next_attempt <= time.time()
+        return not self.due_only or message.next_attempt <= time.time()
 
     def work(self, session: "_Session") -> None:
         """One worker: messages over its own connection until none is left.
@@ -199,7 +215,8 @@ class _Run:
     def _deliver(self, msg_id: str, session: "_Session") -> Iterator[None]:
         """One message in the steps `work` interleaves with its neighbours': locked and its
         envelope sent; its data sent; its final reply read and the outcome recorded."""
-        attempt = _Attempt(self.config, self.queue, session, self.log, interactive=False)
+        attempt = _Attempt(self.config, self.queue, session, self.log, interactive=False,
+                           active=self.active.get(msg_id))
         outcome, busy = None, False
         try:
             with self.queue.lock(msg_id) as message:
@@ -212,7 +229,7 @@ class _Run:
                     yield
                     outcome = attempt.finish()
         except DataError as exc:  # a damaged envelope.json: kept for the administrator
-            self.log.record(msg_id, status="deferred", reply=str(exc))
+            self.log.warning(QMGR, f"{exc}; left in the queue", msg_id=msg_id)
         with self.lock:
             self.done += 1
             self.stats.busy += busy
@@ -221,6 +238,7 @@ class _Run:
             _count(self.stats, outcome)
             self.stats.bounces += len(attempt.bounces)
             self.todo.extend(attempt.bounces)  # reports go out in the same run
+            self.active.update(dict.fromkeys(attempt.bounces, time.time()))
             self.total += len(attempt.bounces)
             if self.progress:
                 self.progress(self.done, self.total, attempt.last_line)
@@ -236,7 +254,7 @@ def deliver_now(config, queue: Queue, msg_id: str, *, log, password=None,
     queue run would (bounce, failed/).
     """
     config.require_sender()
-    session = _Session(config, _Password(config, password), transcript, log.warning)
+    session = _Session(config, _Password(config, password), transcript, log)
     try:
         with queue.lock(msg_id) as message:
             if message is None:
@@ -282,40 +300,53 @@ def _count(stats: RunStats, outcome: Outcome) -> None:
 
 def _pick_up(config, queue: Queue, log, stats: RunStats) -> list[str]:
     """Take in maildrop/; returns the ids of what it queued: messages, and notices for refused
-    requests."""
+    requests. A pickup that fails as a whole (maildrop/ not a directory…) is logged: what is
+    queued already is delivered all the same."""
     from . import drop
 
-    result = queue.pickup(lambda fields, data, out: drop.accept(config, fields, data, out))
+    try:
+        result = queue.pickup(lambda fields, data, out: drop.accept(config, fields, data, out))
+    except OSError as exc:
+        log.error(PICKUP, f"maildrop not picked up: {exc}")
+        return []
     for message in result.accepted:
         env = message.envelope
-        log.record(message.id, status="queued", sender=env.sender, requested=env.requested_sender,
-                   recipients=env.recipients, size=env.size, reply=f"picked up from maildrop, uid={message.uid}")
-    for name, uid, reason in result.rejected:
-        log.record(name, status="refused", reply=f"maildrop file of uid {uid} refused: {reason}")
+        log.received(message.id, uid=message.uid, sender=env.requested_sender or env.sender, message_id=env.message_id)
+    refusals = {refusal.id: refusal for refusal in result.refusals}
+    for name, uid, reason in result.rejected:  # any name: the log quotes it as a token
+        match = DROP_PATTERN.match(name)
+        refusal = refusals.get(match.group(1)) if match else None
+        if refusal:  # the header policy refused it: Postfix's pickup line, then cleanup's reject
+            log.picked_up(refusal.id, uid=uid, sender=refusal.requested_sender or config.sender)
+            log.rejected(refusal.id, reason=reason, sender=config.sender)
+        else:
+            log.warning(PICKUP, f"maildrop/{name} of uid {uid} refused: {reason}")
+    for name, reason in result.left:
+        log.warning(PICKUP, f"maildrop/{name} left for the next run: {reason}")
     stats.picked_up += len(result.accepted)
     stats.refused_drops += len(result.rejected)
-    notices = [_notify_refusal(config, queue, log, path, reason) for path, reason in result.refusals]
+    notices = [n for n in (_notify_refusal(config, queue, log, refusal) for refusal in result.refusals) if n]
     stats.bounces += len(notices)
     return [message.id for message in result.accepted] + notices
 
 
-def _notify_refusal(config, queue: Queue, log, path: str, reason: str) -> str:
-    """Tell the sender that the request in `path` (kept in corrupt/) was refused at pickup."""
-    from . import bounce
-
-    fields = drop_fields(path)
-    with open(path, "rb") as kept:
-        original = bounce.header_block(kept.read(min(fields["size"], bounce.MAX_ORIGINAL_HEADERS + 4)))
-        arrival = os.fstat(kept.fileno()).st_mtime
-    msg_id = os.path.basename(path).partition(".")[0]
-    return _queue_report(config, queue, log, about=msg_id, original=original, arrival=arrival,
-                         requested_sender=fields.get("requested_sender"), refusal=reason)
+def _notify_refusal(config, queue: Queue, log, refusal: Refusal) -> str | None:
+    """Tell the submitter that its request was refused at pickup, from what the pickup read (the
+    file kept in corrupt/ is its writer's to change); None when the notice cannot be queued, which
+    is logged: a notice must not cost other users their delivery."""
+    try:
+        return _queue_report(config, queue, log, about=refusal.id, original=refusal.headers,
+                             arrival=refusal.arrival, requested_sender=refusal.requested_sender,
+                             uid=refusal.uid, refusal=refusal.reason)
+    except Exception as exc:
+        log.error(BOUNCE, f"cannot queue the notice about {refusal.id}: {type(exc).__name__}: {exc}")
+        return None
 
 
 def _queue_report(config, queue: Queue, log, *, about: str, original: bytes, arrival: float,
-                  requested_sender: str | None, failures=(), refusal: str | None = None,
+                  requested_sender: str | None, uid: int | None, failures=(), refusal: str | None = None,
                   now: float | None = None) -> str:
-    """Queue a failure report (bounce.py) about message `about`; returns its id."""
+    """Queue a failure report (bounce.py) about message `about`, submitted by `uid`; returns its id."""
     import secrets  # here, not at the top: only a failure needs it
     from email.utils import make_msgid
 
@@ -323,21 +354,32 @@ def _queue_report(config, queue: Queue, log, *, about: str, original: bytes, arr
 
     now = time.time() if now is None else now
     hostname = socket.gethostname()
-    to = bounce.recipient_for(config.bounce_to, requested_sender, config.sender, config.aliases, hostname)
+    to = bounce.recipient_for(config.bounce_to, _account(uid), config.sender, config.aliases, hostname)
+    message_id = make_msgid("bounce", domain=config.sender.rpartition("@")[2] or "localhost")
     data = bounce.build(
         failures=list(failures), original_headers=original, queue_id=about, arrival=arrival,
         sender=config.sender, to=to, reporting_mta=config.helo or hostname, remote_mta=config.host,
-        message_id=make_msgid("bounce", domain=config.sender.rpartition("@")[2] or "localhost"),
-        boundary=f"={secrets.token_hex(12)}", now=now, refusal=refusal,
+        message_id=message_id,
+        boundary=f"={secrets.token_hex(12)}", now=now, refusal=refusal, requested_sender=requested_sender,
     )
     report = Envelope(sender=config.sender, recipients=[to], eight_bit=not data.isascii(),
-                      smtputf8=not to.isascii(), size=len(data))
+                      smtputf8=not to.isascii(), size=len(data), message_id=message_id)
     with queue.spool() as spool:
         spool.file.write(data)
         report_id = spool.commit(report, bounce=True)
-    log.record(report_id, status="queued", sender=config.sender, recipients=[to],
-               size=len(data), reply=f"failure report for {about}")
+    log.message_id(report_id, report.message_id)
+    log.notified(about, report_id)
     return report_id
+
+
+def _account(uid: int | None) -> str | None:
+    """The local user name of `uid`, None when it has none."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name if uid is not None else None
+    except KeyError:
+        return None
 
 
 # -- one attempt -------------------------------------------------------------------------------
@@ -370,13 +412,14 @@ class _Session:
     """One relay connection of a run: opened on first use, reopened after a broken transaction;
     when opening fails, every later message over it is deferred with the same reason."""
 
-    def __init__(self, config, password: _Password, transcript, warn):
+    def __init__(self, config, password: _Password, transcript, log):
         self.config = config
         self.transcript = transcript
-        self.warn = warn  # SMTP_TLS_VERIFY=no warns on every use, in the log at least
+        self.log = log
         self._password = password
         self.relay = None
         self.down: ShimError | None = None
+        self.peer: str | None = None  # the relay's address the last connection reached (the log's relay=)
 
     def connect(self):
         from .smtp import Relay
@@ -390,10 +433,17 @@ class _Session:
             try:
                 relay.open()
             except ShimError as exc:
-                self.down = exc
+                self.down, self.peer = exc, relay.peer_address
+                if isinstance(exc, ConfigError):  # the messages say only LOCAL_ERROR
+                    self.log.error(SMTP, f"local configuration error: {exc.args[0]} (details: sendmail-shim --check)")
                 raise
-            self.relay = relay
+            self.relay, self.peer = relay, relay.peer_address
         return self.relay
+
+    def warn(self, text: str) -> None:
+        """SMTP_TLS_VERIFY=no warns on every use, in the log at least; so does a relay without
+        8BITMIME."""
+        self.log.warning(SMTP, text)
 
     def close(self) -> None:
         relay, self.relay = self.relay, None
@@ -422,9 +472,11 @@ class _Attempt:
     envelope goes out), `transfer` (the data), `finish` (the final reply, the outcome); `run`
     takes them in a row."""
 
-    def __init__(self, config, queue: Queue, session: _Session, log, *, interactive: bool):
+    def __init__(self, config, queue: Queue, session: _Session, log, *, interactive: bool,
+                 active: float | None = None):
         self.config, self.queue, self.session, self.log = config, queue, session, log
         self.interactive = interactive
+        self.active = active  # when the queue run took the message on (default: the attempt's start)
         self.bounces: list[str] = []
         self.last_line = ""
         self._transaction = None  # smtp.Transaction under way
@@ -438,12 +490,16 @@ class _Attempt:
     def start(self, message: QueuedMessage) -> None:
         self.message, self.now = message, time.time()
         self.pending = message.pending
+        self.relay = self.connected = None
+        env = message.envelope
+        self.log.active(message.id, sender=env.sender, size=env.size, nrcpt=len(self.pending))
         if self.now - message.arrival > self.config.max_queue_age or not self.pending:
             return  # nothing to send: `finish` settles it
         self.data = _Tracked(message.data_file)
         message.data_file.seek(0)
         try:
             self.relay = self.session.connect()
+            self.connected = time.time()  # at once over a connection already open
             self._transaction = self.relay.begin(
                 message.envelope._replace(recipients=[r.address for r in self.pending]))
         except ShimError as exc:
@@ -469,9 +525,7 @@ class _Attempt:
         message.attempts += 1
         message.last_reply = _reply_text(error) if error else next(iter(verdicts.values()))[1]
         message.next_attempt = next_attempt_after(message.attempts, now)
-        self._log(message, pending, "sent")
-        self._log(message, pending, "failed")
-        self._log(message, pending, "pending", ambiguous=ambiguous)
+        self._log(message, pending, error, ambiguous)
         return self._settle(message, [r for r in pending if r.state == "failed"], error, now)
 
     def _collect(self) -> tuple[dict, ShimError | None, bool]:
@@ -502,13 +556,11 @@ class _Attempt:
         return {a: ("pending", _reply_text(exc)) for a in addresses}, exc, self.data.exhausted
 
     def _expire(self, message: QueuedMessage, now: float) -> Outcome:
-        age = _duration(now - message.arrival)
         failed = message.pending
         for rcpt in failed:
             rcpt.state = "failed"
             rcpt.reply = rcpt.reply or "never tried"
-        self.last_line = self._record(message, failed, "expired",
-                                      f"gave up after {age}; last reply: {message.last_reply or 'none'}")
+        self.last_line = self.log.expired(message.id, sender=message.envelope.sender)
         return self._settle(message, failed, None, now, expired=True)
 
     def _caller_reports(self, message: QueuedMessage) -> bool:
@@ -517,12 +569,19 @@ class _Attempt:
         return self.interactive and not message.pending and not any(r.state == "sent" for r in message.recipients)
 
     def _settle(self, message: QueuedMessage, failed, error, now: float, expired: bool = False) -> Outcome:
-        """Persist the attempt: bounce first (a crash then repeats a report, never loses one).
+        """Persist the attempt: bounce first (a crash then repeats a report, never loses one);
+        when the disk cannot take it, `_hold` the message.
 
         The waiting -odi caller hears a refusal through its exit status only when the whole
         message was refused; once any recipient took it or still may, the refused ones get a
         report like in a queue run, so none is forgotten and a retry by the caller sends nobody
         a second copy."""
+        try:
+            return self._record_outcome(message, failed, error, now, expired)
+        except (CantCreate, OSError) as exc:  # a full disk: the relay's verdicts are known, the disk cannot say so
+            return self._hold(message, exc)
+
+    def _record_outcome(self, message: QueuedMessage, failed, error, now: float, expired: bool) -> Outcome:
         caller_reports = bool(failed) and self._caller_reports(message)
         if failed and not caller_reports and not message.bounce:
             self.bounces.append(self._bounce(message, failed, now, expired))
@@ -532,12 +591,33 @@ class _Attempt:
         elif any(r.state == "failed" for r in message.recipients) and not caller_reports:
             reason = f"expired after {_duration(now - message.arrival)}" if expired else message.last_reply
             self.queue.fail(message, reason)
+            self.log.removed(message.id)  # from queue/: kept in failed/
             status, kept = "failed", False
         else:
             self.queue.finish(message)
+            self.log.removed(message.id)
             status, kept = ("failed" if failed else "sent"), False
         crash_point("deliver-recorded")
         return Outcome(message.id, status, error if caller_reports or kept else None, kept)
+
+    def _hold(self, message: QueuedMessage, exc: Exception) -> Outcome:
+        """The attempt could not be recorded. The recipients who took the message are marked in
+        a way that needs no new block (`Queue.mark_sent`), so that no later attempt sends them a
+        second copy; the others stay as envelope.json has them, to be tried again (a refusal
+        then comes again, and its report with it)."""
+        reason = getattr(exc, "strerror", None) or str(exc)  # CantCreate has its strerror in its text
+        note = f"cannot record the attempt: {reason}"
+        if any(r.state == "sent" for r in message.recipients):
+            try:
+                self.queue.mark_sent(message)
+                note += "; the recipients who took it are marked as sent"
+            except OSError as again:  # no inode left, a read-only or failing disk
+                note += f"; nor can the recipients who took it be marked ({again.strerror}): they may get it twice"
+        if any(r.state != "sent" for r in message.recipients):  # whatever their smtp lines said
+            note += "; the others are tried again"
+        self.last_line = self.log.error(QMGR, note, msg_id=message.id)
+        error = CantCreate(_("cannot record the attempt in the queue: {reason}").format(reason=reason))
+        return Outcome(message.id, "deferred", error, kept=True)
 
     def _bounce(self, message: QueuedMessage, failed, now: float, expired: bool) -> str:
         from . import bounce
@@ -546,25 +626,23 @@ class _Attempt:
         original = bounce.header_block(message.data_file.read(bounce.MAX_ORIGINAL_HEADERS + 4))
         return _queue_report(self.config, self.queue, self.log, about=message.id, original=original,
                              arrival=message.arrival, requested_sender=message.envelope.requested_sender,
-                             failures=[bounce.Failure(r.address, r.reply, expired) for r in failed], now=now)
+                             uid=message.uid, now=now,
+                             failures=[bounce.Failure(r.address, r.reply, expired) for r in failed])
 
-    def _log(self, message, pending, state: str, ambiguous: bool = False) -> None:
-        group = [r for r in pending if r.state == state]
-        if not group:
-            return
-        refused = "refused" if self._caller_reports(message) or message.bounce else "bounced"  # no report
-        status = {"sent": "sent", "failed": refused, "pending": "ambiguous" if ambiguous else "deferred"}[state]
-        self.last_line = self._record(message, group, status, group[0].reply)
-
-    def _record(self, message, recipients, status: str, reply: str) -> str:
-        """The log line; ``delay`` runs from the arrival to now, the end of the attempt (Postfix's)."""
-        env = message.envelope
-        relay = f"{self.config.host}:{self.config.port}" if self.config.host else None
-        return self.log.record(
-            message.id, status=status, sender=env.sender, requested=env.requested_sender,
-            recipients=[r.address for r in recipients], relay=relay, size=env.size,
-            delay=time.time() - message.arrival, reply=reply,
-        )
+    def _log(self, message: QueuedMessage, pending, error: ShimError | None, ambiguous: bool) -> None:
+        """One smtp line per recipient tried, as Postfix's: its verdict, the relay, the delays
+        (`log.Timing`: before the run took it on, in the run, connection set-up, transmission)."""
+        timing = Timing(message.arrival, self.active or self.now, self.now, self.connected, time.time())
+        relay = relay_name(self.config.host, self.session.peer, self.config.port)
+        conn_use = self._transaction.number if self._transaction is not None else 1
+        orig_to = message.envelope.orig_to or {}
+        fallback = error.dsn if error is not None else ""
+        for rcpt in pending:
+            status = {"sent": "sent", "failed": "bounced", "pending": "deferred"}[rcpt.state]
+            self.last_line = self.log.delivery(
+                message.id, rcpt.address, status=status, relay=relay, timing=timing,
+                dsn=dsn_for(rcpt.reply, status, fallback), reply=rcpt.reply, orig_to=orig_to.get(rcpt.address),
+                conn_use=conn_use, ambiguous=ambiguous and status == "deferred")
 
 
 def _verdict(code: int, text: str) -> tuple[str, str]:
@@ -574,6 +652,8 @@ def _verdict(code: int, text: str) -> tuple[str, str]:
 def _reply_text(error: ShimError) -> str:
     if isinstance(error, SMTPFailure):
         return f"{error.code} {error.reply}"
+    if isinstance(error, ConfigError):
+        return LOCAL_ERROR
     return str(error)
 
 

@@ -4,9 +4,10 @@ On a terminal it asks for the provider, the login, the password (no echo, stored
 configured credential backend, never in the file), the sender policy and root's address, with
 the provider's own instructions at the right moment; re-running it edits the current settings.
 Without a terminal (or with ``--yes``) it prompts for nothing: every answer comes from an option
-or the environment variable of its key. Then it writes the config file (comments kept, a backup
-of the previous one), runs ``--check``, and prints the integration hints it detects (php.ini,
-/usr/sbin/sendmail, cron's MAILTO) without changing anything.
+or the environment variable of its key (``SENDMAIL_SHIM_SMTP_USER`` for SMTP_USER, see
+`config.env_name`; an application's own SMTP_USER is not an answer). Then it writes the config
+file (comments kept, a backup of the previous one), runs ``--check``, and prints the integration
+hints it detects (php.ini, /usr/sbin/sendmail, cron's MAILTO) without changing anything.
 """
 
 import glob
@@ -60,7 +61,8 @@ GUIDANCE = {
 def run(opts, stdin, stdout, stderr, environ) -> int:
     path = target_file(opts.config_path, environ)
     current = config_module.read_file(path) if os.path.exists(path) else {}
-    given = {key: environ[key] for key in ANSWER_KEYS if environ.get(key)}
+    given = {key: environ[config_module.env_name(key)] for key in ANSWER_KEYS
+             if environ.get(config_module.env_name(key))}
     given.update(opts.setup_answers)
     ui = Dialogue(stdin, stdout, environ)
     interactive = stdin.isatty() and "yes" not in opts.setup_flags
@@ -84,6 +86,7 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
            _("wrote {path} (previous version: {backup})").format(path=path, backup=backup))
     status = EX_OK
     if "no-check" not in opts.setup_flags:
+        config = config_module.load(environ, path)  # as the shim reads it: each value's origin is file:line
         status = _check(ui, config, environ)
     hints = integration_hints(config, _program())
     if hints:
@@ -115,7 +118,8 @@ def settle(current: dict, given: dict) -> dict:
 def _require(values: dict) -> None:
     if not values.get("SMTP_USER") or not (values.get("SMTP_HOST") or values.get("SMTP_PROVIDER")):
         raise UsageError(
-            _("without a terminal, --setup needs --provider (or --host) and --user, or SMTP_PROVIDER and SMTP_USER in the environment")
+            _("without a terminal, --setup needs --provider (or --host) and --user, or SENDMAIL_SHIM_SMTP_PROVIDER "
+              "and SENDMAIL_SHIM_SMTP_USER in the environment")
         )
 
 
@@ -240,7 +244,8 @@ def _readable_file(answer: str) -> None:
 
 def _config_for(values: dict, environ, path: str):
     """The Config the shim will use with these settings (the environment still overrides)."""
-    merged = {**values, **{key: environ[key] for key in config_module.KEYS if key in environ}}
+    merged = {**values, **{key: environ[config_module.env_name(key)] for key in config_module.KEYS
+                           if config_module.env_name(key) in environ}}
     return config_module.build(merged, environ, (path,))
 
 
@@ -275,8 +280,10 @@ def template() -> str:
     """A new config file: every key commented out, with its documentation line."""
     head = (
         "# sendmail-shim configuration, written by sendmail-shim --setup.\n"
-        "# KEY=value lines; # starts a comment. Environment variables with the same names override\n"
-        "# this file. The password never goes here: sendmail-shim --setup or --set-password stores it.\n"
+        "# KEY=value lines; # starts a comment. The environment variable SENDMAIL_SHIM_<KEY> overrides\n"
+        "# KEY here (SENDMAIL_SHIM_SMTP_HOST for SMTP_HOST; SENDMAIL_SHIM_QUEUE_DIR for itself); an\n"
+        "# application's own SMTP_HOST, SMTP_PASSWORD… change nothing. The password never goes here:\n"
+        "# sendmail-shim --setup or --set-password stores it.\n"
         "# Test with: sendmail-shim --check --to you@example.com\n"
     )
     return head + "".join(f"\n# {doc}\n#{key}=\n" for key, doc in config_module.KEYS.items())

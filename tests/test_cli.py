@@ -58,10 +58,21 @@ def test_php_mail_is_delivered_with_sender_equal_to_login(shim, relay):
     assert "Subject: 欢迎注册 DokuWiki" in head  # raw UTF-8 header passes byte for byte
     assert re.search(r"^Date: ", head, re.M) and re.search(r"^Message-ID: <.+@163\.test>$", head, re.M)
     assert msg.data.endswith(b"\r\n\r\nline1\r\n.\r\n..dots\r\n" + "中文正文".encode() + b"\r\nlast line\r\n")
-    [line] = [ln for ln in shim.log_lines() if "status=sent" in ln]
-    assert f"from=<{relay.login}>" in line and "requested=<www-data@web1.local>" in line
-    assert "to=<bob@example.com>,<two@example.com>,<carol@example.com>,<secret-bcc@example.com>" in line
-    assert f"relay=127.0.0.1:{relay.port}" in line
+    log = [line.split(" ", 2)[2] for line in shim.log_lines()]  # without the time stamp and the host
+    msg_id = re.match(r"sendmail-shim/pickup\[\d+\]: ([0-9A-F]{16}): ", log[0]).group(1)
+    pid = re.match(r"\S+\[(\d+)\]", log[0]).group(1)  # -odi: one process logs it all
+    message_id = re.search(r"^Message-ID: (<.+>)$", head, re.M).group(1)
+    recipients = ["bob@example.com", "two@example.com", "carol@example.com", "secret-bcc@example.com"]
+    assert log[:3] == [  # the sender asked for (-f), then the one used (the login)
+        f"sendmail-shim/pickup[{pid}]: {msg_id}: uid={os.getuid()} from=<www-data@web1.local>",
+        f"sendmail-shim/cleanup[{pid}]: {msg_id}: message-id={message_id}",
+        f"sendmail-shim/qmgr[{pid}]: {msg_id}: from=<{relay.login}>, size={len(msg.data)}, nrcpt=4 (queue active)",
+    ]
+    for line, recipient in zip(log[3:7], recipients, strict=True):
+        assert re.fullmatch(rf"sendmail-shim/smtp\[{pid}\]: {msg_id}: to=<{recipient}>, "
+                            rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{relay.port}, delay=[\d.]+, delays=[\d./]+, "
+                            r"dsn=2\.0\.0, status=sent \(250 .*\)", line), line
+    assert log[7:] == [f"sendmail-shim/qmgr[{pid}]: {msg_id}: removed"]
 
 
 def test_default_mode_answers_at_once_and_delivers_in_the_background(shim_factory, relay):
@@ -125,7 +136,12 @@ def test_default_mode_reports_a_header_policy_refusal_by_mail(shim_factory, rela
     assert "Subject: x" in text or "Subject: 欢迎注册" in text  # the original headers
     [kept] = list((shim.queue_dir / "corrupt").iterdir())
     assert kept.read_bytes().split(b"\r\n")[0] == stdin.split(b"\n")[0].rstrip(b"\r")  # as the caller wrote it
-    assert any("status=refused" in line and reason in line for line in shim.log_lines())
+    log = shim.log_lines()  # Postfix's pickup line with the submitter, then cleanup's reject
+    [picked] = [line for line in log if "/pickup[" in line]
+    msg_id = re.search(rf"\]: ([0-9A-F]{{16}}): uid={os.getuid()} from=<", picked).group(1)
+    assert any("/cleanup[" in line and f"]: {msg_id}: reject: header " in line and reason in line
+               and line.endswith(f"; from=<{relay.login}>: 5.7.1 message content rejected") for line in log)
+    assert any(f"]: {msg_id}: sender non-delivery notification: " in line for line in log)
     assert not list((shim.queue_dir / "queue").iterdir()) and not list((shim.queue_dir / "maildrop").iterdir())
 
 
@@ -341,24 +357,51 @@ exec "$@"
 '''
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a private /dev/log needs root")
-def test_syslog_gets_one_mail_facility_line_per_event(shim_factory, relay, tmp_path, relay_password):
-    shim = shim_factory(relay, SENDMAIL_SHIM_SYSLOG="yes", SENDMAIL_SHIM_LOG_FILE=None)
+def syslog_datagrams(shim, tmp_path, count: int, *args: str, stdin: bytes) -> list[str]:
+    """The first `count` datagrams the real console script sends to /dev/log (a private one)."""
     dev_log = tmp_path / "log"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
         server.bind(str(dev_log))
         server.settimeout(15)
         proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_DEV_LOG,
-                               str(dev_log), SHIM_PYTHON, str(SHIM), "-t", "-i"],
-                              input=PHP_MAIL, capture_output=True, env=shim.env, timeout=60)
+                               str(dev_log), SHIM_PYTHON, str(SHIM), *args],
+                              input=stdin, capture_output=True, env=shim.env, timeout=60)
         assert (proc.returncode, proc.stderr) == (0, b"")
-        lines = [server.recv(4096).decode() for _ in range(2)]  # queued (at pickup), then sent
+        lines = [server.recv(4096).decode() for _ in range(count)]
     OUTPUTS.extend(lines)  # the session's leak scan reads them too
+    return lines
+
+
+SYSLOG_LINE = re.compile(r"<(\d+)>\w{3} [ \d]\d \d\d:\d\d:\d\d sendmail-shim/(\w+)\[\d+\]: ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a private /dev/log needs root")
+def test_syslog_gets_one_mail_facility_line_per_event(shim_factory, relay, tmp_path, relay_password):
+    """Each event under the syslog name of the Postfix program that logs it (pflogsumm
+    --syslog-name=sendmail-shim), from the detached -odb child too."""
+    shim = shim_factory(relay, SENDMAIL_SHIM_SYSLOG="yes", SENDMAIL_SHIM_LOG_FILE=None)
+    lines = syslog_datagrams(shim, tmp_path, 8, "-t", "-i", stdin=PHP_MAIL)
     assert len(relay.messages) == 1
-    for line in lines:  # <22>: facility mail (2), severity info (6)
-        assert re.match(r"<22>\w{3} [ \d]\d \d\d:\d\d:\d\d sendmail-shim\[\d+\]: [0-9A-F]{16}: ", line), line
-        assert relay_password not in line
-    assert "status=queued" in lines[0] and "status=sent" in lines[1] and f"from=<{relay.login}>" in lines[1]
+    heads = [SYSLOG_LINE.match(line) for line in lines]
+    assert all(heads), lines
+    # <22>: facility mail (2), severity info (6)
+    assert [(h.group(1), h.group(2)) for h in heads] == [
+        ("22", "pickup"), ("22", "cleanup"), ("22", "qmgr"), *[("22", "smtp")] * 4, ("22", "qmgr")]
+    assert all(re.match(r"[0-9A-F]{16}: ", line[h.end():]) for line, h in zip(lines, heads))
+    assert f"from=<{relay.login}>, size=" in lines[2] and ", nrcpt=4 (queue active)" in lines[2]
+    assert all(", status=sent (250 " in line for line in lines[3:7]) and lines[7].endswith(": removed")
+    assert not any(relay_password in line for line in lines)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a private /dev/log needs root")
+def test_syslog_gets_warnings_at_priority_warning(shim_factory, relay_factory, tmp_path):
+    relay = relay_factory(cert="untrusted")
+    shim = shim_factory(relay, SENDMAIL_SHIM_SYSLOG="yes", SENDMAIL_SHIM_LOG_FILE=None, SMTP_TLS_VERIFY="no",
+                        SMTP_CA_FILE=None, SENDMAIL_SHIM_DELIVERY="interactive")
+    lines = syslog_datagrams(shim, tmp_path, 4, "-i", "bob@example.com", stdin=b"Subject: unverified\n\nx\n")
+    [warning] = [line for line in lines if " warning: " in line]
+    assert SYSLOG_LINE.match(warning).groups() == ("20", "smtp")  # mail (2) × 8 + warning (4)
+    assert ": warning: TLS certificate of " in warning and "SMTP_TLS_VERIFY=no" in warning
 
 
 def test_tls_verification_off_warns_in_the_log_of_a_queue_run(shim_factory, relay_factory):

@@ -167,7 +167,10 @@ def test_php_mail_fifth_argument_is_only_the_requested_sender(setup):
     assert setup.calls() == [["-t", "-i", "-fsomeone@example.com"]]
     delivered(setup, ["to@example.com"])
     [line] = sent_lines(setup)
-    assert "requested=<someone@example.com>" in line and f"from=<{setup.relay.login}>" in line
+    msg_id = line.split("]: ", 1)[1].split(":")[0]
+    log = setup.shim.log_lines()  # pickup: the sender asked for; qmgr: the one used
+    assert any(line.endswith(f"]: {msg_id}: uid={os.getuid()} from=<someone@example.com>") for line in log)
+    assert any(f"]: {msg_id}: from=<{setup.relay.login}>, size=" in line for line in log)
 
 
 def test_php_mb_send_mail_chinese_subject_and_body(setup):

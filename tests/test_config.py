@@ -14,11 +14,55 @@ def write(path, text):
     return str(path)
 
 
-def test_environment_overrides_the_file(tmp_path):
+def test_prefixed_environment_overrides_the_file(tmp_path):
     path = write(tmp_path / "a.env", "SMTP_PROVIDER=163\nSMTP_USER=alice@163.com\nSMTP_PORT=994\n")
-    cfg = config.load({"SENDMAIL_SHIM_CONFIG": path, "SMTP_PORT": "465"})
+    cfg = config.load({"SENDMAIL_SHIM_CONFIG": path, "SENDMAIL_SHIM_SMTP_PORT": "465"})
     assert (cfg.host, cfg.port, cfg.security, cfg.user) == ("smtp.163.com", 465, "tls", "alice@163.com")
     assert cfg.sources == (path,)
+
+
+def test_an_applications_smtp_variables_change_nothing(tmp_path):
+    """PHP apps, Docker images and CI jobs export SMTP_* for themselves: not ours."""
+    path = write(tmp_path / "a.env", "SMTP_PROVIDER=163\nSMTP_USER=alice@163.com\n")
+    app = {"SMTP_PASSWORD": "app-secret", "SMTP_HOST": "mail.app.example", "SMTP_PORT": "2525",
+           "SMTP_USER": "app@app.example", "SMTP_SECURITY": "none"}
+    cfg = config.load({"SENDMAIL_SHIM_CONFIG": path, **app})
+    assert (cfg.host, cfg.port, cfg.security, cfg.user) == ("smtp.163.com", 465, "tls", "alice@163.com")
+
+
+def test_keys_that_begin_with_sendmail_shim_keep_their_names(tmp_path):
+    path = write(tmp_path / "a.env", "SMTP_USER=alice@163.com\nSENDMAIL_SHIM_QUEUE_DIR=/from/file\n")
+    cfg = config.load({"SENDMAIL_SHIM_CONFIG": path, "SENDMAIL_SHIM_QUEUE_DIR": "/from/env",
+                       "SENDMAIL_SHIM_SENDMAIL_SHIM_QUEUE_DIR": "/doubled"})
+    assert cfg.queue_dir == "/from/env"
+    assert config.env_name("SMTP_HOST") == "SENDMAIL_SHIM_SMTP_HOST"
+    assert config.env_name("SENDMAIL_SHIM_QUEUE_DIR") == "SENDMAIL_SHIM_QUEUE_DIR"
+
+
+def test_origins_name_the_file_and_line_the_variable_the_preset_or_the_default(tmp_path):
+    path = write(tmp_path / "a.env", "# comment\nSMTP_PROVIDER=163\nSMTP_USER=alice@163.com\nSMTP_HELO=\n")
+    cfg = config.load({"SENDMAIL_SHIM_CONFIG": path, "SENDMAIL_SHIM_SMTP_TIMEOUT": "7", "SMTP_TIMEOUT": "9"})
+    assert cfg.origins["SMTP_PROVIDER"] == f"{path}:2" and cfg.origins["SMTP_USER"] == f"{path}:3"
+    assert cfg.origins["SMTP_TIMEOUT"] == "environment SENDMAIL_SHIM_SMTP_TIMEOUT" and cfg.timeout == 7
+    assert cfg.origins["SMTP_HOST"] == cfg.origins["SMTP_PORT"] == "preset 163"
+    assert cfg.origins["SENDMAIL_SHIM_QUEUE_CONNECTIONS"] == "preset 163"
+    assert cfg.origins["SMTP_HELO"] == cfg.origins["SMTP_FROM"] == "default"  # an empty value is no value
+    assert set(cfg.origins) == set(config.KEYS) == set(cfg.redacted())
+    with pytest.raises(TypeError):
+        cfg.origins["SMTP_HOST"] = "changed"  # the record stays immutable
+    # a port given for another security than the preset's is the default of that security
+    cfg = config.load({"SENDMAIL_SHIM_CONFIG": path, "SENDMAIL_SHIM_SMTP_SECURITY": "starttls"})
+    assert (cfg.port, cfg.origins["SMTP_PORT"]) == (587, "default")
+
+
+def test_nothing_configured_names_the_files_searched_and_says_to_run_setup(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", str(tmp_path / "etc" / "sendmail-shim.env"))
+    cfg = config.load({"HOME": str(tmp_path / "home")})
+    with pytest.raises(ConfigError) as info:
+        cfg.require_sender()
+    assert str(tmp_path / "etc" / "sendmail-shim.env") in str(info.value)
+    assert str(tmp_path / "home" / ".config" / "sendmail-shim" / "sendmail-shim.env") in str(info.value)
+    assert "sendmail-shim --setup" in str(info.value) and info.value.exit_code == 78
 
 
 def test_user_file_over_system_file(tmp_path, monkeypatch):
@@ -60,8 +104,9 @@ def test_interpolation_is_off(tmp_path):
 
 def test_password_in_environment_refused(tmp_path):
     path = write(tmp_path / "c.env", "SMTP_HOST=x\n")
-    with pytest.raises(ConfigError, match="SMTP_PASSWORD"):
-        config.load({"SMTP_PASSWORD": "x"}, path)
+    with pytest.raises(ConfigError, match="SENDMAIL_SHIM_SMTP_PASSWORD is not accepted: a password never goes"):
+        config.load({"SENDMAIL_SHIM_SMTP_PASSWORD": "x"}, path)
+    assert config.load({"SMTP_PASSWORD": "x"}, path).host == "x"  # the application's, not ours
 
 
 def test_durations_and_fingerprint(tmp_path):
@@ -93,4 +138,4 @@ def test_system_install_gives_every_user_the_system_paths(tmp_path, monkeypatch)
 def test_redacted_shows_no_password_command(tmp_path):
     path = write(tmp_path / "c.env", "SMTP_PASSWORD_COMMAND=pass show smtp-secret-entry\n")
     shown = config.load({}, path).redacted()
-    assert shown["password_command"] == "(set)" and "smtp-secret-entry" not in str(shown)
+    assert shown["SMTP_PASSWORD_COMMAND"] == "(set)" and "smtp-secret-entry" not in str(shown)

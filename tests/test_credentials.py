@@ -489,9 +489,9 @@ def test_own_backend_path_uses_the_credential_file(cred_file):
 
 @pytest.mark.parametrize("backend", [None, credentials.OWN_BACKEND])
 def test_the_default_path_never_imports_keyring(tmp_path, backend):
-    env = hermetic_env(tmp_path, SMTP_USER=USER, SENDMAIL_SHIM_CREDENTIALS_FILE=str(tmp_path / "credentials"))
+    env = hermetic_env(tmp_path, SENDMAIL_SHIM_SMTP_USER=USER, SENDMAIL_SHIM_CREDENTIALS_FILE=str(tmp_path / "credentials"))
     if backend:
-        env["SMTP_KEYRING_BACKEND"] = backend
+        env["SENDMAIL_SHIM_SMTP_KEYRING_BACKEND"] = backend
     result = run_python(
         """
         import os, sys

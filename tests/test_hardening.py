@@ -272,7 +272,7 @@ def test_header_and_command_injection_through_argv(direct, relay, argv):
     "root:admin@example.org\0victim@evil.test", "root:" + "a" * 3000 + "@example.org",
 ])
 def test_alias_values_cannot_inject(direct, relay, alias):
-    code, _, stderr = direct.run("-i", "root", stdin=mail(to="root"), env={"SMTP_ALIASES": alias})
+    code, _, stderr = direct.run("-i", "root", stdin=mail(to="root"), env={"SENDMAIL_SHIM_SMTP_ALIASES": alias})
     assert code in (EX_OK, EX_DATAERR, EX_CONFIG, EX_NOUSER) and "Traceback" not in stderr
     assert_not_injected(relay)
     COUNTS["hostile inputs"] += 1
@@ -399,13 +399,15 @@ def expected_lines(lines: list[bytes], dot_ends: bool) -> list[bytes]:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(fields=st.lists(st.tuples(st.sampled_from(FIELD_NAMES), VALUE), min_size=1, max_size=6),
-       body=st.lists(BODY_LINE, max_size=12), newline=st.sampled_from([b"\n", b"\r\n", b"\r"]),
-       dash_i=st.booleans())
-def test_accepted_message_arrives_with_only_the_documented_changes(direct, relay, fields, body, newline, dash_i):
+       body=st.lists(BODY_LINE, max_size=12), newline=st.sampled_from([b"\n", b"\r\n", b"\r\r\n"]),
+       body_newline=st.sampled_from([b"\n", b"\r\n", b"\r"]), dash_i=st.booleans())
+def test_accepted_message_arrives_with_only_the_documented_changes(direct, relay, fields, body, newline,
+                                                                   body_newline, dash_i):
+    """A header line ends at LF only (a lone CR there is refused); the body keeps every line end."""
     relay.messages.clear()
     header = [f"{name}: {value}".encode() for name, value in fields]
     body_lines = [line.encode() for line in body]
-    stdin = newline.join(header + [b""] + body_lines) + newline
+    stdin = newline.join([*header, b"", b""]) + b"".join(line + body_newline for line in body_lines)
     code, _, stderr = direct.run(*(["-i"] if dash_i else []), "bob@example.org", stdin=stdin)
     assert code == EX_OK, stderr
     [received] = relay.messages

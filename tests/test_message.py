@@ -20,7 +20,7 @@ from sendmail_shim.message import (
     prepare,
     resolve_local,
 )
-from sendmail_shim.reader import BodyInfo, MessageReader
+from sendmail_shim.reader import BodyInfo, HeaderField, MessageReader, split_fields
 
 LOGIN = "alice@163.com"
 ALIASES = {"root": "admin@example.com", "www-data": "web@example.com"}
@@ -58,8 +58,12 @@ READ_CASES = [
     ("lf", b"A: 1\nB: 2\n\nbody\n", False, b"A: 1\r\nB: 2\r\n\r\nbody\r\n"),
     ("crlf", b"A: 1\r\nB: 2\r\n\r\nbody\r\n", False, b"A: 1\r\nB: 2\r\n\r\nbody\r\n"),
     ("mixed_php8", b"A: 1\r\nB: 2\n\r\nbody\nmore\r\n", False, b"A: 1\r\nB: 2\r\n\r\nbody\r\nmore\r\n"),
-    ("bare_cr", b"A: 1\r\rbody\rmore\r", False, b"A: 1\r\n\r\nbody\r\nmore\r\n"),
-    ("cr_cr_lf_is_two_ends", b"A: 1\r\r\nbody\r\r\n", False, b"A: 1\r\n\r\nbody\r\n\r\n"),
+    ("bare_cr_in_body", b"A: 1\n\nbody\rmore\r", False, b"A: 1\r\n\r\nbody\r\nmore\r\n"),
+    # a lone CR never ends a header line (test_lone_cr_in_the_header_block_is_refused)
+    ("cr_cr_lf_one_end_in_header_two_in_body", b"A: 1\r\r\n\r\r\nbody\r\r\n", False,
+     b"A: 1\r\n\r\nbody\r\n\r\n"),
+    ("crs_at_the_end_of_the_input", b"A: 1\r\r\r", False, b"A: 1\r\n\r\n\r\n"),
+    ("lone_cr_starts_the_body", b"A: 1\nhello\rB: 2\n", False, b"A: 1\r\nhello\r\nB: 2\r\n"),
     ("lf_cr_is_two_ends", b"A: 1\n\rbody", False, b"A: 1\r\n\r\nbody\r\n"),
     ("no_final_newline", b"A: 1\n\nlast line", False, b"A: 1\r\n\r\nlast line\r\n"),
     ("empty_input", b"", False, b""),
@@ -117,6 +121,11 @@ SPLIT_CASES = [
     ("mbox_then_no_headers", b"From x@y Mon\nhi\n", b"", b"hi\r\n"),
     ("mbox_only", b"From x@y Mon\n", b"", b""),
     ("mbox_not_first_line_kept", b"A: 1\nFrom x@y Mon\n", b"A: 1\r\n", b"From x@y Mon\r\n"),
+    ("cr_cr_lf_php", b"A: 1\r\r\nB: 2\r\r\n\r\r\nbody\r\r\n", b"A: 1\r\nB: 2\r\n\r\n", b"body\r\n\r\n"),
+    ("lf_cr_ends_the_header", b"A: 1\n\rbody\n", b"A: 1\r\n\r\n", b"body\r\n"),
+    ("lone_cr_in_the_first_body_line", b"A: 1\nhello\rB: 2\n", b"A: 1\r\n", b"hello\r\nB: 2\r\n"),
+    ("long_body_line_without_lf", b"A: 1\n" + b"x" * 5000, b"A: 1\r\n",
+     b"x" * 998 + (b"\r\n " + b"x" * 997) * 4 + b"\r\n " + b"x" * 14 + b"\r\n"),
 ]
 
 
@@ -167,6 +176,41 @@ def test_nul_byte_is_refused(data, chunk_size):
     with pytest.raises(DataError, match="^message contains a NUL byte$") as info:
         read(data, chunk_size=chunk_size)
     assert info.value.exit_code == 65
+
+
+LONE_CR_IN_HEADER = [
+    ("subject_then_bcc", b"Subject: x\rBcc: victim@x.test\nTo: a@x.test\n\nbody\n"),
+    ("crlf_message", b"To: a@x.test\r\nSubject: x\rBcc: victim@x.test\r\n\r\nbody\r\n"),
+    ("continuation_line", b"Subject: x\n y\rBcc: victim@x.test\n\n"),
+    ("cr_cr_then_text", b"Subject: x\r\rBcc: victim@x.test\n\n"),
+    ("past_998_octets", b"Subject: " + b"x" * 1500 + b"\rBcc: victim@x.test\n\n"),
+    ("last_line_without_newline", b"To: a@x.test\nSubject: x\rBcc: victim@x.test"),
+    ("mbox_from_line", b"From x@y Mon\rTo: victim@x.test\nSubject: s\n\n"),
+    ("old_mac_line_ends", b"To: a@x.test\rSubject: s\r\rbody\r"),
+]
+
+
+@cases("data", LONE_CR_IN_HEADER)
+@pytest.mark.parametrize("dot_ends", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 7, 65536])
+def test_lone_cr_in_the_header_block_is_refused(data, dot_ends, chunk_size):
+    with pytest.raises(DataError) as info:
+        read(data, dot_ends=dot_ends, chunk_size=chunk_size)
+    assert str(info.value) == "a header line contains a carriage return (CR) without a line feed (LF)"
+    assert info.value.exit_code == 65
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 65536])
+def test_a_header_line_may_end_in_several_crs(chunk_size):
+    header, body = read(b"To: a@x.test\r\r\nSubject: s\r\r\r\n\r\r\nbody\r\r\n", chunk_size=chunk_size)
+    assert header == b"To: a@x.test\r\nSubject: s\r\n\r\n"
+    assert split_fields(header) == [HeaderField("to", b"To: a@x.test\r\n"), HeaderField("subject", b"Subject: s\r\n")]
+    assert body == b"body\r\n\r\n"  # in the body every CR still ends a line
+
+
+def test_header_line_of_crs_only_beyond_the_cap_is_refused():
+    with pytest.raises(DataError, match="header block larger than 1 MiB"):
+        read(b"To: a@x.test\n" + b"\r" * (1 << 20) + b"\nbody\n")
 
 
 def test_nul_after_the_terminating_dot_is_not_part_of_the_message():
@@ -251,27 +295,61 @@ def test_piped_writer_finishes_even_when_a_dot_ends_the_message():
 # ---------------------------------------------------------------------------------------------
 # Property: the reader is a model of "split at any line end, apply dot rules, break long lines"
 
+_HEADER_RULE_LINE = re.compile(rb"([^\n]*?)(?:\r*\n|\r(?=\r*\Z)|\Z)")
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+
+def broken(line: bytes) -> list[bytes]:
+    pieces = []
+    while len(line) > 998:
+        pieces.append(line[:998])
+        line = b" " + line[998:]
+    return pieces + [line]
+
+
 def model(data: bytes, dot_ends: bool) -> bytes | None:
-    """Reference: per-line re-statement of the rules; None means DataError (NUL)."""
-    lines = re.split(rb"\r\n|\r|\n", data)
+    """Reference: the header block line by line under its rules (a line ends at LF, with any CRs
+    before it, or at a CR of those ending the input; a CR elsewhere is refused), then the body
+    split at every line end; dot rules; long lines broken. None means DataError (a NUL, or a
+    lone CR in the header block)."""
+    unstuff = (lambda line: line[1:] if line.startswith(b"..") else line) if dot_ends else (lambda line: line)
+    header, pos, first = [], 0, True
+    while pos < len(data):
+        match = _HEADER_RULE_LINE.match(data, pos)
+        text = match[1]
+        if dot_ends and text == b".":
+            return b"".join(line + b"\r\n" for line in header)
+        text = unstuff(text)
+        if first and text.startswith(b"From "):
+            if b"\r" in text or b"\0" in text:
+                return None
+            first, pos = False, match.end()
+            continue
+        first = False
+        if not text:
+            header.append(b"")
+            pos = match.end()
+            break
+        if not (_FIELD.match(text[:998]) or (header and text[:1] in b" \t")):
+            if text[:1] == b"\r":
+                header.append(b"")
+                pos += 1
+            break
+        if b"\r" in text or b"\0" in text:
+            return None
+        header += broken(text)
+        pos = match.end()
+    lines = re.split(rb"\r\n|\r|\n", data[pos:])
     if lines[-1] == b"":
         lines.pop()
     kept = []
     for line in lines:
         if dot_ends and line == b".":
             break
-        kept.append(line[1:] if dot_ends and line.startswith(b"..") else line)
+        kept.append(unstuff(line))
     if any(b"\0" in line for line in kept):
         return None
-    broken = []
-    for line in kept:
-        while len(line) > 998:
-            broken.append(line[:998])
-            line = b" " + line[998:]
-        broken.append(line)
-    if broken and broken[0].startswith(b"From "):
-        broken.pop(0)
-    return b"".join(line + b"\r\n" for line in broken)
+    return b"".join(line + b"\r\n" for line in header + [piece for line in kept for piece in broken(line)])
 
 
 FRAGMENTS = st.sampled_from(

@@ -15,7 +15,7 @@ import pytest
 
 from sendmail_shim import bounce, config as config_module
 from sendmail_shim.envelope import Envelope
-from sendmail_shim.errors import CantCreate, UsageError
+from sendmail_shim.errors import CantCreate, DataError, UsageError
 from sendmail_shim.queue import (
     DROP_PATTERN, Queue, QueuedMessage, Recipient, format_listing, new_id, next_attempt_after,
 )
@@ -90,13 +90,14 @@ def test_commit_makes_one_complete_message_with_private_modes(queue, tmp_path):
     assert message.next_attempt == message.arrival
 
 
-def test_a_spool_open_to_others_gets_a_shared_maildrop(tmp_path):
+def test_a_spool_open_to_others_lets_nobody_else_write(tmp_path):
+    """Other users hand their mail to the submission service; nothing in the spool is theirs."""
     root = tmp_path / "spool"
     root.mkdir()
     root.chmod(0o711)  # as tmpfiles.d creates the system spool
     Queue(str(root)).ensure()
     assert {p.name: mode(p) for p in root.iterdir()} == {
-        "tmp": 0o700, "queue": 0o700, "failed": 0o700, "corrupt": 0o700, "maildrop": 0o3733, "maildrop-tmp": 0o3733}
+        "tmp": 0o700, "queue": 0o700, "failed": 0o700, "corrupt": 0o700, "maildrop": 0o700, "maildrop-tmp": 0o700}
 
 
 def test_leaving_the_spool_without_commit_leaves_nothing(queue):
@@ -267,6 +268,14 @@ def test_a_drop_already_picked_up_is_not_queued_twice(queue):
     assert queue.ids() == [msg_id] and os.listdir(queue.maildrop) == []
 
 
+def test_a_request_the_pickup_could_not_read_is_refused_to_the_caller(queue):
+    """A trailer longer than the pickup reads would be refused there, after the caller's exit 0."""
+    recipients = [f"r{i:04d}-{'x' * 60}@example.org" for i in range(1000)]
+    with pytest.raises(DataError, match="KiB"):
+        drop(queue, MESSAGE, *recipients)
+    assert os.listdir(queue.maildrop) == [] and os.listdir(queue.droptmp) == []
+
+
 def test_dropper_cannot_write_without_maildrop(tmp_path):
     queue = Queue(str(tmp_path / "missing"))
     with pytest.raises(CantCreate, match="maildrop-tmp"):
@@ -380,12 +389,11 @@ def test_bounce_is_an_rfc3464_report():
     assert "body" not in headers.get_payload()
 
 
-@pytest.mark.parametrize("bounce_to, requested, expected", [
-    ("ops@example.org", "www@example.org", "ops@example.org"),
-    (None, "www@example.org", "www@example.org"),
-    (None, "www-data", "admin@example.org"),  # a local name goes through the aliases
-    (None, None, LOGIN),
+@pytest.mark.parametrize("bounce_to, account, expected", [
+    ("ops@example.org", "www-data", "ops@example.org"),
+    (None, "www-data", "admin@example.org"),  # the submitting account's local name, through the aliases
+    (None, None, LOGIN),  # no such account
 ])
-def test_bounce_recipient(bounce_to, requested, expected):
-    assert bounce.recipient_for(bounce_to, requested, LOGIN, {"default": "admin@example.org"}, "web1") == expected
+def test_bounce_recipient(bounce_to, account, expected):
+    assert bounce.recipient_for(bounce_to, account, LOGIN, {"default": "admin@example.org"}, "web1") == expected
     assert bounce.recipient_for(None, "nobody", LOGIN, {}, "web1") == LOGIN  # no alias: the login

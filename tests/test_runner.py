@@ -4,19 +4,14 @@ Everything is counted at the relay, by Message-ID."""
 
 import email
 import os
-import pwd
 import re
-import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,10 +23,9 @@ from sendmail_shim.log import MessageLog
 from sendmail_shim.queue import Queue
 from sendmail_shim.runner import Selector, deliver_now, run_queue
 from tests.relay import RELAY_LOGIN
-from tests.shim import OUTPUTS, readable_by_others
+from tests.shim import OUTPUTS
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 # Runs in a subprocess, configured by the environment: submit a message (stdin) or run the queue.
 HELPER = r"""
@@ -116,8 +110,8 @@ class Site:
         return text
 
     def environ(self, **extra) -> dict:
-        return {"PATH": "/usr/bin:/bin", "HOME": str(self.base), "LANG": "C.UTF-8",
-                "PYTHONPATH": str(ROOT), **self.settings, **extra}
+        return {"PATH": "/usr/bin:/bin", "HOME": str(self.base), "LANG": "C.UTF-8", "PYTHONPATH": str(ROOT),
+                **{config_module.env_name(key): value for key, value in self.settings.items()}, **extra}
 
     def helper(self, *args, stdin: bytes = b"", python: str = sys.executable, user: str | None = None,
                timeout: float = 30, **extra) -> subprocess.CompletedProcess:
@@ -177,7 +171,8 @@ def test_relay_down_then_up(relay, site_factory):
     msg_id, message_id = down.submit()
     stats = down.run()
     assert stats.deferred == 1 and down.queue.ids() == [msg_id]
-    assert f"{msg_id}: " in down.log_text() and "status=deferred (cannot connect" in down.log_text()
+    [line] = delivery_lines(down, msg_id)
+    assert ", relay=none, " in line and ", dsn=4.4.1, status=deferred (cannot connect" in line
     queued = down.queue.load(msg_id)
     assert queued.attempts == 1 and queued.next_attempt > time.time()
     assert down.run().deferred == 0  # not due yet: no second attempt
@@ -188,9 +183,11 @@ def test_relay_down_then_up(relay, site_factory):
     assert stats.sent == 1 and down.queue.ids() == [] and received(relay) == {message_id: 1}
     assert relay.messages[0].mail_from == RELAY_LOGIN and relay.messages[0].rcpt_tos == ["bob@example.org"]
     assert relay.messages[0].data.endswith(b"line one\r\n.a line with a leading dot\r\n")
-    last = down.log_text().splitlines()[-1]
-    assert f"{msg_id}: from=<{RELAY_LOGIN}> to=<bob@example.org> relay=127.0.0.1:{relay.port}" in last
-    assert "status=sent (250 " in last
+    sent = delivery_lines(down, msg_id)[-1]
+    assert (f" sendmail-shim/smtp[{os.getpid()}]: {msg_id}: to=<bob@example.org>, "
+            f"relay=127.0.0.1[127.0.0.1]:{relay.port}, ") in sent
+    assert ", dsn=2.0.0, status=sent (250 " in sent
+    assert down.log_text().splitlines()[-1].endswith(f" sendmail-shim/qmgr[{os.getpid()}]: {msg_id}: removed")
     assert os.listdir(down.queue.tmp) == []
 
 
@@ -267,6 +264,11 @@ def log_lines_of(site: Site, msg_id: str) -> list[str]:
     return [line for line in site.log_text().splitlines() if f" {msg_id}: " in f" {line}"]
 
 
+def delivery_lines(site: Site, msg_id: str) -> list[str]:
+    """The smtp lines (one per recipient and attempt) of a message."""
+    return [line for line in site.log_text().splitlines() if f"]: {msg_id}: to=<" in line and "/smtp[" in line]
+
+
 def test_logged_delay_runs_to_the_end_of_the_attempt(relay_factory, site_factory):
     """delay= is Postfix's: from the arrival to the verdict, the time spent talking included."""
     relay = relay_factory(security="tls")
@@ -274,8 +276,11 @@ def test_logged_delay_runs_to_the_end_of_the_attempt(relay_factory, site_factory
     site = site_factory(relay, SMTP_TIMEOUT="0.6")
     msg_id, _ = site.submit("bob@example.org")
     site.run()
-    [line] = [line for line in log_lines_of(site, msg_id) if "status=deferred" in line]
-    assert float(re.search(r" delay=([\d.]+) ", line).group(1)) >= 0.6
+    [line] = [line for line in delivery_lines(site, msg_id) if "status=deferred" in line]
+    fields = re.search(r", delay=([\d.]+), delays=([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+),", line)
+    delay, a, b, c, d = map(float, fields.groups())
+    assert delay >= 0.6 and d >= 0.6  # the time spent talking is the transmission's (d)
+    assert abs(delay - (a + b + c + d)) <= 0.05
 
 
 def test_refused_data_fails_only_that_message(relay_factory, site_factory):
@@ -288,8 +293,9 @@ def test_refused_data_fails_only_that_message(relay_factory, site_factory):
     assert (stats.sent, stats.failed, stats.bounces, stats.deferred) == (3, 1, 1, 0)  # 2 + the report
     assert received(relay)[before_mid] == 1 and received(relay)[after_mid] == 1 and len(relay.messages) == 3
     assert site.queue.ids() == [] and site.queue.failed_ids() == [spam]
-    assert "status=bounced (554 5.7.1 looks like spam)" in log_lines_of(site, spam)[0]
-    assert all("status=sent" in log_lines_of(site, msg_id)[0] for msg_id in (before, after))
+    assert ", dsn=5.7.1, status=bounced (554 5.7.1 looks like spam)" in delivery_lines(site, spam)[0]
+    assert all("status=sent" in delivery_lines(site, msg_id)[0] for msg_id in (before, after))
+    assert ", conn_use=2, " in delivery_lines(site, spam)[0]  # the second message over the connection
     assert "RSET" not in relay.verbs()  # the refusal of the data ended that transaction
 
 
@@ -301,7 +307,7 @@ def test_refused_recipient_of_the_next_message_leaves_the_previous_one_sent(rela
     stats = site.run()
     assert (stats.sent, stats.failed, stats.bounces) == (2, 1, 1)  # the good one and the report
     assert received(relay)[good_mid] == 1 and site.queue.failed_ids() == [bad]
-    assert "status=sent" in log_lines_of(site, good)[0] and "status=bounced (550" in log_lines_of(site, bad)[0]
+    assert "status=sent" in delivery_lines(site, good)[0] and "status=bounced (550" in delivery_lines(site, bad)[0]
     commands = relay.verbs()  # RSET only after the aborted transaction, in the report's group
     assert commands[commands.index("MAIL"):] == ["MAIL", "RCPT", "DATA"] * 2 + ["RSET", "MAIL", "RCPT", "DATA", "QUIT"]
 
@@ -316,8 +322,11 @@ def test_connection_lost_after_the_data_leaves_the_next_message_untouched(relay_
     assert stats.deferred == 2 and site.queue.ids() == [first, second]
     assert sum(line.startswith("C: MAIL") for line in lines) == 2  # the second one was on its way
     assert received(relay) == {first_mid: 1}
-    assert "status=ambiguous" in log_lines_of(site, first)[0]
-    assert "status=deferred" in log_lines_of(site, second)[0] and "twice" not in log_lines_of(site, second)[0]
+    [ambiguous] = delivery_lines(site, first)
+    assert ", dsn=4.4.2, status=deferred (" in ambiguous
+    assert ambiguous.endswith(" -- message may be sent more than once)")
+    [untouched] = delivery_lines(site, second)
+    assert "status=deferred" in untouched and "more than once" not in untouched and "twice" not in untouched
     assert [r.state for r in site.queue.load(second).recipients] == ["pending"]
     relay.close_at.clear()
     site.queue.retry_now()
@@ -336,7 +345,9 @@ def test_connections_beyond_the_relay_limit_cost_nothing(relay_factory, site_fac
     assert (stats.sent, stats.deferred, stats.failed) == (30, 0, 0)
     assert received(relay) == dict.fromkeys(ids, 1) and site.queue.ids() == []
     log = site.log_text().splitlines()  # no line for a refused connection, no message deferred
-    assert len(log) == 30 and all("status=sent" in line for line in log)
+    deliveries = [line for line in log if "/smtp[" in line]
+    assert len(deliveries) == 30 and all("status=sent" in line for line in deliveries)
+    assert not any(" warning: " in line or " error: " in line for line in log)
 
 
 def test_refused_login_costs_one_auth_per_connection_at_most(relay_factory, site_factory):
@@ -348,7 +359,7 @@ def test_refused_login_costs_one_auth_per_connection_at_most(relay_factory, site
     assert (stats.deferred, stats.sent) == (12, 0) and site.queue.ids() == ids
     assert 1 <= relay.verbs().count("AUTH") <= 3 and relay.messages == []
     assert runs.read_text() == "x\n"
-    assert site.log_text().count("status=deferred (535") == 12
+    assert site.log_text().count(", dsn=4.0.0, status=deferred (535") == 12  # a 5xx that only defers: 4.x.x
 
 
 def test_temporary_failure_then_success(site, relay):
@@ -363,7 +374,7 @@ def test_temporary_failure_then_success(site, relay):
     site.queue.retry_now(msg_id)
     assert site.run().sent == 1
     assert received(relay) == {message_id: 1} and site.queue.ids() == []
-    statuses = [line.split("status=")[1].split()[0] for line in site.log_text().splitlines()]
+    statuses = [line.split("status=")[1].split()[0] for line in delivery_lines(site, msg_id)]
     assert statuses == ["deferred", "sent"]
 
 
@@ -375,9 +386,10 @@ def test_permanent_refusal_fails_and_bounces_to_the_sender(site, relay):
     assert site.queue.ids() == [] and site.queue.failed_ids() == [msg_id]
     failed = site.queue.load(msg_id)
     assert failed.failure == "550 5.1.1 <bob@example.org>: no such user"
-    (report,) = relay.messages
-    assert report.mail_from == RELAY_LOGIN and report.rcpt_tos == ["webmaster@example.org"]
+    (report,) = relay.messages  # to the submitting account (no alias here: the login), not to -f
+    assert report.mail_from == RELAY_LOGIN and report.rcpt_tos == [RELAY_LOGIN]
     parsed = email.message_from_bytes(report.data)
+    assert "The sender it asked for (not used): webmaster@example.org" in parsed.get_payload()[0].get_payload()
     assert parsed.get_content_type() == "multipart/report"
     status = parsed.get_payload()[1].get_payload()[1]
     assert status["Final-Recipient"] == "rfc822; bob@example.org" and status["Status"] == "5.1.1"
@@ -429,17 +441,37 @@ def test_too_old_goes_to_failed_with_a_report(site, relay):
     (report,) = relay.messages  # the message itself was not tried any more
     status = email.message_from_bytes(report.data).get_payload()[1].get_payload()[1]
     assert status["Status"] == "4.4.7" and status["Action"] == "failed"
-    assert "status=expired (gave up after 6.0d" in site.log_text()
+    log = [line.split("]: ", 1)[1] for line in log_lines_of(site, msg_id)]  # Postfix's order of events
+    assert log == [f"{msg_id}: from=<{RELAY_LOGIN}>, size={site.queue.load(msg_id).size}, nrcpt=1 (queue active)",
+                   f"{msg_id}: from=<{RELAY_LOGIN}>, status=expired, returned to sender",
+                   f"{msg_id}: sender non-delivery notification: {log[2].rsplit(' ', 1)[1]}",
+                   f"{msg_id}: removed"]
+    assert not delivery_lines(site, msg_id)
 
 
 def test_the_ambiguous_case_is_logged_and_retried(site, relay):
     relay.close_at.add("dot")  # the connection dies after the final dot, before the reply
     msg_id, message_id = site.submit()
     assert site.run().deferred == 1
-    assert "status=ambiguous" in site.log_text() and site.queue.ids() == [msg_id]
+    assert "status=deferred" in site.log_text() and site.queue.ids() == [msg_id]
+    assert delivery_lines(site, msg_id)[0].endswith(" -- message may be sent more than once)")
     relay.close_at.clear()
     site.queue.retry_now()
     assert site.run().sent == 1 and received(relay) == {message_id: 1}
+
+
+def test_a_recipient_the_alias_map_changed_is_logged_with_orig_to(site, relay):
+    """Postfix's orig_to=: the address as the caller gave it, kept in envelope.json."""
+    data, message_id = message_bytes("admin@example.org")
+    env = Envelope(sender=site.config.sender, recipients=["admin@example.org", "bob@example.org"],
+                   message_id=message_id, size=len(data), orig_to={"admin@example.org": "root"})
+    with site.queue.spool() as spool:
+        spool.file.write(data)
+        msg_id = spool.commit(env)
+    assert site.run().sent == 1 and received(relay) == {message_id: 1}
+    admin, bob = delivery_lines(site, msg_id)
+    assert f"]: {msg_id}: to=<admin@example.org>, orig_to=<root>, relay=127.0.0.1[127.0.0.1]:{relay.port}, " in admin
+    assert f"]: {msg_id}: to=<bob@example.org>, relay=" in bob
 
 
 def test_selector_delivers_only_matching_messages_now(site, relay):
@@ -587,84 +619,3 @@ def test_background_child_holds_no_descriptor_of_the_caller(site_factory, relay)
     assert site.queue.ids() == [msg_id]
 
 
-# -- privilege separation ----------------------------------------------------------------------
-
-
-@contextmanager
-def accounts():
-    """A throwaway service user (in the role of sendmail-shim) and caller (in the role of
-    www-data), each with its own group; removed afterwards. Unique names: the real account's
-    existence changes what other tests expect, and another test run may be going on."""
-    names = [f"shim{role}{os.getpid() % 100000}" for role in ("svc", "www")]
-    created = []
-    try:
-        for name in names:
-            subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                            "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
-            created.append(name)
-        yield [pwd.getpwnam(name) for name in names]
-    finally:
-        for name in reversed(created):
-            subprocess.run(["userdel", name], capture_output=True)
-            subprocess.run(["groupdel", name], capture_output=True)
-
-
-def as_user(user: str, *command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command],
-                          capture_output=True, cwd="/")
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="creating users and switching to them needs root")
-@pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON) or not shutil.which("setpriv") or not readable_by_others(),
-                    reason="needs /usr/bin/python3, setpriv and a source tree other users can read")
-def test_unprivileged_caller_drops_and_the_service_runner_delivers(relay, relay_password):
-    base = Path(tempfile.mkdtemp(prefix="shim-system-", dir="/tmp"))  # traversable by other users
-    try:
-        base.chmod(0o755)
-        with accounts() as (service, caller):
-            spool = base / "spool"
-            spool.mkdir()
-            os.chown(spool, service.pw_uid, service.pw_gid)
-            spool.chmod(0o711)  # as tmpfiles.d makes /var/spool/sendmail-shim
-            Queue(str(spool)).ensure()  # as root: the rest, owned like the spool
-            ca_file = shutil.copy(relay.ca_file, base / "ca.pem")  # pytest's tmp_path is root's only
-            site = Site(base, relay, relay_password, SENDMAIL_SHIM_QUEUE_DIR=str(spool), SMTP_CA_FILE=str(ca_file))
-            for path in (site.password_file, site.log_file):
-                path.touch()
-                os.chown(path, service.pw_uid, service.pw_gid)
-            site.log_file.chmod(0o640)
-
-            expected_modes = {"": 0o711, "tmp": 0o700, "queue": 0o700, "failed": 0o700, "corrupt": 0o700,
-                              "maildrop": 0o3733, "maildrop-tmp": 0o3733}
-            for name, expected in expected_modes.items():
-                st = os.stat(spool / name)
-                assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (expected, service.pw_uid, service.pw_gid)
-
-            assert as_user(caller.pw_name, "cat", str(site.password_file)).returncode != 0
-            assert as_user(caller.pw_name, "ls", str(spool / "maildrop")).returncode != 0
-            data, message_id = message_bytes()
-            data = data.replace(f"From: Alice <{RELAY_LOGIN}>".encode(), b"From: www-data@web.example")
-            proc = site.helper("submit", "bob@example.org", stdin=data, python=SYSTEM_PYTHON, user=caller.pw_name)
-            assert proc.returncode == 0, proc.stderr.decode()
-            (dropped,) = (spool / "maildrop").iterdir()
-            st = dropped.stat()
-            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (caller.pw_uid, service.pw_gid, 0o640)
-            assert received(relay) == {}
-
-            proc = site.helper("run", python=SYSTEM_PYTHON, user=service.pw_name)
-            assert proc.returncode == 0, proc.stderr.decode()
-            (delivered,) = relay.messages
-            assert delivered.mail_from == RELAY_LOGIN and received(relay) == {message_id: 1}
-            headers = email.message_from_bytes(delivered.data)
-            assert RELAY_LOGIN in headers["From"] and headers["Reply-To"] == "www-data@web.example"
-            assert list((spool / "maildrop").iterdir()) == [] and list((spool / "queue").iterdir()) == []
-            assert f"picked up from maildrop, uid={caller.pw_uid}" in site.log_text()
-
-            msg_id, _ = site.submit()  # root submitting: the files go to the service user
-            for path in [spool / "queue" / msg_id, *(spool / "queue" / msg_id).iterdir()]:
-                st = path.stat()
-                assert (st.st_uid, st.st_gid) == (service.pw_uid, service.pw_gid)
-                assert stat.S_IMODE(st.st_mode) & 0o077 == 0
-            OUTPUTS.extend(site.files_text())
-    finally:
-        shutil.rmtree(base, ignore_errors=True)

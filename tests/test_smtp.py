@@ -10,13 +10,14 @@ import time
 import pytest
 
 from sendmail_shim import config as config_module
+from sendmail_shim import smtp as smtp_module
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.errors import (
     EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE,
     ConfigError, DataError, ProtocolError, SMTPFailure, TempFail, Unavailable,
 )
 from sendmail_shim.secret import Secret
-from sendmail_shim.smtp import Relay, dot_stuff, helo_name
+from sendmail_shim.smtp import GREETING_PROBE_SECONDS, Relay, dot_stuff, helo_name, looks_like_tls
 from tests.relay import RELAY_LOGIN
 
 BODY = (
@@ -208,6 +209,137 @@ def test_implicit_tls_against_a_plaintext_relay(plain_relay, session):
     error = failure(session(plain_relay, SMTP_SECURITY="tls"))
     assert isinstance(error, ProtocolError) and error.exit_code == EX_PROTOCOL
     assert "SMTP_SECURITY=starttls" in error.hint
+
+
+# The reverse mistake: a greeting in the clear expected from a relay that speaks implicit TLS. It
+# says nothing until a ClientHello, so only the probe on a second connection tells it apart from a
+# slow relay (see Relay._await_greeting). The relay's port is a random one, never 465.
+
+@pytest.mark.parametrize("security", ["starttls", "none"])
+def test_greeting_expected_from_an_implicit_tls_relay_fails_fast_naming_the_fix(relay, session, security):
+    assert relay.port != 465
+    shim = session(relay, SMTP_SECURITY=security, SMTP_ALLOW_PLAINTEXT_AUTH="yes", SMTP_TIMEOUT="30")
+    started = time.monotonic()
+    error = failure(shim)
+    elapsed = time.monotonic() - started
+    assert isinstance(error, ProtocolError) and error.exit_code == EX_PROTOCOL
+    assert str(error) == (f"127.0.0.1:{relay.port} speaks implicit TLS (TLS from the first byte), not "
+                          f"SMTP_SECURITY={security} (set SMTP_SECURITY=tls for port {relay.port})")
+    assert GREETING_PROBE_SECONDS - 0.1 < elapsed < 30 - 5  # the probe's wait, not SMTP_TIMEOUT's
+    assert relay.commands == [] and shim.password_fetches == 0  # not a word of SMTP, no password
+    assert f"* no greeting within {GREETING_PROBE_SECONDS:g}s; asking 127.0.0.1:{relay.port} for TLS " \
+           "on a second connection" in shim.transcript
+
+
+@pytest.mark.e2e
+def test_starttls_against_implicit_tls_through_the_console_script(relay, shim_factory):
+    shim = shim_factory(relay, SMTP_SECURITY="starttls", SMTP_TIMEOUT="30", SENDMAIL_SHIM_DELIVERY="direct")
+    started = time.monotonic()
+    result = shim.run("-i", "bob@example.test", stdin=b"Subject: hi\n\nhello\n", expect_exit=EX_PROTOCOL)
+    assert time.monotonic() - started < 30 - 5
+    [line] = result.stderr.splitlines()
+    assert line.startswith("sendmail-shim: ") and "speaks implicit TLS" in line and "SMTP_SECURITY=tls" in line
+    assert relay.messages == []
+
+
+@pytest.fixture
+def slow_greeter():
+    """``slow_greeter(port, delay)`` → the port of a TCP proxy to 127.0.0.1:``port`` that holds
+    back everything the server says for ``delay`` seconds after each connection (a greet pause)."""
+    listeners, sockets = [], []
+    stop = threading.Event()
+
+    def pump(source, target, delay):
+        time.sleep(delay)
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve(listener, port, delay):
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                client = listener.accept()[0]
+            except TimeoutError:
+                continue
+            server = socket.create_connection(("127.0.0.1", port))
+            sockets.extend([client, server])
+            for source, target, wait in ((server, client, delay), (client, server, 0)):
+                threading.Thread(target=pump, args=(source, target, wait), daemon=True).start()
+
+    def start(port: int, delay: float) -> int:
+        listener = socket.create_server(("127.0.0.1", 0))
+        thread = threading.Thread(target=serve, args=(listener, port, delay), daemon=True)
+        listeners.append((listener, thread))
+        thread.start()
+        return listener.getsockname()[1]
+
+    yield start
+    stop.set()
+    for listener, thread in listeners:
+        thread.join()
+        listener.close()
+    for sock in sockets:
+        sock.close()
+
+
+@pytest.mark.parametrize("security", ["starttls", "none"])
+def test_relay_greeting_after_the_probe_is_used_without_delay(relay_factory, session, slow_greeter, security):
+    server = relay_factory(security=security)
+    delay = GREETING_PROBE_SECONDS + 1.5  # the probe goes out, and waits for a greeting too
+    shim = session(server, SMTP_PORT=str(slow_greeter(server.port, delay)), SMTP_TIMEOUT="10")
+    started = time.monotonic()
+    result = shim.send()
+    elapsed = time.monotonic() - started
+    assert result.reply.startswith("250") and server.messages[0].data == BODY
+    assert delay <= elapsed < delay + 1.5  # not delayed until the probe gave up
+    assert any(line.startswith("* no greeting within") for line in shim.transcript)
+
+
+def test_silent_server_is_not_taken_for_implicit_tls(plain_relay, session, raw_server):
+    port = raw_server()  # accepts, the probe too, and never says a thing
+    shim = session(plain_relay, SMTP_PORT=str(port), SMTP_TIMEOUT=str(GREETING_PROBE_SECONDS + 1))
+    started = time.monotonic()
+    error = failure(shim)
+    assert isinstance(error, TempFail) and "no answer" in str(error) and "(at GREETING)" in str(error)
+    assert "SMTP_SECURITY=tls" in error.hint and f"port {port}" in error.hint
+    assert time.monotonic() - started >= GREETING_PROBE_SECONDS + 1 - 0.1
+    assert any(line.startswith("* no greeting within") for line in shim.transcript)  # probed, in vain
+
+
+def test_no_probe_where_servers_greet_in_the_clear(relay, session, monkeypatch):
+    """25 and 587: a client that talks before the greeting is what pregreet checks punish."""
+    monkeypatch.setattr(smtp_module, "PLAINTEXT_PORTS", (relay.port,))  # the test relay's port is one
+    shim = session(relay, SMTP_SECURITY="starttls", SMTP_TIMEOUT=str(GREETING_PROBE_SECONDS + 1))
+    error = failure(shim)
+    assert isinstance(error, TempFail) and "(at GREETING)" in str(error)  # after the whole timeout
+    assert "SMTP_SECURITY=tls" in error.hint
+    assert not any(line.startswith("* no greeting within") for line in shim.transcript)
+
+
+def test_tls_bytes_instead_of_a_greeting_fail_at_once(plain_relay, session, raw_server):
+    port = raw_server(b"\x16\x03\x03\x00\x02\x02\x28")  # a TLS record, from the first byte
+    started = time.monotonic()
+    error = failure(session(plain_relay, SMTP_PORT=str(port), SMTP_TIMEOUT="30"))
+    assert isinstance(error, ProtocolError) and "speaks implicit TLS" in str(error)
+    assert error.hint == f"set SMTP_SECURITY=tls for port {port}"
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("head, tls", [
+    (b"\x16\x03\x01", True), (b"\x15\x03\x03", True), (b"\x16", True),
+    (b"220 relay.test ESMTP", False), (b"2", False), (b"", False), (b"\x16\x01", False),
+])
+def test_looks_like_tls(head, tls):
+    assert looks_like_tls(head) is tls
 
 
 # -- envelope and data ----------------------------------------------------------------------------
@@ -520,8 +652,11 @@ def test_connect_timeout(plain_relay, session, unanswered_port):
 
 
 def test_relay_that_never_greets(plain_relay, session, raw_server):
-    error = failure(session(plain_relay, SMTP_PORT=str(raw_server()), SMTP_TIMEOUT="0.5"))
+    port = raw_server()
+    error = failure(session(plain_relay, SMTP_PORT=str(port), SMTP_TIMEOUT="0.5"))
     assert isinstance(error, TempFail) and "no answer" in str(error) and "GREETING" in str(error)
+    # too short for the probe: the hint, for any port (not only 465)
+    assert "SMTP_SECURITY=tls" in error.hint and f"port {port}" in error.hint
 
 
 def test_garbled_greeting_is_a_protocol_error(plain_relay, session, raw_server):

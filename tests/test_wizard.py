@@ -188,10 +188,17 @@ def test_without_a_terminal_every_answer_is_an_option_and_the_exit_status_is_the
 
 
 def test_answers_from_the_environment_and_a_preset_replacing_a_custom_relay(home, relay):
-    env = {"SMTP_HOST": relay.host, "SMTP_PORT": str(relay.port), "SMTP_SECURITY": "tls",
-           "SMTP_CA_FILE": relay.ca_file, "SMTP_USER": RELAY_LOGIN, "SMTP_FROM_POLICY": "reject"}
+    env = {"SENDMAIL_SHIM_SMTP_HOST": relay.host, "SENDMAIL_SHIM_SMTP_PORT": str(relay.port),
+           "SENDMAIL_SHIM_SMTP_SECURITY": "tls", "SENDMAIL_SHIM_SMTP_CA_FILE": relay.ca_file,
+           "SENDMAIL_SHIM_SMTP_USER": RELAY_LOGIN, "SENDMAIL_SHIM_SMTP_FROM_POLICY": "reject",
+           # an application's own variables are no answers
+           "SMTP_HOST": "mail.app.example", "SMTP_PORT": "2525", "SMTP_USER": "app@app.example",
+           "SMTP_PROVIDER": "gmail", "SMTP_PASSWORD": "app-secret"}
     home.run("--setup", "--password-stdin", stdin=RELAY_PASSWORD.encode(), env=env)
-    assert config.read_file(str(home.config_file))["SMTP_FROM_POLICY"] == "reject"
+    settings = config.read_file(str(home.config_file))
+    assert settings["SMTP_FROM_POLICY"] == "reject" and settings["SMTP_USER"] == RELAY_LOGIN
+    assert (settings["SMTP_HOST"], settings["SMTP_PORT"]) == (relay.host, str(relay.port))
+    assert "SMTP_PROVIDER" not in settings and "app-secret" not in home.config_file.read_text()
 
     # switching to a preset drops the custom host, port, security and CA file
     home.run("--setup", "--provider", "qq", "--no-check")
@@ -202,8 +209,9 @@ def test_answers_from_the_environment_and_a_preset_replacing_a_custom_relay(home
 
 
 def test_without_a_terminal_nothing_prompts_and_missing_answers_are_errors(home):
-    result = home.run("--setup", expect_exit=EX_USAGE)
+    result = home.run("--setup", expect_exit=EX_USAGE, env={"SMTP_PROVIDER": "163", "SMTP_USER": "app@163.com"})
     assert "needs --provider (or --host) and --user" in result.stderr
+    assert "SENDMAIL_SHIM_SMTP_PROVIDER and SENDMAIL_SHIM_SMTP_USER" in result.stderr
     result = home.run("--setup", "--provider", "163", "--user", "alice@163.com", expect_exit=EX_USAGE)
     assert "--password-stdin" in result.stderr and "SMTP_PASSWORD_COMMAND" in result.stderr
     assert "SMTP_USER" not in home.config_file.read_text()  # nothing written on failure
