@@ -305,6 +305,9 @@ queue_and_runner() {
     check "with a directory in maildrop/ and an old one in maildrop-tmp/, user nobody sends (exit 0)" \
         as_nobody_send "after-attack-$TOKEN" attacked@example.test
     delivered "nobody's message after the attack" "after-attack-$TOKEN" attacked@example.test
+    # root's own directories are root's to remove (the service user cannot move a directory it
+    # does not own); left, they would count as held mail at purge
+    rm -rf "$SPOOL/maildrop/0" "$SPOOL/maildrop-tmp/old" "$SPOOL/corrupt/0"*
 
     check "the runner, started by hand as user sendmail-shim, exits 0" \
         as_user sendmail-shim /usr/bin/sendmail-shim -q

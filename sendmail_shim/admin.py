@@ -1,7 +1,7 @@
-"""Queue commands: -bp/mailq, -q, --show, --delete, --retry, --requeue."""
+"""Queue commands: -bp/mailq, -q, --show, --delete (also ALL), --retry, --requeue."""
 
 from . import runner
-from .errors import EX_OK
+from .errors import EX_OK, EX_TEMPFAIL
 from .i18n import _, localize
 from .log import POSTSUPER, MessageLog
 from .queue import Queue
@@ -18,10 +18,12 @@ def run(opts, config, stdout, stderr, environ) -> int:
         stdout.flush()
         getattr(stdout, "buffer", stdout).write(queue.show(opts.target))
         return EX_OK
+    if opts.mode == "delete" and opts.target in ("ALL", "all"):
+        return _delete_all(config, queue, stdout, stderr, environ)
     if opts.mode == "delete":
-        message = queue.delete(opts.target)
-        MessageLog.from_config(config).removed(message.id, program=POSTSUPER)  # as Postfix's postsuper -d
-        done = _("{id} deleted").format(id=message.id)
+        found = queue.delete(opts.target)  # a message, or an entry of corrupt/
+        MessageLog.from_config(config).removed(found.id, program=POSTSUPER)  # as Postfix's postsuper -d
+        done = _("{id} deleted").format(id=found.id)
     elif opts.mode == "retry":
         changed = queue.retry_now(None if opts.target == "all" else opts.target)
         done = _("{count} message(s) due now; run sendmail-shim -q to deliver").format(count=len(changed))
@@ -29,6 +31,27 @@ def run(opts, config, stdout, stderr, environ) -> int:
         message = queue.requeue(opts.target)
         done = _("{id} moved back to the queue").format(id=message.id)
     print(f"sendmail-shim: {localize(done, environ)}", file=stdout)
+    return EX_OK
+
+
+def _delete_all(config, queue, stdout, stderr, environ) -> int:
+    """--delete ALL (Postfix's postsuper -d ALL): queue/, failed/ and corrupt/ emptied, one
+    postsuper line per message; a message being delivered is left, named, and the exit status
+    says to try again."""
+    log = MessageLog.from_config(config)
+    removed = []
+
+    def logged(item_id: str) -> None:
+        removed.append(item_id)
+        log.removed(item_id, program=POSTSUPER)
+
+    busy = queue.delete_all(logged)
+    done = _("{count} message(s) deleted").format(count=len(removed))
+    print(f"sendmail-shim: {localize(done, environ)}", file=stdout)
+    if busy:
+        left = _("not deleted, being delivered: {ids}; try again when it is done").format(ids=", ".join(busy))
+        print(f"sendmail-shim: {localize(left, environ)}", file=stderr)
+        return EX_TEMPFAIL
     return EX_OK
 
 

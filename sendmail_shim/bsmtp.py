@@ -112,7 +112,8 @@ class Session:
             return self.reply(f"555 5.5.4 Unsupported option: {parameters[0]}")
         try:
             [resolved] = message.parse_recipient_args([address])
-            message.resolve_local(resolved, self.config.aliases, self.hostname)
+            message.resolve_local(resolved, self.config.aliases, self.hostname,
+                                  self.config.sender if self.config.local_mail == "login" else None)
         except (DataError, ValueError) as exc:
             return self.reply(f"550 5.1.1 {one_line(exc)}")
         self.recipients.append(address)

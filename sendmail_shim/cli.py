@@ -25,7 +25,7 @@ usage: sendmail-shim [-t] [-i|-oi] [-f sender] [-F name] [-odb|-odi|-odq] [-v] [
        sendmail-shim --check [--to ADDR]          test the configuration (and send a test mail)
        sendmail-shim --setup [--provider P --user ADDR --password-stdin --yes …]   guided setup
        sendmail-shim --set-password | --delete-password
-       sendmail-shim --show ID | --delete ID | --retry ID|all | --requeue ID
+       sendmail-shim --show ID | --delete ID|ALL | --retry ID|all | --requeue ID
        sendmail-shim --config FILE …   read only FILE (also SENDMAIL_SHIM_CONFIG)
        sendmail-shim --version | --help
 

@@ -29,6 +29,7 @@ SUBMIT_SOCKET = "/run/sendmail-shim/submit.sock"
 
 SECURITIES = ("tls", "starttls", "none")
 FROM_POLICIES = ("rewrite", "reject")
+LOCAL_MAIL = ("login", "refuse")
 DELIVERY_MODES = ("background", "interactive", "queue", "direct")
 MAX_QUEUE_CONNECTIONS = 32
 
@@ -50,6 +51,8 @@ KEYS = {
     "SMTP_CONNECT_TIMEOUT": "seconds to resolve and connect (default 15)",
     "SMTP_DEADLINE": "seconds for a whole delivery attempt (default 600)",
     "SMTP_ALIASES": "local name → address, e.g. root:admin@example.com,default:admin@example.com",
+    "SMTP_LOCAL_MAIL": "login (default): mail to a local name that has no alias (nor a default alias) goes to "
+                       "the login's mailbox, the name kept in To: and X-Original-To:; refuse: it is refused",
     "SMTP_PASSWORD_COMMAND": "command whose first output line is the password",
     "SMTP_KEYRING_BACKEND": "keyring backend class path (default: sendmail-shim's file backend)",
     "SENDMAIL_SHIM_CREDENTIALS_FILE": "credential file of the built-in keyring backend",
@@ -58,6 +61,7 @@ KEYS = {
     "SENDMAIL_SHIM_DELIVERY": "background (default), interactive, queue or direct",
     "SENDMAIL_SHIM_QUEUE_DIR": "queue directory",
     "SENDMAIL_SHIM_MAX_QUEUE_AGE": "give up on a message after this long (default 5d)",
+    "SENDMAIL_SHIM_FAILED_AGE": "remove what failed/ and corrupt/ keep after this long (default 30d)",
     "SENDMAIL_SHIM_QUEUE_CONNECTIONS": "connections a queue run delivers over in parallel (default 8; 1 with "
                                        "the 163, 126, yeah, qq and exmail presets, whose servers block an "
                                        "address that opens too many)",
@@ -96,6 +100,7 @@ class Config(NamedTuple):
     connect_timeout: float = 15.0
     deadline: float = 600.0
     aliases: dict[str, str] = MappingProxyType({})
+    local_mail: str = "login"
     password_command: str | None = None
     keyring_backend: str | None = None
     credentials_file: str | None = None
@@ -104,6 +109,7 @@ class Config(NamedTuple):
     delivery: str = "background"
     queue_dir: str = SYSTEM_QUEUE
     max_queue_age: float = 5 * 86400.0
+    failed_age: float = 30 * 86400.0
     queue_connections: int = providers.DEFAULT_CONNECTIONS
     bounce_to: str | None = None
     submit_socket: str = SUBMIT_SOCKET
@@ -285,6 +291,9 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
     from_policy = (get("SMTP_FROM_POLICY") or "rewrite").lower()
     if from_policy not in FROM_POLICIES:
         raise ConfigError(_("SMTP_FROM_POLICY={value}: expected rewrite or reject").format(value=from_policy))
+    local_mail = (get("SMTP_LOCAL_MAIL") or "login").lower()
+    if local_mail not in LOCAL_MAIL:
+        raise ConfigError(_("SMTP_LOCAL_MAIL={value}: expected login or refuse").format(value=local_mail))
     delivery = (get("SENDMAIL_SHIM_DELIVERY") or "background").lower()
     if delivery not in DELIVERY_MODES:
         raise ConfigError(_("SENDMAIL_SHIM_DELIVERY={value}: expected {choices}").format(
@@ -315,6 +324,7 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
         connect_timeout=_seconds(values, "SMTP_CONNECT_TIMEOUT", 15.0),
         deadline=_seconds(values, "SMTP_DEADLINE", 600.0),
         aliases=parse_aliases(get("SMTP_ALIASES") or ""),
+        local_mail=local_mail,
         password_command=get("SMTP_PASSWORD_COMMAND"),
         keyring_backend=get("SMTP_KEYRING_BACKEND"),
         credentials_file=get("SENDMAIL_SHIM_CREDENTIALS_FILE") or default_credentials_file(environ, sources),
@@ -323,6 +333,7 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
         delivery=delivery,
         queue_dir=get("SENDMAIL_SHIM_QUEUE_DIR") or default_queue_dir(environ, sources),
         max_queue_age=_seconds(values, "SENDMAIL_SHIM_MAX_QUEUE_AGE", 5 * 86400.0),
+        failed_age=_seconds(values, "SENDMAIL_SHIM_FAILED_AGE", 30 * 86400.0),
         queue_connections=_whole(values, "SENDMAIL_SHIM_QUEUE_CONNECTIONS",
                                  preset.connections if preset else providers.DEFAULT_CONNECTIONS,
                                  most=MAX_QUEUE_CONNECTIONS),

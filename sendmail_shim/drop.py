@@ -13,7 +13,7 @@ Postfix's sendmail leaves it to cleanup) so that the caller's wait holds no addr
 The pickup (`accept`) trusts nothing of the file: the trailer is checked, the header policy runs
 over the message as the front end would run it, and only then is it queued. A well-formed
 request that the policy refuses (no recipients, an unparseable address, From refused, a local
-name without alias) raises `Rejected`: the submitting account is told by mail (bounce.py), the
+name without alias under SMTP_LOCAL_MAIL=refuse) raises `Rejected`: the submitting account is told by mail (bounce.py), the
 caller having exited 0.
 """
 

@@ -18,9 +18,13 @@ class Envelope(NamedTuple):
     dsn_ret: str | None = None  # -R hdrs|full
     envid: str | None = None  # -V
     size: int = 0  # bytes of the CRLF-normalised message
-    # recipient → the address as the caller gave it, for those the alias map changed (the log's
-    # orig_to=, as Postfix's); to be filled by message.prepare
+    # recipient → the local name the caller gave for it (root, www-data@localhost), for those the
+    # alias map or SMTP_LOCAL_MAIL=login resolved (the smtp log line's orig_to=, as Postfix's);
+    # filled by message.prepare, None when there is none
     orig_to: dict[str, str] | None = None
+    # [local name, recipient, rule] for each local name resolved, the rule in the words of the
+    # cleanup log line (log.local_line): "alias root", "alias default", "no alias; SMTP_LOCAL_MAIL=login"
+    local_names: list[list[str]] | None = None
 
     def to_dict(self) -> dict:
         return self._asdict()

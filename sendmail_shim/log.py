@@ -8,6 +8,8 @@ src/cleanup/cleanup_message.c, src/qmgr/qmgr_active.c)::
     pickup     ID: uid=33 from=<www-data@web1>              a local user's message entered the queue
     postdrop   ID: uid=33, size=1234 (queue maildrop)        … handed to the submission service
     cleanup    ID: message-id=<…@web1>                      its Message-ID (after the header policy)
+    cleanup    ID: info: local recipient <root> delivered to <alice@163.com> (no alias; SMTP_LOCAL_MAIL=login)
+                                                            which rule resolved a local name (one per name)
     cleanup    ID: reject: header <reason> from local; from=<…>: 5.7.1 message content rejected
     qmgr       ID: from=<alice@163.com>, size=1234, nrcpt=2 (queue active)   an attempt begins
     smtp       ID: to=<bob@x>, orig_to=<root>, relay=smtp.163.com[1.2.3.4]:465, conn_use=2, delay=0.42,
@@ -15,6 +17,7 @@ src/cleanup/cleanup_message.c, src/qmgr/qmgr_active.c)::
     qmgr       ID: from=<…>, status=expired, returned to sender
     bounce     ID: sender non-delivery notification: REPORT-ID
     qmgr       ID: removed                                   it left the queue (postsuper: --delete)
+    postsuper  ID: removed (failed/ for 30d, …)            a queue run removed an expired failed/ or corrupt/ item
     any        warning: [ID: ]…  /  error: [ID: ]…           syslog priority warning / err
 
 Lines are English and every value is printable on one line: an address, a reply or a file name
@@ -149,6 +152,14 @@ def message_id_line(msg_id: str, message_id: str | None) -> str:
     return f"{token(msg_id)}: message-id=<{_address(inner)}>"
 
 
+def local_line(msg_id: str, name: str, recipient: str, rule: str) -> str:
+    """Cleanup's ``info:`` line (as Postfix's header_checks INFO) for a local name the header
+    policy resolved: the name, its recipient and the rule (``alias root``, ``alias default``,
+    ``no alias; SMTP_LOCAL_MAIL=login``)."""
+    return (f"{token(msg_id)}: info: local recipient <{_address(name)}> delivered to <{_address(recipient)}> "
+            f"({one_line(rule).replace('(', '?').replace(')', '?')})")
+
+
 def reject_line(msg_id: str, reason: str, sender: str | None) -> str:
     """Cleanup's ``reject: header …`` (the header policy refused it at pickup); the reason takes
     the place of the header Postfix quotes."""
@@ -187,8 +198,10 @@ def notification_line(msg_id: str, report_id: str) -> str:
     return f"{token(msg_id)}: sender non-delivery notification: {token(report_id)}"
 
 
-def removed_line(msg_id: str) -> str:
-    return f"{token(msg_id)}: removed"
+def removed_line(msg_id: str, why: str | None = None) -> str:
+    """``ID: removed``; `why` only for what a queue run removes on its own (an expired failed/ or
+    corrupt/ item): Postfix's postsuper -d line has none."""
+    return f"{token(msg_id)}: removed ({one_line(why)})" if why else f"{token(msg_id)}: removed"
 
 
 def problem_line(severity: str, text: str, msg_id: str | None = None) -> str:
@@ -228,10 +241,15 @@ class MessageLog:
 
     # -- events of one message ---------------------------------------------------------------
 
-    def received(self, msg_id: str, *, uid: int, sender: str | None, message_id: str | None) -> str:
-        """A local user's message entered the queue (pickup), with its Message-ID (cleanup)."""
+    def received(self, msg_id: str, *, uid: int, sender: str | None, message_id: str | None,
+                 local_names=None) -> str:
+        """A local user's message entered the queue (pickup), with its Message-ID and the rule
+        that resolved each local name (cleanup; `local_names` is `Envelope.local_names`)."""
         self.picked_up(msg_id, uid=uid, sender=sender)
-        return self.message_id(msg_id, message_id)
+        line = self.message_id(msg_id, message_id)
+        for name, recipient, rule in local_names or ():
+            line = self._emit(CLEANUP, local_line(msg_id, name, recipient, rule))
+        return line
 
     def picked_up(self, msg_id: str, *, uid: int, sender: str | None) -> str:
         return self._emit(PICKUP, pickup_line(msg_id, uid, sender))
@@ -257,8 +275,8 @@ class MessageLog:
     def notified(self, msg_id: str, report_id: str) -> str:
         return self._emit(BOUNCE, notification_line(msg_id, report_id))
 
-    def removed(self, msg_id: str, *, program: str = QMGR) -> str:
-        return self._emit(program, removed_line(msg_id))
+    def removed(self, msg_id: str, *, program: str = QMGR, why: str | None = None) -> str:
+        return self._emit(program, removed_line(msg_id, why))
 
     # -- problems ----------------------------------------------------------------------------
 

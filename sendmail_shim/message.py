@@ -7,10 +7,17 @@ whole; every other field passes byte-for-byte (no re-serialisation, python-deps.
   or Resent-To/-Cc/-Bcc when any Resent- field is present. Addresses are parsed with the header
   registry under ``policy.SMTP``; any defect other than obsolete syntax, a non-ASCII local part or
   a bare local name (which the alias map resolves) is an error. Local names and ``user@<this
-  host>``/``user@localhost`` go through the alias map; duplicates are dropped case-insensitively.
-  A To/Cc (or Resent-To/-Cc) field naming such a local address is rewritten with its alias (as
-  Postfix qualifies local names in headers), so the relay never sees ``To: root``; a local name
-  without an alias leaves the field as written.
+  host>``/``user@localhost`` go through the alias map (`resolve_local`): the name's alias, else
+  the ``default`` alias, else — with SMTP_LOCAL_MAIL=login, the default — the login itself (the
+  mailbox the admin reads); with SMTP_LOCAL_MAIL=refuse such a name is an error. Duplicates are
+  dropped case-insensitively. The envelope records each resolved name (``orig_to``, the smtp log
+  line's ``orig_to=``; ``local_names``, the cleanup log line that says which rule applied), and
+  the message gets one ``X-Original-To: <name>`` field per resolved name at the top of its header,
+  as Postfix's local delivery adds it. A To/Cc (or Resent-To/-Cc) field naming a local address
+  is rewritten with its target, the name kept as the display name when the address has none
+  (``To: root`` → ``To: root <alice@163.com>``), so the relay never sees a bare local name and
+  the reader still sees who it was for; a field naming a local name that does not resolve
+  (SMTP_LOCAL_MAIL=refuse) is left as written.
 - Envelope addresses: a non-ASCII domain with an ASCII local part is IDNA-encoded, so only a
   non-ASCII local part needs SMTPUTF8.
 - Bcc and Resent-Bcc fields are removed; so is Sender (From is the login after this policy, so a
@@ -72,13 +79,20 @@ class HeaderPolicy(NamedTuple):
     aliases: dict[str, str] = MappingProxyType({})  # Config.aliases
     local_hostname: str = ""  # this machine's host name, for user@<this host>
     full_name: str | None = None  # -F
+    local_mail: str = "login"  # SMTP_LOCAL_MAIL: "login" or "refuse"
 
     @classmethod
     def from_config(cls, config, full_name: str | None = None) -> "HeaderPolicy":
         import socket
 
         return cls(sender=config.require_sender(), from_policy=config.from_policy,
-                   aliases=config.aliases, local_hostname=socket.gethostname(), full_name=full_name)
+                   aliases=config.aliases, local_hostname=socket.gethostname(), full_name=full_name,
+                   local_mail=config.local_mail)
+
+    def resolve(self, address: str) -> tuple[str, str | None]:
+        """`local_rule` under this policy."""
+        return local_rule(address, self.aliases, self.local_hostname,
+                          self.sender if self.local_mail == "login" else None)
 
 
 def prepare(
@@ -101,15 +115,13 @@ def prepare(
     wanted = parse_recipient_args(argv_recipients, bounds)
     if extract_recipients:
         wanted += _header_recipients(fields, bounds)
-    recipients = _dedupe(
-        _envelope_address(resolve_local(address, policy.aliases, policy.local_hostname))
-        for address in wanted
-    )
+    recipients, orig_to, local_names = _resolved(wanted, policy)
     if not recipients:
         raise UsageError(NO_RECIPIENTS)
 
     fields = [_qualify_locals(f, policy, bounds) if f.name in _VISIBLE_RECIPIENTS else f
               for f in fields if f.name not in ("bcc", "resent-bcc", "sender")]
+    fields = [_original_to(name) for name, _rcpt, _rule in local_names] + fields
     fields, original_from = _apply_from_policy(fields, policy, bounds)
     names = {f.name for f in fields}
     if "date" not in names:
@@ -129,6 +141,8 @@ def prepare(
         requested_sender=requested_sender or original_from,
         smtputf8=not all(a.isascii() for a in [policy.sender, *recipients]),
         message_id=message_id,
+        orig_to=orig_to or None,
+        local_names=local_names or None,
     )
     return b"".join(f.raw for f in fields) + b"\r\n", envelope
 
@@ -160,21 +174,65 @@ def parse_recipient_args(args: list[str], bounds: "_Bounds | None" = None) -> li
     return addresses
 
 
-def resolve_local(address: str, aliases: dict[str, str], local_hostname: str) -> str:
-    """A local name (``root``, ``user@<this host>``, ``user@localhost``) → its alias or the
-    ``default`` alias; any other address unchanged. Never returns a bare name."""
+def resolve_local(address: str, aliases: dict[str, str], local_hostname: str, fallback: str | None = None) -> str:
+    """A local name (``root``, ``user@<this host>``, ``user@localhost``) → its alias, else the
+    ``default`` alias, else `fallback` (the login, under SMTP_LOCAL_MAIL=login); any other
+    address unchanged. Never returns a bare name: DataError when a local name has no target."""
+    return local_rule(address, aliases, local_hostname, fallback)[0]
+
+
+# the rules of `local_rule`, in the words of the cleanup log line (log.local_line)
+LOGIN_RULE = "no alias; SMTP_LOCAL_MAIL=login"
+
+
+def local_rule(address: str, aliases: dict[str, str], local_hostname: str,
+               fallback: str | None = None) -> tuple[str, str | None]:
+    """`resolve_local`'s target and the rule that gave it: ``alias <name>``, ``alias default`` or
+    LOGIN_RULE for a local name, None for an address that is not local (returned unchanged)."""
     local, at, domain = address.rpartition("@")
     if not at:
         local = address
     elif domain.lower() not in {"localhost", local_hostname.lower()} - {""}:
-        return address
-    target = aliases.get(local.lower()) or aliases.get("default")
-    if not local or not target:
-        raise DataError(
-            _("local recipient {address!r} has no alias").format(address=address),
-            hint=_("set SMTP_ALIASES=name:address, e.g. SMTP_ALIASES={name}:you@example.com").format(name=local.lower()),
-        )
-    return target
+        return address, None
+    name = local.lower()
+    if local and aliases.get(name):
+        return aliases[name], f"alias {name}"
+    if local and aliases.get("default"):
+        return aliases["default"], "alias default"
+    if local and fallback:
+        return fallback, LOGIN_RULE
+    raise DataError(
+        _("local recipient {address!r} has no alias").format(address=address),
+        hint=_("set SMTP_ALIASES=name:address, e.g. SMTP_ALIASES={name}:you@example.com, or SMTP_LOCAL_MAIL=login "
+               "to deliver such mail to the login").format(name=name),
+    )
+
+
+def _resolved(wanted: list[str], policy: HeaderPolicy) -> tuple[list[str], dict[str, str], list[list[str]]]:
+    """The envelope recipients of the addresses `wanted` (local names resolved, IDNA applied,
+    duplicates dropped case-insensitively), the local name each resolved recipient came from
+    (the first, for orig_to=), and [name, recipient, rule] for each local name (once)."""
+    recipients, orig_to, local_names = [], {}, []
+    seen, names = set(), set()
+    for address in wanted:
+        target, rule = policy.resolve(address)
+        rcpt = _envelope_address(target)
+        if rule is not None and address.casefold() not in names:
+            names.add(address.casefold())
+            local_names.append([address, rcpt, rule])
+        if rcpt.casefold() in seen:
+            continue
+        seen.add(rcpt.casefold())
+        recipients.append(rcpt)
+        if rule is not None:
+            orig_to[rcpt] = address
+    return recipients, orig_to, local_names
+
+
+def _original_to(name: str) -> HeaderField:
+    """``X-Original-To: <name>`` (Postfix's local delivery adds it): the local name a resolved
+    recipient was given as. It came out of the address parser: one line, without CR or LF."""
+    return HeaderField("x-original-to", f"X-Original-To: {_shown(name)[:MAX_DISPLAY_NAME]}\r\n".encode())
 
 
 def _header_recipients(fields: list[HeaderField], bounds: "_Bounds") -> list[str]:
@@ -198,25 +256,28 @@ _VISIBLE_RECIPIENTS = ("to", "cc", "resent-to", "resent-cc")
 
 
 def _qualify_locals(f: HeaderField, policy: HeaderPolicy, bounds: "_Bounds") -> HeaderField:
-    """The field with its local names replaced by their aliases; untouched when it has none."""
+    """The field with its local names replaced by their targets, each name kept as the display
+    name of an address that has none; untouched when it names no local address, or one that
+    does not resolve."""
     header = _address_header(f.name, _decode(f.value), bounds, _label(f))
     if header is None:
         return f
     try:
-        resolved = {a.addr_spec: resolve_local(a.addr_spec, policy.aliases, policy.local_hostname)
-                    for a in header.addresses}
+        resolved = {a.addr_spec: policy.resolve(a.addr_spec) for a in header.addresses}
     except DataError:
         return f
-    if all(old == new for old, new in resolved.items()):
+    if all(rule is None for _target, rule in resolved.values()):
         return f
     name = f.raw.partition(b":")[0].decode("ascii")
 
     def qualified(a):
-        username, _at, domain = resolved[a.addr_spec].rpartition("@")
-        return Address(a.display_name, username, domain)
+        target, rule = resolved[a.addr_spec]
+        username, _at, domain = target.rpartition("@")
+        shown = a.display_name or (_shown(a.addr_spec)[:MAX_DISPLAY_NAME] if rule else "")
+        return Address(shown, username, domain)
 
     groups = [Group(g.display_name, [qualified(a) for a in g.addresses]) for g in header.groups]
-    pol = email_policy.SMTP if all(v.isascii() for v in resolved.values()) else email_policy.SMTPUTF8
+    pol = email_policy.SMTP if all(t.isascii() for t, _rule in resolved.values()) else email_policy.SMTPUTF8
     if len(header.pieces) == 1:  # a short field, parsed whole: folded whole, as it always was
         return HeaderField(f.name, pol.fold_binary(name, pol.header_factory(name, groups)))
     # a long one piece by piece (the registry would parse the whole text again): each address
@@ -600,15 +661,6 @@ def _envelope_address(address: str) -> str:
         return f"{local}@{domain.encode('idna').decode('ascii')}"
     except UnicodeError:
         raise DataError(_("cannot IDNA-encode the domain of {address!r}").format(address=address)) from None
-
-
-def _dedupe(addresses) -> list[str]:
-    seen, result = set(), []
-    for address in addresses:
-        if address.casefold() not in seen:
-            seen.add(address.casefold())
-            result.append(address)
-    return result
 
 
 def _message_id_domain(policy: HeaderPolicy) -> str:

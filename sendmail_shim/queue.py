@@ -9,6 +9,11 @@ Layout under the queue directory (one directory per state, as in Postfix)::
     maildrop-tmp/         submissions being written (as read, header policy not applied yet)
     maildrop/             finished submissions for the runner to pick up
     corrupt/              maildrop files the runner refused, kept for inspection
+    corrupt-reasons/<name>     why corrupt/<name> was refused (one line; its mtime: when)
+
+failed/ and corrupt/ are kept for SENDMAIL_SHIM_FAILED_AGE (`Queue.expire_kept`, on every queue
+run); the administrator lists them (`listing`), shows and deletes them by the id the log printed
+(`locate`), or all of it at once (`delete_all`, Postfix's ``postsuper -d ALL``).
 
 Committing a message is one rename of its whole directory from tmp/ into queue/ followed by an
 fsync of queue/; `Spool.commit` returns only after that, and only then may the caller exit 0.
@@ -46,9 +51,14 @@ from .config import SERVICE_USER, SYSTEM_QUEUE
 from .envelope import Envelope
 from .errors import CantCreate, DataError, PolicyError, Rejected, ShimError, TempFail, UsageError
 from .i18n import _
+from .log import one_line, token
 
 ID_PATTERN = re.compile(r"[0-9A-F]{16}\Z")
 DROP_PATTERN = re.compile(r"([0-9A-F]{16})\.[0-9a-f]{16}\Z")  # <id>.<64 random bits>
+# a maildrop file's name in corrupt/, renamed by `_free_name` when its own was taken there
+CORRUPT_PATTERN = re.compile(r"([0-9A-F]{16})\.[0-9a-f]{16}(?:\.[0-9a-f]{8})?\Z")
+MAX_SHOWN = 64 << 10  # bytes of a corrupt/ entry --show prints
+MAX_REASON = 1000  # characters of a refusal's reason kept for mailq and --show
 MAX_DROP_SIZE = 64 << 20  # larger than any provider accepts
 MAX_TRAILER = 64 << 10
 MAX_TREE_DEPTH = 8  # levels of directories removed under a leftover (a message directory has one)
@@ -145,6 +155,24 @@ class Refusal(NamedTuple):
     uid: int  # the submitter
 
 
+class CorruptItem(NamedTuple):
+    """An entry of corrupt/, as lstat saw it: a maildrop file the pickup refused, or an odd entry
+    (a link, a FIFO, a directory, another name) it quarantined. Never opened to be listed."""
+
+    name: str  # its name in corrupt/
+    id: str  # the queue id its name carries (what the log printed), else its name
+    kind: str  # file, directory, symbolic link, FIFO, socket, device
+    size: int
+    mtime: float
+    refused: float  # when it was refused: when its reason was recorded, else when it last changed
+    reason: str | None  # why the pickup refused it, when recorded
+
+    @property
+    def dropped(self) -> bool:
+        """A maildrop file (a message as read, with its trailer), not an odd entry."""
+        return self.kind == "file" and CORRUPT_PATTERN.match(self.name) is not None
+
+
 class PickupResult(SimpleNamespace):
     """What `Queue.pickup` did: ``accepted`` messages; ``rejected`` entries as (name, uid, reason);
     ``refusals`` (`Refusal`), those of them that were well-formed requests the header policy
@@ -164,6 +192,7 @@ class Queue:
         self.maildrop = os.path.join(root, "maildrop")
         self.droptmp = os.path.join(root, "maildrop-tmp")
         self.corrupt = os.path.join(root, "corrupt")
+        self.reasons = os.path.join(root, "corrupt-reasons")  # made when the first entry is refused
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -333,20 +362,133 @@ class Queue:
 
     # -- administration ----------------------------------------------------------------------
 
-    def delete(self, msg_id: str) -> QueuedMessage:
-        """Remove a message from queue/ or failed/; refuses one being delivered right now."""
-        message = self.find(msg_id)
-        if os.path.dirname(message.path) == self.failed:
-            with _locked(message.data_path) as ok:
-                if not ok:
-                    raise TempFail(_("{id} is in use; try again").format(id=msg_id))
-                self.finish(message)
-            return message
-        with self.lock(msg_id) as locked:
-            if locked is None:
-                raise TempFail(_("{id} is being delivered; try again when it is done").format(id=msg_id))
-            self.finish(locked)
-            return locked
+    def locate(self, ref: str) -> "QueuedMessage | CorruptItem":
+        """What --show and --delete name: a message of queue/ or failed/ by its id, or an entry of
+        corrupt/ by the id the log printed for it or by its full name (also as corrupt/NAME)."""
+        self.check_access()
+        ref = ref or ""
+        if ID_PATTERN.match(ref):
+            message = self.load(ref)
+            if message is not None:
+                return message
+        items = self.corrupt_items()
+        name = ref.removeprefix("corrupt/")
+        found = [i for i in items if i.name == name] or [i for i in items if i.id == ref]
+        if len(found) > 1:
+            raise UsageError(_("{id} names {count} entries of {path}; give the full name: {names}").format(
+                id=ref, count=len(found), path=self.corrupt, names=", ".join(i.name for i in found)))
+        if found:
+            return found[0]
+        _checked_id(ref)  # a word that is neither an id nor a name in corrupt/
+        raise UsageError(_("no message {id} in {path}").format(id=ref, path=self.root))
+
+    def delete(self, ref: str) -> "QueuedMessage | CorruptItem":
+        """Remove a message from queue/ or failed/, or an entry of corrupt/ (`locate`); refuses
+        a message being delivered right now."""
+        found = self.locate(ref)
+        if isinstance(found, CorruptItem):
+            self._discard_corrupt(found.name)
+            return found
+        if not self._discard(os.path.dirname(found.path), found.id) and os.path.lexists(found.path):
+            if os.path.dirname(found.path) == self.failed:
+                raise TempFail(_("{id} is in use; try again").format(id=found.id))
+            raise TempFail(_("{id} is being delivered; try again when it is done").format(id=found.id))
+        return found
+
+    def delete_all(self, removed: Callable[[str], None]) -> list[str]:
+        """Postfix's ``postsuper -d ALL``: every message of queue/ and failed/, every entry of
+        corrupt/; `removed(id)` after each. Returns the ids left because another process holds
+        them (being delivered). maildrop/ is left to the pickup."""
+        self.check_access()
+        busy = []
+        for directory in (self.queue, self.failed):
+            for msg_id in _ids_in(directory):
+                if self._discard(directory, msg_id):
+                    removed(msg_id)
+                elif os.path.lexists(os.path.join(directory, msg_id)):
+                    busy.append(msg_id)
+        for item in self.corrupt_items():
+            if self._discard_corrupt(item.name):
+                removed(item.id)
+        return busy
+
+    def expire_kept(self, max_age: float, removed: Callable[[str, str, float], None],
+                    now: float | None = None) -> None:
+        """Remove what failed/ and corrupt/ have kept for longer than `max_age` seconds
+        (SENDMAIL_SHIM_FAILED_AGE): a failed message counts from when it failed (its
+        envelope.json was last written), a corrupt/ entry from its refusal. `removed(where, id,
+        age)` after each; one in use is left for the next run."""
+        now = time.time() if now is None else now
+        for msg_id in self.failed_ids():
+            since = self._failed_since(msg_id)
+            if since is not None and now - since > max_age and self._discard(self.failed, msg_id):
+                removed("failed", msg_id, now - since)
+        for item in self.corrupt_items():
+            if now - item.refused > max_age and self._discard_corrupt(item.name):
+                removed("corrupt", item.id, now - item.refused)
+        self._forget_stray_reasons()
+
+    def _failed_since(self, msg_id: str) -> float | None:
+        """When message `msg_id` went to failed/ (nothing rewrites its envelope.json there)."""
+        path = os.path.join(self.failed, msg_id)
+        try:
+            with _opened(path) as directory:
+                return os.stat("envelope.json", dir_fd=directory, follow_symlinks=False).st_mtime
+        except OSError:  # a damaged message, or a link in its place: when the entry last changed
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return None
+            return max(st.st_mtime, st.st_ctime)
+
+    def _discard(self, directory: str, msg_id: str) -> bool:
+        """Remove message `msg_id` of queue/ or failed/ while holding its lock (as `finish`);
+        False when another process holds it (being delivered, requeued) or it is gone. A damaged
+        one (envelope.json unreadable, a link in place of the directory) goes too, never followed."""
+        path = os.path.join(directory, msg_id)
+        try:
+            message = self._read(path)
+        except DataError:
+            message = None
+        try:
+            with _opened(path) as opened:
+                fd = os.open("data", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=opened)
+        except OSError:  # no data (a writer died), or a link: nothing to lock
+            fd = None
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+            if message is not None:
+                self._forget_drop(message)
+            return self._trash(directory, msg_id)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _discard_corrupt(self, name: str) -> bool:
+        """Remove entry `name` of corrupt/ and its recorded reason; whether it is gone."""
+        gone = self._trash(self.corrupt, name)
+        if gone:
+            with suppress(OSError), _opened(self.reasons) as reasons:
+                _remove_entry(reasons, name)
+        return gone
+
+    def _trash(self, directory: str, name: str) -> bool:
+        """Entry `name` of `directory` out of it in one atomic rename into tmp/, then removed
+        there (a crash leaves only tmp/ garbage, which `clean_tmp` removes); False when it was
+        gone already."""
+        trash = f"trash.{os.urandom(8).hex()}"
+        with _opened(directory) as source, _opened(self.tmp) as tmp:
+            try:
+                os.rename(name, trash, src_dir_fd=source, dst_dir_fd=tmp)
+            except FileNotFoundError:
+                return False
+            os.fsync(source)
+            _remove_entry(tmp, trash)
+        return True
 
     def retry_now(self, msg_id: str | None = None) -> list[str]:
         """Make one message (or all) due now; returns the ids changed (busy ones are skipped)."""
@@ -384,18 +526,105 @@ class Queue:
         return message
 
     def listing(self, now: float | None = None) -> str:
-        """`-bp` / mailq text."""
+        """`-bp` / mailq text: queue/, failed/ and corrupt/, and how many wait in maildrop/."""
         self.check_access()
         messages = [m for m in map(self.load, self.ids()) if m is not None]
         failed = [m for m in (self._read(os.path.join(self.failed, i)) for i in self.failed_ids()) if m]
         busy = {m.id for m in messages if _is_locked(m.data_path)}
-        return format_listing(messages, failed, busy, time.time() if now is None else now)
+        return format_listing(messages, failed, busy, time.time() if now is None else now,
+                              corrupt=self.corrupt_items(), waiting=self.waiting())
 
-    def show(self, msg_id: str) -> bytes:
-        """A description of the message and its state, then the message itself."""
-        message = self.find(msg_id)
-        with open(message.data_path, "rb") as data:
-            return describe(message).encode("utf-8", "replace") + b"\n" + data.read()
+    def waiting(self) -> int:
+        """Entries of maildrop/ the next pickup takes (or refuses)."""
+        try:
+            with _opened(self.maildrop) as maildrop:
+                return len(os.listdir(maildrop))
+        except OSError:
+            return 0
+
+    def show(self, ref: str) -> bytes:
+        """A description of the message and its state, then the message itself; for an entry of
+        corrupt/, what is known of it and its first MAX_SHOWN bytes when it is a plain file."""
+        found = self.locate(ref)
+        if isinstance(found, CorruptItem):
+            head = self._corrupt_head(found.name) if found.kind == "file" else None
+            return describe_corrupt(found, head).encode("utf-8", "replace") + b"\n" + (head or b"")
+        try:
+            with _opened(found.path) as directory:
+                fd = os.open("data", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
+        except OSError as exc:
+            raise DataError(f"{found.path}/data is unreadable: {exc.strerror}") from None
+        with open(fd, "rb") as data:
+            return describe(found).encode("utf-8", "replace") + b"\n" + data.read()
+
+    # -- corrupt/ ------------------------------------------------------------------------------
+
+    def corrupt_items(self) -> list[CorruptItem]:
+        """The entries of corrupt/ (lstat only), by name."""
+        try:
+            with _opened(self.corrupt) as corrupt:
+                names = sorted(os.listdir(corrupt))
+                with self._reasons_dir() as reasons:
+                    return [item for name in names if (item := _corrupt_item(corrupt, reasons, name))]
+        except OSError:  # no corrupt/, or a link in its place
+            return []
+
+    @contextmanager
+    def _reasons_dir(self):
+        """corrupt-reasons/ opened, or None when there is none (yet)."""
+        try:
+            fd = os.open(self.reasons, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            yield None
+            return
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _note_refusal(self, name: str, reason: str) -> None:
+        """Record why entry `name` of corrupt/ was refused, for mailq and --show. Best effort: a
+        refusal stands without it (mailq then says the reason is unknown)."""
+        with suppress(OSError):
+            owner = self._owner()
+            _mkdir(self.reasons, 0o700, *owner)
+            with _opened(self.reasons) as reasons:
+                _remove_entry(reasons, name)  # an earlier entry's, or anything planted there
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=reasons)
+                try:
+                    if os.geteuid() == 0 and owner != (0, 0):
+                        os.fchown(fd, *owner)
+                    os.write(fd, one_line(reason)[:MAX_REASON].encode("utf-8", "replace"))
+                finally:
+                    os.close(fd)
+
+    def _forget_stray_reasons(self, grace: float = TMP_GRACE) -> None:
+        """Remove recorded reasons whose entry of corrupt/ is gone (removed by hand), once older
+        than `grace` seconds: a pickup records the reason just after moving the entry."""
+        cutoff = time.time() - grace
+        with suppress(OSError), self._reasons_dir() as reasons:
+            if reasons is None:
+                return
+            present = set(_listdir(self.corrupt))
+            for name in set(os.listdir(reasons)) - present:
+                with suppress(OSError):
+                    if os.stat(name, dir_fd=reasons, follow_symlinks=False).st_mtime < cutoff:
+                        _remove_entry(reasons, name)
+
+    def _corrupt_head(self, name: str) -> bytes | None:
+        """The first MAX_SHOWN bytes of entry `name` of corrupt/ when it is a plain file: opened
+        without following a link and without waiting on a FIFO swapped in, and checked again."""
+        try:
+            with _opened(self.corrupt) as corrupt:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                             dir_fd=corrupt)
+        except OSError:
+            return None
+        with open(fd, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return stream.read(MAX_SHOWN)
 
     # -- maildrop (runner side) --------------------------------------------------------------
 
@@ -506,8 +735,10 @@ class Queue:
         it again (its notice waits for that: nobody is told twice)."""
         try:
             with _opened(self.corrupt) as corrupt:
-                os.rename(name, _free_name(corrupt, name), src_dir_fd=maildrop, dst_dir_fd=corrupt)
+                kept = _free_name(corrupt, name)
+                os.rename(name, kept, src_dir_fd=maildrop, dst_dir_fd=corrupt)
             moved = True
+            self._note_refusal(kept, reason)
         except OSError as exc:  # e.g. a directory some user made there, which we may not move
             if _owner_of(maildrop, name) < 0:
                 return False  # gone meanwhile
@@ -681,13 +912,16 @@ class _SpoolFile(io.BufferedWriter):
 
 
 def format_listing(messages: list[QueuedMessage], failed: list[QueuedMessage], busy: set[str],
-                   now: float) -> str:
-    """Postfix's mailq layout; ``*`` marks a message being delivered, ``!`` one in failed/.
+                   now: float, corrupt: list[CorruptItem] = (), waiting: int = 0) -> str:
+    """Postfix's mailq layout; ``*`` marks a message being delivered, ``!`` one in failed/, ``#``
+    an entry of corrupt/ (never delivered); the last line also counts the entries of maildrop/
+    waiting for the pickup.
 
     Under each message: its undelivered recipients, grouped under the last reply for them in
-    parentheses (with the next try), as Postfix shows the deferral reason.
+    parentheses (with the next try), as Postfix shows the deferral reason. Under an entry of
+    corrupt/: why the pickup refused it, as far as it is known.
     """
-    if not messages and not failed:
+    if not messages and not failed and not corrupt and not waiting:
         return "Mail queue is empty\n"
     indent = " " * 48  # where the sender column starts
     lines = [f"{'-Queue ID-':17} --Size-- ----Arrival Time---- -Sender/Recipient-------"]
@@ -703,12 +937,46 @@ def format_listing(messages: list[QueuedMessage], failed: list[QueuedMessage], b
                 lines.append(f"({reply}; next try {due})")
             lines.extend(indent + r.address for r in group)
         lines.append("")
+    for item in corrupt:
+        label = token(item.id)
+        lines.append(f"{label:16}# {item.size:8d} {_ctime(item.mtime)}  corrupt/{token(item.name)}")
+        lines.append(f"({_refusal_note(item)})")
+        lines.append("")
     total = sum(m.size for m in messages)
     count = len(messages)
     summary = f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}."
     if failed:
         summary += f" {len(failed)} failed (marked !, not retried)."
+    if corrupt:
+        summary += f" {len(corrupt)} corrupt (marked #, never delivered)."
+    if waiting:
+        summary += f" {waiting} in maildrop/, waiting for pickup."
     return "\n".join(lines + [summary]) + "\n"
+
+
+def _refusal_note(item: CorruptItem) -> str:
+    """Why an entry of corrupt/ is there, for mailq: a maildrop file refused at pickup, or an
+    entry that is no message at all; with the reason when it was recorded."""
+    what = "refused at pickup" if item.dropped else "not a message"
+    return f"{what}: {one_line(item.reason)}" if item.reason else what
+
+
+def describe_corrupt(item: CorruptItem, head: bytes | None) -> str:
+    """What is known of an entry of corrupt/, for ``--show``; `head`: the bytes shown after it."""
+    lines = [
+        f"Queue-ID: {token(item.id) if CORRUPT_PATTERN.match(item.name) else '-'} (corrupt)",
+        f"Name: corrupt/{token(item.name)}",
+        f"Type: {item.kind}",
+        f"Size: {item.size}",
+        f"Modified: {_ctime(item.mtime)}",
+        f"Refused: {_ctime(item.refused)}",
+        f"Reason: {_refusal_note(item)}",
+    ]
+    if head is None:
+        lines.append("Content: not shown (not a plain file)")
+    elif len(head) < item.size:
+        lines.append(f"Content: the first {len(head)} of {item.size} bytes")
+    return "\n".join(lines) + "\n"
 
 
 def describe(message: QueuedMessage) -> str:
@@ -747,6 +1015,50 @@ def _ctime(when: float) -> str:
 
 
 # -- maildrop validation -----------------------------------------------------------------------
+
+
+def _corrupt_item(corrupt: int, reasons: int | None, name: str) -> CorruptItem | None:
+    """Entry `name` of corrupt/ as lstat sees it, with its recorded reason; None when it is gone."""
+    try:
+        st = os.stat(name, dir_fd=corrupt, follow_symlinks=False)
+    except OSError:
+        return None
+    match = CORRUPT_PATTERN.match(name)
+    reason, refused = _recorded_reason(reasons, name), max(st.st_mtime, st.st_ctime)
+    if reason is not None:
+        reason, refused = reason
+    return CorruptItem(name, match.group(1) if match else name, _kind(st.st_mode), st.st_size, st.st_mtime,
+                       refused, reason)
+
+
+def _recorded_reason(reasons: int | None, name: str) -> tuple[str, float] | None:
+    """(reason, when) that `Queue._note_refusal` recorded for entry `name`, None when there is none."""
+    if reasons is None:
+        return None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=reasons)
+    except OSError:
+        return None
+    with open(fd, "rb") as stream:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        text = stream.read(MAX_REASON * 4).decode("utf-8", "replace")
+    return one_line(text)[:MAX_REASON], st.st_mtime
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "device"
 
 
 def _odd_drop(st: os.stat_result, name: str) -> str | None:

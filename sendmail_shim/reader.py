@@ -19,9 +19,13 @@ Sendmail's rules (`MessageReader`):
   A line that is not part of the header block (the first body line) is read with the body's
   rules; one that starts with a lone CR begins with an empty line under them, which ends the
   header block.
-- A line longer than 998 octets is broken as Postfix does it (``smtp_line_length_limit``):
-  after 998 octets a CRLF and one SPACE are inserted, so the rest becomes a continuation line
-  (in a header it stays part of the same field) and no line exceeds 998 octets.
+- No line exceeds 998 octets. A longer header line is folded (RFC 5322 §2.2.3, `_fold_header_line`):
+  a CRLF is inserted before the last white space (SP or HTAB) that leaves at most 998 octets on
+  the line, and so on for the rest, so the field unfolded (the CRLFs removed) is exactly what the
+  caller wrote. Only a stretch of more than 998 octets without white space to fold at (a token,
+  a long encoded text) is broken as Postfix does it: after 998 octets a CRLF and one SPACE are
+  inserted, which adds that space to the value. A longer body line is always broken the Postfix
+  way (``smtp_line_length_limit``): CRLF SPACE after 998 octets, the rest a new line.
 - A NUL byte is refused (`DataError`). The header block is held in memory (at most 1 MiB); the
   body is streamed chunk by chunk.
 - The header block ends at the empty line, or before the first line that is neither a header
@@ -103,7 +107,7 @@ class MessageReader:
             if length < 0:
                 raw, length = self._whole_line(size)
                 text = _unstuff(raw) if self._dot_ends else raw
-            pieces = _break_line(_checked(text))
+            pieces = _fold_header_line(_checked(text))
             size += sum(len(piece) + 2 for piece in pieces)
             if size > MAX_HEADER_BLOCK:
                 raise DataError(_("header block larger than 1 MiB"))
@@ -250,6 +254,36 @@ def _break_line(line: bytes) -> list[bytes]:
         return [line]
     rest = range(MAX_LINE, len(line), MAX_LINE - 1)
     return [line[:MAX_LINE]] + [b" " + line[i : i + MAX_LINE - 1] for i in rest]
+
+
+def _fold_header_line(line: bytes) -> list[bytes]:
+    """A header line as lines of at most MAX_LINE octets whose concatenation is `line`: each
+    after the first starts with the white space it was folded before (RFC 5322 §2.2.3). A fold
+    goes before the last run of white space within reach that has text before it on the line
+    (a line of white space alone is no valid fold) and text after it in the field (trailing white
+    space is not folded at). Where no such run is within reach, the Postfix break of `_break_line`
+    (CRLF SPACE after MAX_LINE octets; that space is added to the value), then folding resumes.
+    Linear: each line is found with two bounded ``rfind``s and one bounded ``rstrip``."""
+    if len(line) <= MAX_LINE:
+        return [line]
+    pieces = []
+    text_end = len(line.rstrip(b" \t"))  # no fold at or after trailing white space
+    start, lead = 0, b""  # where the next line starts in `line`; b" " after a Postfix break
+    while len(lead) + len(line) - start > MAX_LINE:
+        room = MAX_LINE - len(lead)
+        end = min(start + room + 1, text_end)  # a fold at `end - 1` leaves `room` octets
+        ws = max(line.rfind(b" ", start + 1, end), line.rfind(b"\t", start + 1, end))
+        fold = start + len(line[start:ws].rstrip(b" \t")) if ws > start else start  # the run's start
+        if fold > start:
+            pieces.append(lead + line[start:fold])
+            start, lead = fold, b""
+        else:  # no white space to fold at within reach; what follows the break is not only the
+            # trailing white space (a line of white space alone), unless that alone is too long
+            cut = start + room if text_end - 1 <= start else min(start + room, text_end - 1)
+            pieces.append(lead + line[start:cut])
+            start, lead = cut, b" "
+    pieces.append(lead + line[start:])
+    return pieces
 
 
 class HeaderField(NamedTuple):

@@ -37,7 +37,7 @@ from typing import Callable, Iterator, NamedTuple
 from .envelope import Envelope
 from .errors import CantCreate, ConfigError, DataError, ShimError, SMTPFailure
 from .i18n import _
-from .log import BOUNCE, PICKUP, QMGR, SMTP, Timing, dsn_for, relay_name
+from .log import BOUNCE, PICKUP, POSTSUPER, QMGR, SMTP, Timing, dsn_for, relay_name
 from .queue import DROP_PATTERN, Queue, QueuedMessage, Refusal, crash_point, next_attempt_after
 
 # What a queue file, mailq, a report and a message's log line say of a local configuration error
@@ -106,6 +106,7 @@ def run_queue(config, queue: Queue, *, log, selector: Selector | None = None,
     queue.check_access()
     stats = RunStats()
     queue.clean_tmp()
+    _expire_kept(config, queue, log)
     _pick_up(config, queue, log, stats)
     run = _Run(config, queue, log, stats, selector, progress, due_only)
     password = _Password(config, password)
@@ -295,6 +296,19 @@ def _count(stats: RunStats, outcome: Outcome) -> None:
         stats.deferred += 1
 
 
+def _expire_kept(config, queue: Queue, log) -> None:
+    """Remove what failed/ and corrupt/ have kept for longer than SENDMAIL_SHIM_FAILED_AGE, one
+    postsuper line each; a problem is logged and stops no delivery."""
+    def removed(where: str, item_id: str, age: float) -> None:
+        log.removed(item_id, program=POSTSUPER,
+                    why=f"kept in {where}/ for {_duration(age)}, longer than SENDMAIL_SHIM_FAILED_AGE")
+
+    try:
+        queue.expire_kept(config.failed_age, removed)
+    except OSError as exc:
+        log.error(POSTSUPER, f"failed/ and corrupt/ not expired: {exc}")
+
+
 # -- maildrop ----------------------------------------------------------------------------------
 
 
@@ -311,7 +325,8 @@ def _pick_up(config, queue: Queue, log, stats: RunStats) -> list[str]:
         return []
     for message in result.accepted:
         env = message.envelope
-        log.received(message.id, uid=message.uid, sender=env.requested_sender or env.sender, message_id=env.message_id)
+        log.received(message.id, uid=message.uid, sender=env.requested_sender or env.sender, message_id=env.message_id,
+                     local_names=env.local_names)
     refusals = {refusal.id: refusal for refusal in result.refusals}
     for name, uid, reason in result.rejected:  # any name: the log quotes it as a token
         match = DROP_PATTERN.match(name)

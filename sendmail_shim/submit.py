@@ -138,7 +138,7 @@ def _enqueue(opts, config, mode, reader, headers, envelope, log, stderr, environ
         envelope = _write(spool.file, reader, headers, envelope)
         msg_id = spool.commit(envelope)
     log.received(msg_id, uid=os.getuid(), sender=envelope.requested_sender or envelope.sender,
-                 message_id=envelope.message_id)
+                 message_id=envelope.message_id, local_names=envelope.local_names)
     if mode == "queue" or not credentials.readable(config, environ):  # the queue runner sends it
         return msg_id
     if mode == "background":  # -bs
@@ -185,7 +185,7 @@ def _deliver_direct(opts, config, reader, headers, envelope, log, stderr, enviro
         spool.seek(0)
         # the lines a queued message gets, without a queue: Postfix's tools count it all the same
         log.received(msg_id, uid=os.getuid(), sender=envelope.requested_sender or envelope.sender,
-                     message_id=envelope.message_id)
+                     message_id=envelope.message_id, local_names=envelope.local_names)
         log.active(msg_id, sender=envelope.sender, size=envelope.size, nrcpt=len(envelope.recipients))
         relay = Relay(config, lambda: credentials.get_password(config, environ), transcript=_transcript(opts, stderr),
                       warn=lambda text: log.warning(SMTP, text))

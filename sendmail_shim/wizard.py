@@ -452,10 +452,15 @@ def _cron_hints(config, root: str) -> list:
             names.add(os.path.basename(path))  # without MAILTO, cron mails the crontab's owner
     names.add("root")  # /etc/crontab and /etc/cron.d jobs run as root by default
     missing = sorted(n for n in names if n.lower() not in config.aliases)
-    if missing and "default" not in config.aliases:
-        hints.append(_("no alias for the local names {names}: their mail is refused; add them to "
-                       "SMTP_ALIASES, e.g. SMTP_ALIASES={example}").format(
+    if missing and "default" not in config.aliases and config.local_mail == "refuse":
+        hints.append(_("no alias for the local names {names}: their mail is refused (SMTP_LOCAL_MAIL=refuse); "
+                       "add them to SMTP_ALIASES, e.g. SMTP_ALIASES={example}").format(
                            names=", ".join(missing), example=f"{missing[0]}:you@example.com,default:you@example.com"))
+    elif missing and "default" not in config.aliases:
+        hints.append(_("no alias for the local names {names}: their mail goes to the login {login} "
+                       "(SMTP_LOCAL_MAIL=login); SMTP_ALIASES sends it elsewhere, e.g. SMTP_ALIASES={example}").format(
+                           names=", ".join(missing), login=config.sender,
+                           example=f"{missing[0]}:you@example.com,default:you@example.com"))
     return hints
 
 

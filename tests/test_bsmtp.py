@@ -212,7 +212,8 @@ def test_temporary_relay_failure_is_250_because_the_message_is_queued(shim, rela
 
 
 def test_local_recipients_resolve_through_aliases(shim_factory, relay):
-    shim = shim_factory(relay, SENDMAIL_SHIM_DELIVERY="interactive", SMTP_ALIASES="root:ops@example.com")
+    shim = shim_factory(relay, SENDMAIL_SHIM_DELIVERY="interactive", SMTP_ALIASES="root:ops@example.com",
+                        SMTP_LOCAL_MAIL="refuse")
     result = shim.run("-bs", stdin=session(b"HELO x", b"MAIL FROM:<>", b"RCPT TO:<www-data>", b"RCPT TO:<root>",
                                            b"DATA", MESSAGE + b".\r\n", b"QUIT"))
     assert codes(result) == ["220", "250", "250", "550", "250", "354", "250", "221"]
@@ -221,6 +222,17 @@ def test_local_recipients_resolve_through_aliases(shim_factory, relay):
     assert msg.rcpt_tos == ["ops@example.com"] and msg.mail_from == relay.login
     head = email.message_from_bytes(msg.data, policy=email.policy.default)
     assert head["From"].addresses[0].addr_spec == relay.login and "Date" in head and "Message-ID" in head
+
+
+def test_local_recipients_without_an_alias_reach_the_login_by_default(shim_factory, relay):
+    shim = shim_factory(relay, SENDMAIL_SHIM_DELIVERY="interactive", SMTP_ALIASES="root:ops@example.com")
+    result = shim.run("-bs", stdin=session(b"HELO x", b"MAIL FROM:<>", b"RCPT TO:<www-data>", b"RCPT TO:<root>",
+                                           b"DATA", MESSAGE + b".\r\n", b"QUIT"))
+    assert codes(result) == ["220", "250", "250", "250", "250", "354", "250", "221"]
+    [msg] = relay.messages
+    assert msg.rcpt_tos == [relay.login, "ops@example.com"]
+    head = email.message_from_bytes(msg.data, policy=email.policy.default)
+    assert head.get_all("X-Original-To") == ["www-data", "root"]
 
 
 def test_a_configuration_error_is_the_greeting(shim):

@@ -119,7 +119,7 @@ def test_default_mode_refuses_a_message_the_maildrop_cannot_take(shim_factory, r
 @pytest.mark.parametrize("args, stdin, settings, reason", [
     (["-i", "bad@@example.com"], b"Subject: x\n\nbody\n", {}, "cannot parse recipient"),
     (["-t", "-i"], b"To: ,\nSubject: x\n\nbody\n", {}, "no recipients"),
-    (["-i", "www-data"], b"Subject: x\n\nbody\n", {}, "has no alias"),
+    (["-i", "www-data"], b"Subject: x\n\nbody\n", {"SMTP_LOCAL_MAIL": "refuse"}, "has no alias"),
     (["-t", "-i"], PHP_MAIL, {"SMTP_FROM_POLICY": "reject"}, "differs from the login"),
 ], ids=["bad-address", "empty-to", "no-alias", "from-reject"])
 def test_default_mode_reports_a_header_policy_refusal_by_mail(shim_factory, relay, args, stdin, settings, reason):
@@ -204,9 +204,17 @@ def test_local_names_go_through_aliases_like_cron(shim_factory, relay):
     assert msg.data.endswith(b"\r\n\r\n.\r\nafter\r\n")
 
 
-def test_missing_alias_is_refused(shim, relay):
+def test_missing_alias_is_refused_with_smtp_local_mail_refuse(shim_factory, relay):
+    shim = shim_factory(relay, SENDMAIL_SHIM_DELIVERY="interactive", SMTP_LOCAL_MAIL="refuse")
     result = shim.run("-i", "www-data", stdin=b"x\n", expect_exit=EX_DATAERR)
-    assert "SMTP_ALIASES" in result.stderr
+    assert "has no alias" in result.stderr and "SMTP_ALIASES" in result.stderr and relay.messages == []
+
+
+def test_a_local_name_without_alias_reaches_the_login_by_default(shim, relay):
+    shim.run("-i", "www-data", stdin=b"x\n")
+    [msg] = relay.messages
+    assert msg.rcpt_tos == [relay.login] and msg.data.startswith(b"X-Original-To: www-data\r\n")
+    assert any(": info: local recipient <www-data> delivered to " in line for line in shim.log_lines())
 
 
 def test_dot_ends_the_message_without_dash_i(shim, relay):

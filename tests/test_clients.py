@@ -396,3 +396,75 @@ def test_cron_exact_call(setup, system_config):
     assert parsed["Subject"] == "Cron <root@web1> /usr/local/bin/backup --verbose"
     assert body_of(setup.relay.messages[0]) == "backup: 3 files\r\n.\r\n备份完成\r\n".encode()
     assert len(sent_lines(setup)) == 1  # the log named in the system file
+
+
+CRON_ARGV = ("-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root")
+
+
+def cron_message(setup: Setup) -> bytes:
+    """A job's output as Debian cron writes it (LF, no Date or Message-ID), to MAILTO's default root."""
+    return ("From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@web1> /usr/local/bin/backup\n"
+            "MIME-Version: 1.0\nContent-Type: text/plain; charset=UTF-8\nContent-Transfer-Encoding: 8bit\n"
+            f"X-Cron-Env: <HOME={setup.home}>\n\nbackup: 3 files\n备份完成\n").encode()
+
+
+def cron_run(setup: Setup, expect_exit: int = 0):
+    """cron's exact call (execvp with the job's reduced environment); the wrapper names the config."""
+    cron_env = {"PATH": "/usr/bin:/bin", "HOME": str(setup.home), "SHELL": "/bin/sh", "LOGNAME": "root"}
+    proc = setup.run(setup.sendmail, *CRON_ARGV, stdin=cron_message(setup), exact_env=cron_env,
+                     expect_exit=expect_exit)
+    assert setup.calls() == [list(CRON_ARGV)]
+    if setup.shim.settings.get("SENDMAIL_SHIM_DELIVERY") == "background":
+        from tests.faults import wait_idle
+
+        wait_idle(setup.shim.config_file)
+    return proc
+
+
+LOCAL_INFO = "info: local recipient <root> delivered to <{login}> (no alias; SMTP_LOCAL_MAIL=login)"
+
+
+@pytest.mark.parametrize("mode", ["background", "interactive"])
+def test_cron_mail_to_root_without_aliases_reaches_the_login(setup_factory, mode):
+    """No SMTP_ALIASES (SMTP_LOCAL_MAIL=login, the default): cron's mail to root goes to the login's
+    mailbox, RCPT TO the login, root kept visible (X-Original-To: root, To: root <login>) and in
+    the smtp log line (orig_to=<root>), as Postfix's local delivery shows it."""
+    setup = setup_factory(SMTP_ALIASES=None, SENDMAIL_SHIM_DELIVERY=mode)
+    proc = cron_run(setup)
+    assert (proc.stdout, proc.stderr) == (b"", b"")
+    login = setup.relay.login
+    parsed = delivered(setup, [login])
+    assert parsed["X-Original-To"] == "root"
+    [to] = parsed["To"].addresses
+    assert (to.display_name, to.addr_spec) == ("root", login)
+    assert parsed["From"].addresses[0].display_name == "Cron Daemon"
+    assert body_of(setup.relay.messages[0]) == "backup: 3 files\r\n备份完成\r\n".encode()
+    [sent] = sent_lines(setup)
+    assert "/smtp[" in sent and f": to=<{login}>, orig_to=<root>, relay=" in sent
+    if mode == "interactive":  # the -odb pickup's line: test_cron_pickup_logs_the_local_rule
+        [info] = [line for line in setup.shim.log_lines() if ": info: " in line]
+        assert "sendmail-shim/cleanup[" in info and info.endswith(LOCAL_INFO.format(login=login))
+
+
+def test_cron_pickup_logs_the_local_rule(setup_factory):
+    setup = setup_factory(SMTP_ALIASES=None, SENDMAIL_SHIM_DELIVERY="background")
+    cron_run(setup)
+    assert any(line.endswith(LOCAL_INFO.format(login=setup.relay.login)) for line in setup.shim.log_lines())
+
+
+def test_cron_mail_to_root_with_an_alias_names_the_rule(setup):
+    cron_run(setup)  # SMTP_ALIASES=root:ops@example.com
+    parsed = delivered(setup, ["ops@example.com"])
+    assert parsed["X-Original-To"] == "root" and str(parsed["To"]) == "root <ops@example.com>"
+    log = setup.shim.log_lines()
+    assert any(line.endswith("info: local recipient <root> delivered to <ops@example.com> (alias root)") for line in log)
+    assert any(": to=<ops@example.com>, orig_to=<root>, relay=" in line for line in log)
+
+
+def test_cron_mail_to_root_is_refused_with_smtp_local_mail_refuse(setup_factory):
+    """SMTP_LOCAL_MAIL=refuse keeps the old behaviour: no alias, no delivery (with -odi the exit
+    status says it; with -odb a notice, see test_cli)."""
+    setup = setup_factory(SMTP_ALIASES=None, SMTP_LOCAL_MAIL="refuse")
+    proc = cron_run(setup, expect_exit=65)
+    assert b"local recipient 'root' has no alias" in proc.stderr
+    assert setup.relay.messages == [] and sent_lines(setup) == []

@@ -311,8 +311,8 @@ def long_fields(draw):
 def test_a_long_field_names_the_recipients_the_whole_field_names(text):
     assert len(text.replace("\r\n", "")) > message.MAX_ELEMENT
     expected = whole_field_recipients(text.replace("\r\n", ""))
-    try:
-        _, env = prep(b"To:" + text.encode() + b"\r\n")
+    try:  # SMTP_LOCAL_MAIL=refuse: a bare local name is refused, as the model has it
+        _, env = prep(b"To:" + text.encode() + b"\r\n", policy=POLICY._replace(local_mail="refuse"))
     except DataError as exc:
         assert expected is None or "=?" in text, (str(exc), expected)
         return

@@ -75,6 +75,8 @@ def test_the_other_events_are_postfix_lines():
     assert log.expired_line("ID", "alice@163.com") == "ID: from=<alice@163.com>, status=expired, returned to sender"
     assert log.notification_line("ID", "REPORT") == "ID: sender non-delivery notification: REPORT"
     assert log.removed_line("ID") == "ID: removed"
+    assert log.removed_line("ID", "kept in failed/ for\n31.0d") == "ID: removed (kept in failed/ for 31.0d)"
+    assert log.removed_line("a-fifo: x") == "a-fifo??x: removed"  # a corrupt/ entry's name
     assert log.reject_line("ID", "cannot parse recipient 'x@@y'", "alice@163.com") == (
         "ID: reject: header cannot parse recipient 'x@@y' from local; from=<alice@163.com>: "
         "5.7.1 message content rejected")
@@ -95,6 +97,14 @@ def test_no_address_or_message_id_forges_a_field_or_a_line(hostile):
         assert size is None or size.group(2) == "5"  # only the real size field
         delivery = DELIVERY.search(line)
         assert delivery is None or delivery.group(1) == "b@x"
+
+
+def test_the_local_rule_line_names_the_name_the_recipient_and_the_rule():
+    assert log.local_line("ID", "root", "alice@163.com", "no alias; SMTP_LOCAL_MAIL=login") == (
+        "ID: info: local recipient <root> delivered to <alice@163.com> (no alias; SMTP_LOCAL_MAIL=login)")
+    line = log.local_line("ID", "a>\nx: to=<v>, status=sent", "b@x", "alias (x)")
+    assert "\n" not in line and line.count("<") == 2 and line.endswith("<b@x> (alias ?x?)")
+    assert DELIVERY.search(line) is None  # pflogsumm never takes it for a delivery
 
 
 def test_a_file_name_is_a_token_that_cannot_be_taken_for_a_field():

@@ -150,7 +150,9 @@ def test_long_lines_are_broken_into_continuations(chunk_size):
     assert_crlf_only(out)
     assert max(len(x) for x in out.split(b"\r\n")) == 998
     header, _, body = out.partition(b"\r\n\r\n")
-    assert header.replace(b"\r\n ", b"") == b"Subject: " + line  # one header field, unfolded back
+    # folded before its only white space, then, with nothing left to fold at, broken Postfix-style
+    assert header.split(b"\r\n") == [b"Subject:", b" " + line[:997], b" " + line[997:1994],
+                                     b" " + line[1994:2991], b" " + line[2991:]]
     assert body.replace(b"\r\n ", b"") == line + b"\r\nend\r\n"
     assert [len(x) for x in body.split(b"\r\n")] == [998, 998, 998, 769, 3, 0]
 
@@ -307,10 +309,28 @@ def broken(line: bytes) -> list[bytes]:
     return pieces + [line]
 
 
+def folded(line: bytes) -> list[bytes]:
+    """Reference for a header line: folded before the last white space run within 998 octets
+    that has text before it on the line and text after it; else broken Postfix-style (not
+    leaving the trailing white space alone on a line, when there is text before it)."""
+    pieces, lead = [], b""
+    while len(lead) + len(line) > 998:
+        room = 998 - len(lead)
+        end = len(line.rstrip(b" \t"))
+        starts = [i for i in range(1, min(room, end - 1) + 1) if line[i] in b" \t" and line[i - 1] not in b" \t"]
+        if starts:
+            cut, after = starts[-1], b""
+        else:
+            cut, after = (room if end - 1 <= 0 else min(room, end - 1)), b" "
+        pieces.append(lead + line[:cut])
+        line, lead = line[cut:], after
+    return pieces + [lead + line]
+
+
 def model(data: bytes, dot_ends: bool) -> bytes | None:
     """Reference: the header block line by line under its rules (a line ends at LF, with any CRs
     before it, or at a CR of those ending the input; a CR elsewhere is refused), then the body
-    split at every line end; dot rules; long lines broken. None means DataError (a NUL, or a
+    split at every line end; dot rules; long header lines folded, long body lines broken. None means DataError (a NUL, or a
     lone CR in the header block)."""
     unstuff = (lambda line: line[1:] if line.startswith(b"..") else line) if dot_ends else (lambda line: line)
     header, pos, first = [], 0, True
@@ -337,7 +357,7 @@ def model(data: bytes, dot_ends: bool) -> bytes | None:
             break
         if b"\r" in text or b"\0" in text:
             return None
-        header += broken(text)
+        header += folded(text)
         pos = match.end()
     lines = re.split(rb"\r\n|\r|\n", data[pos:])
     if lines[-1] == b"":
@@ -466,17 +486,19 @@ ERROR_CASES = [
     ("bad_bcc", b"To: a@x.test\nBcc: @@\n\n", [], True, DataError, "in Bcc"),
     ("argv_space_separated", b"Subject: s\n\n", ["a@x.test b@x.test"], True, DataError, "a@x.test b@x.test"),
     ("argv_with_crlf", b"Subject: s\n\n", ["a@x.test\r\nBcc: v@x.test"], True, DataError, "cannot parse recipient"),
+    # SMTP_LOCAL_MAIL=refuse (these cases run with REFUSE; the default sends such mail to the login)
     ("missing_alias", b"To: nobody\n\n", [], True, DataError,
      "'nobody' has no alias (set SMTP_ALIASES=name:address"),
     ("missing_alias_this_host", b"Subject: s\n\n", ["cron@web1.example.com"], True, DataError,
      "'cron@web1.example.com' has no alias"),
 ]
+REFUSE = POLICY._replace(local_mail="refuse")
 
 
 @cases("text, argv, t, exc, message", ERROR_CASES)
 def test_recipient_errors(text, argv, t, exc, message):
     with pytest.raises(exc) as info:
-        prep(text, argv=argv, t=t)
+        prep(text, argv=argv, t=t, policy=REFUSE)
     assert message in str(info.value)
     assert info.value.exit_code == {UsageError: 64, DataError: 65}[exc]
 
@@ -489,6 +511,44 @@ def test_parse_recipient_args_and_resolve_local():
     assert resolve_local("root@web1.example.com", ALIASES, "web1") == "root@web1.example.com"
     with pytest.raises(DataError, match="set SMTP_ALIASES=name:address"):
         resolve_local("cron", ALIASES, "web1")
+    assert resolve_local("cron", ALIASES, "web1", LOGIN) == LOGIN  # SMTP_LOCAL_MAIL=login
+    assert resolve_local("cron", {"default": "ops@x.test"}, "web1", LOGIN) == "ops@x.test"
+    with pytest.raises(DataError, match="has no alias"):
+        resolve_local("@web1", ALIASES, "web1", LOGIN)  # no name: nothing to deliver to
+
+
+def test_local_names_without_alias_go_to_the_login_by_default():
+    """SMTP_LOCAL_MAIL=login (the default): a local name without an alias reaches the login, the
+    name kept as X-Original-To (one per name, at the top), as To's display name and as orig_to."""
+    policy = HeaderPolicy(sender=LOGIN, aliases={"root": "admin@example.com"}, local_hostname="web1")
+    block, env = prep(b"From: root (Cron Daemon)\nTo: www-data\nCc: Web <www-data@localhost>, root\nSubject: s\n\n",
+                      argv=["nobody@web1", "bob@x.test"], policy=policy)
+    assert env.recipients == [LOGIN, "bob@x.test", "admin@example.com"]
+    assert env.orig_to == {LOGIN: "nobody@web1", "admin@example.com": "root"}
+    assert env.local_names == [["nobody@web1", LOGIN, "no alias; SMTP_LOCAL_MAIL=login"],
+                               ["www-data", LOGIN, "no alias; SMTP_LOCAL_MAIL=login"],
+                               ["www-data@localhost", LOGIN, "no alias; SMTP_LOCAL_MAIL=login"],
+                               ["root", "admin@example.com", "alias root"]]
+    assert block.startswith(b"X-Original-To: nobody@web1\r\nX-Original-To: www-data\r\n"
+                            b"X-Original-To: www-data@localhost\r\nX-Original-To: root\r\nFrom: ")
+    assert fields_named(block, b"To") == [b"To: www-data <alice@163.com>"]
+    assert fields_named(block, b"Cc") == [b"Cc: Web <alice@163.com>, root <admin@example.com>"]
+    message = parsed(block)
+    assert message["To"].addresses[0].display_name == "www-data" and not message.defects
+
+
+def test_smtp_local_mail_refuse_keeps_the_refusal_and_the_field_as_written():
+    policy = HeaderPolicy(sender=LOGIN, local_mail="refuse")
+    with pytest.raises(DataError, match="'root' has no alias .*SMTP_LOCAL_MAIL=login"):
+        prep(b"To: root\n\n", policy=policy)
+    block, env = prep(b"To: root\n\n", t=False, argv=["bob@x.test"], policy=policy)
+    assert fields_named(block, b"To") == [b"To: root"] and env.orig_to is None and env.local_names is None
+    assert not fields_named(block, b"X-Original-To")
+
+
+def test_ordinary_mail_gets_no_x_original_to():
+    block, env = prep(b"To: a@x.test\n\n")
+    assert not fields_named(block, b"X-Original-To") and env.orig_to is None and env.local_names is None
 
 
 @pytest.mark.parametrize("name", [b"Bcc", b"BCC", b"bcc", b"bCc", b"Resent-Bcc", b"RESENT-BCC"])
@@ -741,10 +801,10 @@ def test_prepare_property(to, sender, argv, t):
 
 
 @pytest.mark.parametrize("field, expected", [
-    (b"To: root", b"To: admin@example.com"),
+    (b"To: root", b"To: root <admin@example.com>"),
     (b"To: Ops <root@web1>, bob@example.com", b"To: Ops <admin@example.com>, bob@example.com"),
-    (b"Cc: team: root, x@y.z;", b"Cc: team: admin@example.com, x@y.z;"),
-    (b"To: www-data", b"To: www-data"),  # no alias: left as written (the envelope decides)
+    (b"Cc: team: root, x@y.z;", b"Cc: team: root <admin@example.com>, x@y.z;"),
+    (b"To: www-data", b"To: www-data <alice@163.test>"),  # no alias: the login (SMTP_LOCAL_MAIL=login)
     (b"To: bob@example.com,\r\n  carol@example.com", b"To: bob@example.com,\r\n  carol@example.com"),
 ], ids=["bare", "host-and-display-name", "group", "no-alias", "untouched-folding"])
 def test_local_names_in_visible_recipient_fields_are_qualified(field, expected):

@@ -3,14 +3,20 @@
 Every case runs the real console script (tests/shim.py) against the test relay (tests/relay.py).
 """
 
+import fcntl
 import os
+import re
 import stat
 import subprocess
+import time
 
 import pytest
 
 from sendmail_shim import config as config_module
+from sendmail_shim.envelope import Envelope
 from sendmail_shim.errors import EX_CONFIG
+from sendmail_shim.queue import Queue
+from tests.faults import wait_idle
 from tests.shim import OUTPUTS, SHIM, SHIM_PYTHON
 
 pytestmark = pytest.mark.e2e
@@ -194,3 +200,176 @@ def test_check_and_a_long_mailq_through_head(shim, relay):
     assert code in QUIET_PIPE_EXITS and stderr == "" and out.startswith("-Queue ID-")
     code, out, stderr = through_head(shim, "--check")
     assert code in QUIET_PIPE_EXITS and stderr == "" and out.startswith("configuration")
+
+
+# -- 5. admin commands cover every queue state -------------------------------------------------
+
+FORGED = b"From: boss@bank.test\nTo: bob@example.com\nSubject: forged\n\n" + b"x" * 99 + b"\n"
+
+
+def log_id(shim, pattern: str) -> str:
+    """The queue id of the one log line that matches `pattern` (a regular expression with a group)."""
+    [found] = [m.group(1) for line in shim.log_lines() if (m := re.search(pattern, line))]
+    return found
+
+
+def removed_by_postsuper(shim) -> list[str]:
+    return [m.group(1) for line in shim.log_lines()
+            if (m := re.search(r"/postsuper\[\d+\]: (\S+): removed$", line))]
+
+
+def entries(shim, state: str) -> list[str]:
+    directory = shim.queue_dir / state
+    return sorted(os.listdir(directory)) if directory.exists() else []
+
+
+def every_state(shim, relay) -> dict[str, str]:
+    """One message in failed/ (a 550 recipient), one in corrupt/ (refused by the header policy
+    at pickup, -odb), one in queue/ (-odq); their ids as the log printed them."""
+    before = len(relay.messages)
+    relay.refuse["nobody@example.com"] = "550 5.1.1 no such user"
+    shim.run("-odq", "-i", "nobody@example.com", stdin=MAIL)
+    shim.run("-q")  # into failed/; the failure report goes to the login
+    failed = log_id(shim, r"\]: ([0-9A-F]{16}): to=<nobody@example.com>.*status=bounced")
+    shim.run("-odb", "-t", "-i", stdin=FORGED * 1000)  # ~100 KB, refused in the background
+    wait_idle(shim.config_file)
+    corrupt = log_id(shim, r"/cleanup\[\d+\]: ([0-9A-F]{16}): reject: header ")
+    shim.run("-odq", "-i", "bob@example.com", stdin=MAIL)
+    [queued_id] = queued(shim)
+    assert entries(shim, "failed") == [failed] and len(relay.messages) == before + 2  # the report, the notice
+    [kept] = entries(shim, "corrupt")
+    assert kept.startswith(corrupt + ".")
+    return {"queue": queued_id, "failed": failed, "corrupt": corrupt, "corrupt-name": kept}
+
+
+@pytest.fixture
+def policy_shim(shim_factory, relay):
+    return shim_factory(relay, SMTP_FROM_POLICY="reject")  # the default mode: background
+
+
+def test_mailq_lists_every_state_and_what_waits_in_maildrop(policy_shim, relay):
+    shim = policy_shim
+    drop_one(shim)  # what an -odb caller leaves for the pickup: mailq is not empty
+    listing = shim.run("-bp").stdout.decode()
+    assert "Mail queue is empty" not in listing and listing.startswith("-Queue ID-")
+    assert listing.rstrip().endswith("-- 0 Kbytes in 0 Requests. 1 in maildrop/, waiting for pickup.")
+    shim.run("-q")  # picked up and delivered
+    assert shim.run("-bp").stdout == b"Mail queue is empty\n"
+
+    ids = every_state(shim, relay)
+    lines = shim.run("-bp").stdout.decode().splitlines()
+    assert any(line.startswith(ids["queue"] + " ") for line in lines)
+    assert any(line.startswith(ids["failed"] + "!") for line in lines)
+    [row] = [n for n, line in enumerate(lines) if line.startswith(ids["corrupt"] + "#")]
+    assert lines[row].endswith(f"  corrupt/{ids['corrupt-name']}")
+    assert lines[row + 1].startswith("(refused at pickup: ") and "differs from the login" in lines[row + 1]
+    assert lines[-1] == ("-- 1 Kbytes in 1 Request. 1 failed (marked !, not retried). "
+                         "1 corrupt (marked #, never delivered).")
+
+
+def test_show_and_delete_failed_and_corrupt_items_by_the_logged_id(policy_shim, relay):
+    shim = policy_shim
+    ids = every_state(shim, relay)
+    shown = shim.run("--show", ids["failed"]).stdout
+    assert shown.startswith(f"Queue-ID: {ids['failed']} (failed)\n".encode())
+    assert b"Failure: 550 5.1.1 no such user" in shown and shown.endswith(b"\r\n\r\nhello\r\n")
+
+    for ref in (ids["corrupt"], ids["corrupt-name"], f"corrupt/{ids['corrupt-name']}"):
+        shown = shim.run("--show", ref).stdout
+        head, _, content = shown.partition(b"\n\n")
+        text = head.decode()
+        assert text.startswith(f"Queue-ID: {ids['corrupt']} (corrupt)\nName: corrupt/{ids['corrupt-name']}\n")
+        assert "Type: file" in text and "Reason: refused at pickup: " in text and "differs from the login" in text
+        size = (shim.queue_dir / "corrupt" / ids["corrupt-name"]).stat().st_size
+        assert f"Content: the first 65536 of {size} bytes" in text  # bounded
+        assert content.startswith(b"From: boss@bank.test\r\n") and len(content) == 65536
+
+    for state in ("failed", "corrupt"):
+        result = shim.run("--delete", ids[state])
+        assert result.stdout.decode() == f"sendmail-shim: {ids[state]} deleted\n"
+        assert entries(shim, state) == []
+        assert shim.run("--show", ids[state], expect_exit=64).stderr.startswith("sendmail-shim: no message ")
+    assert removed_by_postsuper(shim) == [ids["failed"], ids["corrupt"]]
+    assert queued(shim) == [ids["queue"]] and entries(shim, "corrupt-reasons") == []
+
+
+def test_odd_corrupt_entries_are_shown_and_deleted_without_being_followed_or_opened(policy_shim, relay, tmp_path):
+    shim = policy_shim
+    shim.run("-odq", "-i", "bob@example.com", stdin=MAIL)  # makes the spool
+    secret = tmp_path / "secret"
+    secret.write_text("root's secret")
+    os.mkfifo(shim.queue_dir / "maildrop" / "a-fifo")
+    os.symlink(secret, shim.queue_dir / "maildrop" / "a-link")
+    shim.run("-q")  # the pickup quarantines both in corrupt/
+    assert entries(shim, "corrupt") == ["a-fifo", "a-link"]
+    listing = shim.run("-bp").stdout.decode()
+    assert "a-fifo          #        0 " in listing and "(not a message: not a maildrop file name)" in listing
+    for name, kind in (("a-fifo", "FIFO"), ("a-link", "symbolic link")):
+        shown = shim.run("--show", name, timeout=10).stdout.decode()
+        assert shown.startswith("Queue-ID: - (corrupt)\n") and f"Type: {kind}\n" in shown
+        assert "Content: not shown (not a plain file)" in shown and "secret" not in shown
+    shim.run("--delete", "a-link")
+    shim.run("--delete", "corrupt/a-fifo")
+    assert entries(shim, "corrupt") == [] and secret.read_text() == "root's secret"
+    assert removed_by_postsuper(shim) == ["a-link", "a-fifo"]
+
+
+def test_delete_all_empties_every_state_but_what_is_being_delivered(policy_shim, relay):
+    shim = policy_shim
+    ids = every_state(shim, relay)
+    shim.run("-odq", "-i", "carol@example.com", stdin=MAIL)
+    busy = next(i for i in queued(shim) if i != ids["queue"])
+    with open(shim.queue_dir / "queue" / busy / "data", "rb") as data:
+        fcntl.flock(data, fcntl.LOCK_EX)  # as a delivery holds it
+        result = shim.run("--delete", "ALL", expect_exit=75)
+        assert result.stdout.decode() == "sendmail-shim: 3 message(s) deleted\n"
+        assert result.stderr == f"sendmail-shim: not deleted, being delivered: {busy}; try again when it is done\n"
+    assert queued(shim) == [busy] and entries(shim, "failed") == [] and entries(shim, "corrupt") == []
+    assert removed_by_postsuper(shim) == [ids["queue"], ids["failed"], ids["corrupt"]]
+    assert shim.run("--delete", "ALL").stdout.decode() == "sendmail-shim: 1 message(s) deleted\n"
+    assert removed_by_postsuper(shim)[-1] == busy
+    assert shim.run("-bp").stdout == b"Mail queue is empty\n"
+    assert shim.run("--delete", "ALL").stdout.decode() == "sendmail-shim: 0 message(s) deleted\n"
+
+
+def test_failed_and_corrupt_items_expire_after_failed_age(shim_factory, relay):
+    shim = shim_factory(relay, SMTP_FROM_POLICY="reject", SENDMAIL_SHIM_FAILED_AGE="2d")
+    ids = every_state(shim, relay)
+    young = time.time() - 86400  # a day: kept
+    os.utime(shim.queue_dir / "failed" / ids["failed"] / "envelope.json", (young, young))
+    os.utime(shim.queue_dir / "corrupt-reasons" / ids["corrupt-name"], (young, young))
+    shim.run("-q")
+    assert entries(shim, "failed") == [ids["failed"]] and entries(shim, "corrupt") == [ids["corrupt-name"]]
+
+    old = time.time() - 3 * 86400  # three days: removed by the next queue run
+    os.utime(shim.queue_dir / "failed" / ids["failed"] / "envelope.json", (old, old))
+    os.utime(shim.queue_dir / "corrupt-reasons" / ids["corrupt-name"], (old, old))
+    shim.run("-q", "--due")
+    assert entries(shim, "failed") == [] and entries(shim, "corrupt") == []
+    assert entries(shim, "corrupt-reasons") == [] and queued(shim) == []  # -q delivered bob's
+    lines = shim.log_lines()
+    for where in ("failed", "corrupt"):
+        assert any(re.search(rf"/postsuper\[\d+\]: {ids[where]}: removed \(kept in {where}/ for 3\.0d, "
+                             r"longer than SENDMAIL_SHIM_FAILED_AGE\)$", line) for line in lines)
+
+
+def test_retry_and_requeue_still_work_next_to_the_new_forms(policy_shim, relay):
+    shim = policy_shim
+    ids = every_state(shim, relay)
+    relay.refuse.clear()
+    requeued = shim.run("--requeue", ids["failed"]).stdout.decode()
+    assert requeued == f"sendmail-shim: {ids['failed']} moved back to the queue\n"
+    assert shim.run("--retry", "all").stdout.decode().startswith("sendmail-shim: 2 message(s) due now")
+    shim.run("-q", "--due")
+    assert queued(shim) == [] and entries(shim, "corrupt") == [ids["corrupt-name"]]
+    assert sorted(m.rcpt_tos[0] for m in relay.messages[2:]) == ["bob@example.com", "nobody@example.com"]
+    shim.run("--requeue", ids["corrupt"], expect_exit=64)  # corrupt/ holds no message to retry
+
+
+def drop_one(shim) -> str:
+    """A request in maildrop/ as an -odb caller leaves it, before any pickup."""
+    queue = Queue(str(shim.queue_dir))
+    queue.ensure()
+    with queue.spool(drop=True) as spool:
+        spool.file.write(MAIL.replace(b"\n", b"\r\n"))
+        return spool.commit(Envelope(sender=shim.relay.login, recipients=["bob@example.com"], size=len(MAIL) + 3))

@@ -103,7 +103,8 @@ def test_pflogsumm_counts_what_the_shim_did(shim_factory, relay):
 def test_pflogsumm_counts_warnings_and_a_message_refused_at_pickup(shim_factory, relay_factory):
     """A message the header policy refuses at pickup is cleanup's reject; a warning is a warning."""
     relay = relay_factory(cert="untrusted")
-    shim = shim_factory(relay, SMTP_TLS_VERIFY="no", SMTP_CA_FILE=None)  # -odb: the pickup applies the policy
+    shim = shim_factory(relay, SMTP_TLS_VERIFY="no", SMTP_CA_FILE=None,  # -odb: the pickup applies the policy
+                        SMTP_LOCAL_MAIL="refuse")
     shim.run("-i", "nobody-alias", stdin=mail("refused", "x@a.example"))  # a local name without an alias
     wait_idle(shim.config_file)
     report = pflogsumm(shim.log_file)

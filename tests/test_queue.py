@@ -17,7 +17,7 @@ from sendmail_shim import bounce, config as config_module
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.errors import CantCreate, DataError, UsageError
 from sendmail_shim.queue import (
-    DROP_PATTERN, Queue, QueuedMessage, Recipient, format_listing, new_id, next_attempt_after,
+    DROP_PATTERN, CorruptItem, Queue, QueuedMessage, Recipient, format_listing, new_id, next_attempt_after,
 )
 from sendmail_shim.drop import accept as accept_drop
 
@@ -355,6 +355,34 @@ def test_format_listing_marks_a_message_in_delivery():
                             recipients=[Recipient("bob@example.org")])
     text = format_listing([message], [], {"0" * 16}, now=0.0)
     assert text.splitlines()[1].startswith("0" * 16 + "*")
+
+
+def test_a_refusal_is_recorded_for_mailq_and_forgotten_with_its_entry(queue):
+    name = f"{new_id()}.0123456789abcdef"
+    Path(queue.maildrop, name).write_bytes(b"just text")
+    pickup(queue)
+    [item] = queue.corrupt_items()
+    assert (item.name, item.kind, item.reason, item.dropped) == (name, "file", "no trailer", True)
+    assert "(refused at pickup: no trailer)" in queue.listing()
+    os.unlink(Path(queue.corrupt, name))  # removed by hand: its reason goes after a grace time
+    queue.expire_kept(86400, lambda *removed: pytest.fail(f"nothing expires: {removed}"))
+    assert os.listdir(queue.reasons) == [name]
+    old = time.time() - 120
+    os.utime(Path(queue.reasons, name), (old, old))
+    queue.expire_kept(86400, lambda *removed: pytest.fail(f"nothing expires: {removed}"))
+    assert os.listdir(queue.reasons) == [] and queue.listing() == "Mail queue is empty\n"
+
+
+def test_format_listing_marks_corrupt_entries_and_counts_maildrop():
+    refused = CorruptItem("0" * 16 + ".0123456789abcdef", "0" * 16, "file", 10, 0.0, 0.0, "From: x differs")
+    odd = CorruptItem("odd name", "odd name", "FIFO", 0, 0.0, 0.0, None)
+    lines = format_listing([], [], set(), now=0.0, corrupt=[refused, odd], waiting=2).splitlines()
+    assert lines[1].startswith("0" * 16 + "#") and lines[1].endswith(f"  corrupt/{refused.name}")
+    assert lines[2] == "(refused at pickup: From: x differs)"
+    assert lines[4].startswith("odd?name        #") and lines[5] == "(not a message)"
+    assert lines[-1] == ("-- 0 Kbytes in 0 Requests. 2 corrupt (marked #, never delivered). "
+                         "2 in maildrop/, waiting for pickup.")
+    assert format_listing([], [], set(), now=0.0) == "Mail queue is empty\n"
 
 
 # -- bounce layout (pure) ----------------------------------------------------------------------

@@ -232,9 +232,10 @@ def _rewrite_trailer(path: Path, **fields) -> None:
 # -- 4. refusal notices from what the pickup read -------------------------------------------------
 
 
-def test_a_refused_request_changed_after_the_pickup_still_gets_its_notice(site, relay, monkeypatch):
+def test_a_refused_request_changed_after_the_pickup_still_gets_its_notice(site_factory, relay, monkeypatch):
     """The user who wrote a refused request may keep its descriptor: the notice is built from
     what the pickup read, and another user's message is delivered whatever the file becomes."""
+    site = site_factory(relay, SMTP_LOCAL_MAIL="refuse")  # a local name without an alias is refused
     _, refused_mid = drop_request(site, "no-alias-here", requested="web@example.org")
     _, good_mid = drop_request(site, "bob@example.org")
     original = Queue.pickup
@@ -253,7 +254,8 @@ def test_a_refused_request_changed_after_the_pickup_still_gets_its_notice(site, 
     assert refused_mid in notice.data.decode() and "has no alias" in notice.data.decode()
 
 
-def test_a_notice_that_cannot_be_built_is_logged_and_the_run_goes_on(site, relay, monkeypatch):
+def test_a_notice_that_cannot_be_built_is_logged_and_the_run_goes_on(site_factory, relay, monkeypatch):
+    site = site_factory(relay, SMTP_LOCAL_MAIL="refuse")  # a local name without an alias is refused
     drop_request(site, "no-alias-here")
     _, good_mid = drop_request(site, "bob@example.org")
     build = bounce.build
@@ -375,7 +377,7 @@ def test_root_never_follows_a_symlink_planted_in_the_spool(queue, tmp_path):
 
 def test_failure_reports_go_to_the_submitting_account_not_to_the_requested_sender(relay, site_factory):
     account = pwd.getpwuid(os.getuid()).pw_name
-    site = site_factory(relay, SMTP_ALIASES=f"{account}:ops@example.org")
+    site = site_factory(relay, SMTP_ALIASES=f"{account}:ops@example.org", SMTP_LOCAL_MAIL="refuse")
     relay.refuse["bob@example.org"] = "550 5.1.1 no such user"
     site.submit("bob@example.org", requested="victim@example.net")
     drop_request(site, "no-alias-here", requested="victim@example.net")  # refused at pickup

@@ -101,7 +101,7 @@ def test_interactive_setup_writes_the_config_stores_the_password_and_passes_the_
     answer_custom_relay(term, relay, password=RELAY_PASSWORD)
     term.expect("Sender policy: rewrite or reject [rewrite]")
     term.line()
-    term.expect("Address for mail to root")
+    term.expect(f"Address for mail to root and other local users (cron, www-data) [{RELAY_LOGIN}]")  # the login
     term.line("ops@example.com")
     term.expect("(yes/no) [yes]")
     term.line()
@@ -281,7 +281,10 @@ def test_integration_hints_name_the_files_and_the_lines_to_add(tmp_path):
     assert f'/etc/php/8.2/fpm/php.ini: sendmail_path = (default) /usr/sbin/sendmail -t -i — add this line: sendmail_path = "{program} -t -i"' in text
     assert f"/etc/php/8.2/apache2/conf.d/90-mail.ini: sendmail_path = {program} -t -i — sendmail-shim" in text
     assert "/etc/cron.d/backup: cron mails job output to MAILTO=backup,ops@example.com" in text
-    assert "no alias for the local names backup" in text
+    assert "no alias for the local names backup: their mail goes to the login a@x.test" in text
+    refusing = config.build({"SMTP_USER": "a@x.test", "SMTP_ALIASES": "root:a@x.test", "SMTP_LOCAL_MAIL": "refuse"}, {})
+    assert any("backup: their mail is refused" in h for h in wizard.integration_hints(refusing, str(program),
+                                                                                      root=str(tmp_path)))
     (tmp_path / "usr/sbin/sendmail").unlink()
     os.symlink(program, tmp_path / "usr/sbin/sendmail")
     hints = wizard.integration_hints(settings, str(program), root=str(tmp_path))
