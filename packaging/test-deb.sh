@@ -255,8 +255,10 @@ start_daemon() {
     for i in $(seq 100); do [ -S /run/sendmail-shim/submit.sock ] && break; sleep 0.1; done
     check "sendmail-shim -bd listens on /run/sendmail-shim/submit.sock (mode 666)" \
         test "$(stat -c %a /run/sendmail-shim/submit.sock 2>/dev/null)" = 666
+    # it binds the socket as root, then becomes the spool's owner
+    for i in $(seq 50); do [ "$(ps -o uid= -p "$DAEMON_PID" | tr -d ' ')" = "$(id -u sendmail-shim)" ] && break; sleep 0.1; done
     check "sendmail-shim -bd runs as user sendmail-shim" \
-        test "$(ps -o user= -p "$DAEMON_PID" 2>/dev/null)" = sendmail-shim
+        test "$(ps -o uid= -p "$DAEMON_PID" 2>/dev/null | tr -d ' ')" = "$(id -u sendmail-shim)"
 }
 
 stop_daemon() {

@@ -1,6 +1,6 @@
 """Queue commands: -bp/mailq, -q, --show, --delete (also ALL), --retry, --requeue."""
 
-from . import runner
+from . import postsuper, runner
 from .errors import EX_OK, EX_TEMPFAIL
 from .i18n import _, localize
 from .log import POSTSUPER, MessageLog
@@ -10,25 +10,25 @@ from .queue import Queue
 def run(opts, config, stdout, stderr, environ) -> int:
     queue = Queue(config.queue_dir)
     if opts.mode == "list":
-        stdout.write(queue.listing())
+        stdout.write(postsuper.listing(queue))
         return EX_OK
     if opts.mode == "run-queue":
         return _run_queue(opts, config, queue, stderr, environ)
     if opts.mode == "show":
         stdout.flush()
-        getattr(stdout, "buffer", stdout).write(queue.show(opts.target))
+        getattr(stdout, "buffer", stdout).write(postsuper.show(queue, opts.target))
         return EX_OK
     if opts.mode == "delete" and opts.target in ("ALL", "all"):
         return _delete_all(config, queue, stdout, stderr, environ)
     if opts.mode == "delete":
-        found = queue.delete(opts.target)  # a message, or an entry of corrupt/
+        found = postsuper.delete(queue, opts.target)  # a message, or an entry of corrupt/
         MessageLog.from_config(config).removed(found.id, program=POSTSUPER)  # as Postfix's postsuper -d
         done = _("{id} deleted").format(id=found.id)
     elif opts.mode == "retry":
-        changed = queue.retry_now(None if opts.target == "all" else opts.target)
+        changed = postsuper.retry_now(queue, None if opts.target == "all" else opts.target)
         done = _("{count} message(s) due now; run sendmail-shim -q to deliver").format(count=len(changed))
     else:
-        message = queue.requeue(opts.target)
+        message = postsuper.requeue(queue, opts.target)
         done = _("{id} moved back to the queue").format(id=message.id)
     print(f"sendmail-shim: {localize(done, environ)}", file=stdout)
     return EX_OK
@@ -45,7 +45,7 @@ def _delete_all(config, queue, stdout, stderr, environ) -> int:
         removed.append(item_id)
         log.removed(item_id, program=POSTSUPER)
 
-    busy = queue.delete_all(logged)
+    busy = postsuper.delete_all(queue, logged)
     done = _("{count} message(s) deleted").format(count=len(removed))
     print(f"sendmail-shim: {localize(done, environ)}", file=stdout)
     if busy:

@@ -10,11 +10,10 @@ import socket
 import tempfile
 
 from . import message, reader, submit
-from .errors import (
-    EX_OK, ConfigError, DataError, PolicyError, SMTPFailure, ShimError, TempFail, UsageError,
-)
+from .errors import EX_OK, DataError, ShimError
 from .log import one_line
 from .options import Options
+from .replies import smtp_reply
 
 MAX_COMMAND = 2048  # RFC 5321 §4.5.3.1.4 says 512; clients with long parameters exist
 MAX_LINE = 64 * 1024  # a DATA line; the message reader breaks lines over 998 octets itself
@@ -162,7 +161,7 @@ class Session:
             msg_id = submit.accept(reader.MessageReader(spool, dot_ends=False), opts, self.config,
                                    self.stderr, self.environ)
         except ShimError as exc:
-            return reply_for(exc)
+            return smtp_reply(exc)
         return f"250 2.0.0 Ok: queued as {msg_id}"
 
     def smtp_RSET(self, argument: str):
@@ -227,20 +226,6 @@ def _discard_unwritten(stdout) -> None:
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, fd)
     os.close(null)
-
-
-def reply_for(exc: ShimError) -> str:
-    """The SMTP reply that makes the application raise the same failure the exit code would."""
-    text = one_line(exc)
-    if isinstance(exc, SMTPFailure) and exc.code >= 400:
-        return f"{exc.code} {one_line(exc.reply)}"
-    if isinstance(exc, (TempFail, ConfigError)):
-        return f"451 4.3.0 {text}"
-    if isinstance(exc, PolicyError):
-        return f"550 5.7.1 {text}"
-    if isinstance(exc, (DataError, UsageError)):
-        return f"554 5.6.0 {text}"
-    return f"451 4.3.0 {text}"
 
 
 def refuse_session(stdout, exc: ShimError) -> None:

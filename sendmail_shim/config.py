@@ -234,7 +234,7 @@ def read_lines(path: str) -> dict[str, tuple[str, int]]:
 def _dotenv_parser():
     """python-dotenv's parser module, loaded on its own: ``import dotenv.parser`` would first run
     dotenv/__init__.py, whose dotenv.main imports logging and tempfile (~10 ms of every sendmail
-    call, python-deps.md §3)."""
+    call, measured: see the project's shared notes on python-deps)."""
     if "dotenv.parser" in sys.modules:
         return sys.modules["dotenv.parser"]
     from importlib.machinery import PathFinder

@@ -20,7 +20,7 @@ SERVICE = "sendmail-shim"
 OWN_BACKEND = "sendmail_shim.keyring_backend.ShimFileKeyring"
 
 # Backends that ask for a master password through getpass, which without a tty reads the
-# message from stdin (python-deps.md §2): never usable by a sendmail.
+# message from stdin (see the shared notes on python-deps): never usable by a sendmail.
 _PROMPTING_BACKENDS = {
     "keyrings.alt.file.EncryptedKeyring",
     "keyrings.cryptfile.cryptfile.CryptFileKeyring",

@@ -15,7 +15,7 @@ import stat
 from contextlib import contextmanager
 from typing import NamedTuple
 
-from . import config
+from . import config, fsio
 from .errors import CantCreate, ConfigError
 from .i18n import _
 
@@ -128,22 +128,9 @@ class Store(NamedTuple):
 
     def _write(self, data: dict, old: os.stat_result | None, dir_fd: int) -> None:
         mode, gid = self._mode_for(old)
-        tmp = os.path.join(self._directory, f".{os.path.basename(self.path)}.{os.urandom(6).hex()}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                with open(fd, "wb") as stream:
-                    if gid is not None:
-                        os.fchown(fd, -1, gid)
-                    os.fchmod(fd, mode)  # before any secret is written; umask must not matter
-                    stream.write(serialize(data))
-                    stream.flush()
-                    os.fsync(fd)
-                os.rename(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            os.fsync(dir_fd)
+        try:  # mode and group before any secret is written; the umask must not matter
+            fsio.write_atomic(self.path, serialize(data), mode=mode, owner=None if gid is None else (-1, gid),
+                              dir_fd=dir_fd)
         except OSError as exc:
             raise CantCreate(_("cannot write the credential file {path}: {reason}").format(
                 path=self.path, reason=exc.strerror)) from None

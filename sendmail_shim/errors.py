@@ -46,7 +46,7 @@ class DataError(ShimError):
 
 
 class Rejected(DataError):
-    """A well-formed maildrop request that the header policy refuses at pickup (see drop.py)."""
+    """A well-formed maildrop request that the header policy refuses at pickup (see pickup.py)."""
 
 
 class CantCreate(ShimError):
@@ -92,21 +92,23 @@ class ProtocolError(ShimError):
 class SMTPFailure(ShimError):
     """The relay answered a command with a failure reply.
 
-    ``stage`` is the command that failed (``connect``, ``ehlo``, ``starttls``, ``auth``, ``mail``,
-    ``rcpt``, ``data``, ``dot``); the exit code follows from the reply and the stage, see
-    `exit_code_for_reply`.
+    ``stage`` is the command that failed (one of `replies.STAGES`); ``verdict`` is
+    `replies.classify`'s reading of the reply, and the exit code is the verdict's.
     """
 
     def __init__(self, code: int, reply: str, stage: str, hint: str | None = None):
+        from .replies import classify
+
         super().__init__(_("{stage} refused: {reply}").format(stage=stage.upper(), reply=f"{code} {reply}".rstrip()), hint)
         self.code = code
         self.reply = reply
         self.stage = stage
-        self.exit_code = exit_code_for_reply(code, stage)
+        self.verdict = classify(stage, code, None, reply)
+        self.exit_code = self.verdict.exit_code
 
     @property
     def permanent(self) -> bool:
-        return self.code >= 500
+        return self.verdict.permanent
 
 
 def for_exit_code(code: int, message: str) -> ShimError:
@@ -116,15 +118,3 @@ def for_exit_code(code: int, message: str) -> ShimError:
             return kind(message)
     return TempFail(message)
 
-
-def exit_code_for_reply(code: int, stage: str) -> int:
-    """Map an SMTP failure reply at a given stage to a sysexits code (sendmail/msmtp practice)."""
-    if 400 <= code < 500:
-        return EX_TEMPFAIL
-    if stage == "auth" or (stage == "mail" and code in (530, 553, 554)):
-        return EX_NOPERM
-    if stage == "rcpt":
-        return EX_NOUSER
-    if code < 400 or code >= 600:
-        return EX_PROTOCOL
-    return EX_UNAVAILABLE

@@ -29,6 +29,8 @@ import time
 import _thread
 from typing import NamedTuple
 
+from .replies import reply_status  # the status a reply carries; re-exported for bounce.py
+
 SYSLOG_NAME = "sendmail-shim"  # pflogsumm --syslog-name
 # The Postfix programs whose events the shim logs, each under sendmail-shim/<program>.
 PICKUP, POSTDROP, CLEANUP, QMGR, SMTP, BOUNCE, POSTSUPER, SENDMAIL = (
@@ -113,23 +115,10 @@ def delay_fields(timing: Timing) -> str:
 def dsn_for(reply, status: str, fallback: str = "") -> str:
     """The RFC 3463 status of a delivery line: the reply's enhanced code ("550 5.1.1 …" → 5.1.1),
     else the class of its basic code (5.0.0), else `fallback`; its class is the status's (a 5xx
-    reply that only defers, such as a refused login, is 4.x.x, as Postfix's soft bounce)."""
+    reply that only defers, such as a refused login, is 4.x.x, as Postfix's soft bounce; for a
+    relay's reply this is `replies.Verdict.dsn`)."""
     code = reply_status(reply) or fallback or "0.0.0"
     return _STATUS_CLASS[status] + code[1:]
-
-
-def reply_status(reply) -> str:
-    """The RFC 3463 status an SMTP reply text carries: its enhanced code when it has one of its
-    class, else the class of its basic code; "" when the text is no SMTP reply."""
-    text = str(reply)
-    basic, rest = text[:3], text[3:]
-    if not (basic.isascii() and basic.isdigit() and basic[0] in "245" and rest[:1] in ("", " ", "-")):
-        return ""
-    word = rest.lstrip(" -").split(" ", 1)[0]
-    parts = word.split(".")
-    if len(parts) == 3 and parts[0] == basic[0] and all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts[1:]):
-        return word
-    return f"{basic[0]}.0.0"
 
 
 def relay_name(host: str | None, address: str | None, port: int) -> str:

@@ -1,7 +1,8 @@
 """The header policy (`prepare`) for a message read by `reader.MessageReader`.
 
 It works on the header block as bytes: fields are split at byte level and dropped or replaced
-whole; every other field passes byte-for-byte (no re-serialisation, python-deps.md §5.2).
+whole; every other field passes byte-for-byte (no re-serialisation; see the
+project's shared notes on python-deps).
 
 - Recipients: command-line recipients first, then with ``-t`` the To/Cc/Bcc fields (all of them),
   or Resent-To/-Cc/-Bcc when any Resent- field is present. Addresses are parsed with the header
@@ -58,7 +59,7 @@ from email.headerregistry import Address, Group
 from email.utils import formatdate, make_msgid
 from typing import BinaryIO, NamedTuple
 
-from .drop import MAX_RECIPIENTS
+from .pickup import MAX_RECIPIENTS
 from .envelope import NO_RECIPIENTS, Envelope
 from .errors import DataError, PolicyError, UsageError
 from .i18n import _
@@ -641,7 +642,7 @@ def _login_field(display_name: str, login: str) -> HeaderField:
 
 
 def _decode(raw: bytes) -> str:
-    """Raw header bytes → text: UTF-8, else GB18030 (python-deps.md §5.1)."""
+    """Raw header bytes → text: UTF-8, else GB18030 (see the shared notes on python-deps)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

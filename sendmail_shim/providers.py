@@ -1,6 +1,7 @@
-"""Provider presets and hints for the replies that each provider is known to give.
+"""Provider presets: the relay, its security, whose error texts it speaks (``family``, which
+`replies.classify` reads for its hints) and what it calls the password.
 
-Pure data and lookups; nothing here touches the network.
+Pure data; nothing here touches the network.
 """
 
 from typing import NamedTuple
@@ -37,39 +38,3 @@ PRESETS = {
 PROVIDERS = (*PRESETS, "custom")
 
 DEFAULT_PORTS = {"tls": 465, "starttls": 587, "none": 25}
-
-_SENDER_HINT = _(
-    "the relay accepts only its login as sender; sendmail-shim always sends as SMTP_USER, so "
-    "check that SMTP_USER is the full mailbox address"
-)
-
-
-def reply_hint(provider: str | None, stage: str, code: int, reply: str) -> str | None:
-    """A one-line fix for a failure reply, or None when there is nothing better to say."""
-    text = reply.lower()
-    family = PRESETS[provider].family if provider in PRESETS else None
-    if stage == "mail" and code == 553 and "authorized user" in text:
-        return _SENDER_HINT
-    if stage == "mail" and code == 501 and "authorization user" in text:
-        return _SENDER_HINT
-    if family == "coremail" and (code == 535 or (code == 550 and "no permission" in text)):
-        return _(
-            "use the authorization code (授权码), not the web password, and enable "
-            "POP3/SMTP in the mailbox's web settings; store it with sendmail-shim --set-password"
-        )
-    if family == "qq" and code in (535, 550):
-        return _(
-            "enable SMTP in the QQ mail settings and use the authorization code (授权码) it "
-            "generates; store it with sendmail-shim --set-password"
-        )
-    if family in ("gmail", "microsoft") and code == 535:
-        return _("use an app password (2-step verification must be on); store it with sendmail-shim --set-password")
-    if stage == "auth" and code == 535:
-        return _("wrong login or password; store the right one with sendmail-shim --set-password")
-    if stage == "auth" and code == 538:
-        return _("the relay wants AUTH only over TLS; set SMTP_SECURITY=tls or starttls")
-    if code == 530:
-        return _("the relay requires AUTH or TLS first; set SMTP_USER and SMTP_SECURITY")
-    if code == 552 and stage in ("mail", "data", "dot"):
-        return _("the message is larger than the relay accepts")
-    return None

@@ -7,12 +7,12 @@ kernel tells the daemon who is calling (``SO_PEERCRED``), so the submitter's uid
 certain and its limits are enforced before anything is written; nobody but the service user (and
 root) can write anywhere in the spool. The dialogue, one line each way and then the message::
 
-    client: {"recipients": [...], "extract": true, ...}\\n     the request (drop.py's fields)
+    client: {"recipients": [...], "extract": true, ...}\\n     the request (pickup.py's fields)
     daemon: GO\\n  |  ERR <exit code> <reason>\\n                 admitted, or refused (rate, quota)
     client: <the message as read, CRLF>, then shuts down its writing side
     daemon: OK <queue id>\\n  |  ERR <exit code> <reason>\\n      durably in maildrop/, or refused
 
-The daemon writes the message as a maildrop file whose trailer adds ``uid`` (drop.py); the pickup
+The daemon writes the message as a maildrop file whose trailer adds ``uid`` (pickup.py); the pickup
 of the next queue run trusts that field because only the spool's owner can write maildrop/. After
 each burst of submissions, and every minute for retries, the daemon starts a queue run
 (``sendmail-shim -q --due``) as a child process, one at a time.
@@ -194,9 +194,9 @@ class Receiver:
 
     def _receive(self, conn: socket.socket, stream: "_Deadline", uid: int) -> tuple[str, int]:
         """One submission: the request, the limits, the message into maildrop/; its id and size."""
-        from . import drop
+        from . import pickup
 
-        fields = drop.parse_request(stream.readline(MAX_REQUEST))
+        fields = pickup.parse_request(stream.readline(MAX_REQUEST))
         self._admit(uid)
         with self.queue.spool(drop=True) as spool:
             allowed = self._allowance(uid)

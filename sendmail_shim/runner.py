@@ -34,11 +34,12 @@ from collections import deque
 from types import SimpleNamespace
 from typing import Callable, Iterator, NamedTuple
 
+from . import pickup, postsuper, replies
 from .envelope import Envelope
 from .errors import CantCreate, ConfigError, DataError, ShimError, SMTPFailure
 from .i18n import _
-from .log import BOUNCE, PICKUP, POSTSUPER, QMGR, SMTP, Timing, dsn_for, relay_name
-from .queue import DROP_PATTERN, Queue, QueuedMessage, Refusal, crash_point, next_attempt_after
+from .log import POSTSUPER, QMGR, SMTP, Timing, dsn_for, relay_name
+from .queue import Queue, QueuedMessage, crash_point, next_attempt_after
 
 # What a queue file, mailq, a report and a message's log line say of a local configuration error
 # (ConfigError: a failing SMTP_PASSWORD_COMMAND, whose stderr may hold a token, a CA file…): the
@@ -107,7 +108,7 @@ def run_queue(config, queue: Queue, *, log, selector: Selector | None = None,
     stats = RunStats()
     queue.clean_tmp()
     _expire_kept(config, queue, log)
-    _pick_up(config, queue, log, stats)
+    pickup.pick_up(config, queue, log, stats)
     run = _Run(config, queue, log, stats, selector, progress, due_only)
     password = _Password(config, password)
     sessions = [_Session(config, password, _numbered(transcript, n) if transcript and run.workers > 1 else transcript,
@@ -277,7 +278,7 @@ def pick_up_and_deliver(config, queue: Queue, msg_id: str, *, log) -> None:
     `msg_id`), then deliver, as a queue run would, `msg_id` and whatever the pickup queued —
     other callers' drops too, which the pickup took from the queue runner's trigger."""
     config.require_sender()
-    for queued in dict.fromkeys([msg_id, *_pick_up(config, queue, log, RunStats())]):
+    for queued in dict.fromkeys([msg_id, *pickup.pick_up(config, queue, log, RunStats())]):
         deliver_now(config, queue, queued, log=log, interactive=False)
 
 
@@ -304,58 +305,9 @@ def _expire_kept(config, queue: Queue, log) -> None:
                     why=f"kept in {where}/ for {_duration(age)}, longer than SENDMAIL_SHIM_FAILED_AGE")
 
     try:
-        queue.expire_kept(config.failed_age, removed)
+        postsuper.expire_kept(queue, config.failed_age, removed)
     except OSError as exc:
         log.error(POSTSUPER, f"failed/ and corrupt/ not expired: {exc}")
-
-
-# -- maildrop ----------------------------------------------------------------------------------
-
-
-def _pick_up(config, queue: Queue, log, stats: RunStats) -> list[str]:
-    """Take in maildrop/; returns the ids of what it queued: messages, and notices for refused
-    requests. A pickup that fails as a whole (maildrop/ not a directory…) is logged: what is
-    queued already is delivered all the same."""
-    from . import drop
-
-    try:
-        result = queue.pickup(lambda fields, data, out: drop.accept(config, fields, data, out))
-    except OSError as exc:
-        log.error(PICKUP, f"maildrop not picked up: {exc}")
-        return []
-    for message in result.accepted:
-        env = message.envelope
-        log.received(message.id, uid=message.uid, sender=env.requested_sender or env.sender, message_id=env.message_id,
-                     local_names=env.local_names)
-    refusals = {refusal.id: refusal for refusal in result.refusals}
-    for name, uid, reason in result.rejected:  # any name: the log quotes it as a token
-        match = DROP_PATTERN.match(name)
-        refusal = refusals.get(match.group(1)) if match else None
-        if refusal:  # the header policy refused it: Postfix's pickup line, then cleanup's reject
-            log.picked_up(refusal.id, uid=uid, sender=refusal.requested_sender or config.sender)
-            log.rejected(refusal.id, reason=reason, sender=config.sender)
-        else:
-            log.warning(PICKUP, f"maildrop/{name} of uid {uid} refused: {reason}")
-    for name, reason in result.left:
-        log.warning(PICKUP, f"maildrop/{name} left for the next run: {reason}")
-    stats.picked_up += len(result.accepted)
-    stats.refused_drops += len(result.rejected)
-    notices = [n for n in (_notify_refusal(config, queue, log, refusal) for refusal in result.refusals) if n]
-    stats.bounces += len(notices)
-    return [message.id for message in result.accepted] + notices
-
-
-def _notify_refusal(config, queue: Queue, log, refusal: Refusal) -> str | None:
-    """Tell the submitter that its request was refused at pickup, from what the pickup read (the
-    file kept in corrupt/ is its writer's to change); None when the notice cannot be queued, which
-    is logged: a notice must not cost other users their delivery."""
-    try:
-        return _queue_report(config, queue, log, about=refusal.id, original=refusal.headers,
-                             arrival=refusal.arrival, requested_sender=refusal.requested_sender,
-                             uid=refusal.uid, refusal=refusal.reason)
-    except Exception as exc:
-        log.error(BOUNCE, f"cannot queue the notice about {refusal.id}: {type(exc).__name__}: {exc}")
-        return None
 
 
 def _queue_report(config, queue: Queue, log, *, about: str, original: bytes, arrival: float,
@@ -551,7 +503,7 @@ class _Attempt:
             return self._failure(exc)
         crash_point("deliver-sent")
         verdicts = {a: ("sent", result.reply) for a in result.accepted}
-        verdicts.update({a: _verdict(code, text) for a, (code, text) in result.refused.items()})
+        verdicts.update({a: _verdict("rcpt", code, text) for a, (code, text) in result.refused.items()})
         # what the -odi caller hears about: a permanent refusal first, else a temporary one
         refusals = sorted(result.refused.items(), key=lambda item: not 500 <= item[1][0] < 600)
         error = next((SMTPFailure(code, f"{text} <{a}>", "rcpt") for a, (code, text) in refusals), None)
@@ -563,9 +515,9 @@ class _Attempt:
         TLS, login, a lost connection) leaves it pending: ambiguous when all of the data had been
         handed over. A broken connection is replaced on the next `_Session.connect`."""
         addresses = [r.address for r in self.pending]
-        if isinstance(exc, SMTPFailure) and exc.stage in ("mail", "rcpt", "data", "dot"):
+        if isinstance(exc, SMTPFailure) and exc.stage in replies.TRANSACTION:
             refused = getattr(exc, "refused", None) or {a: (exc.code, exc.reply) for a in addresses}
-            return {a: _verdict(*refused[a]) for a in addresses}, exc, False
+            return {a: _verdict(exc.stage, *refused[a]) for a in addresses}, exc, False
         if isinstance(exc, DataError):  # e.g. SMTPUTF8 not offered
             return {a: ("failed", str(exc)) for a in addresses}, exc, False
         return {a: ("pending", _reply_text(exc)) for a in addresses}, exc, self.data.exhausted
@@ -609,7 +561,7 @@ class _Attempt:
             self.log.removed(message.id)  # from queue/: kept in failed/
             status, kept = "failed", False
         else:
-            self.queue.finish(message)
+            self.queue.remove(message)
             self.log.removed(message.id)
             status, kept = ("failed" if failed else "sent"), False
         crash_point("deliver-recorded")
@@ -660,8 +612,10 @@ class _Attempt:
                 conn_use=conn_use, ambiguous=ambiguous and status == "deferred")
 
 
-def _verdict(code: int, text: str) -> tuple[str, str]:
-    return ("failed" if 500 <= code < 600 else "pending"), f"{code} {text}"
+def _verdict(stage: str, code: int, text: str) -> tuple[str, str]:
+    """A refused recipient's state and reply: failed when `replies.classify` refuses it, else pending."""
+    action = replies.classify(stage, code, None, text).action
+    return ("failed" if action in (replies.REFUSE_RECIPIENT, replies.REFUSE_MESSAGE) else "pending"), f"{code} {text}"
 
 
 def _reply_text(error: ShimError) -> str:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
-from . import providers
+from .replies import STAGES, classify, missing_setup
 from .errors import (
     ConfigError, DataError, ProtocolError, ShimError, SMTPFailure, TempFail, Unavailable,
 )
@@ -211,8 +211,8 @@ class Relay:
 
     After `open()`: ``peer_address`` (the relay's IP address, kept after `close`), ``tls_version``,
     ``cipher``, ``peer_subject`` (when verified against CAs), ``peer_fingerprint`` (SHA-256 hex),
-    ``verified``, ``features`` (EHLO keywords → parameters), ``auth_mechanism``, ``auth_result``,
-    ``helo_name``, ``server_banner``.
+    ``verified``, ``features`` (EHLO keywords → parameters), ``auth_mechanism``,
+    ``helo_name``.
     """
 
     chunk_size = CHUNK_SIZE
@@ -232,7 +232,7 @@ class Relay:
         self.peer_address = self.tls_version = self.cipher = self.peer_subject = self.peer_fingerprint = None
         self.verified = False
         self.features: dict[str, str] = {}
-        self.auth_mechanism = self.auth_result = self.helo_name = self.server_banner = None
+        self.auth_mechanism = self.helo_name = None
 
     @property
     def where(self) -> str:
@@ -272,7 +272,6 @@ class Relay:
                 code, text = self._wire.getreply()
                 if code != 220:
                     raise self._failure(code, text, "connect")
-            self.server_banner = _text(text)
             self.helo_name = self._wire.local_hostname = helo_name(config, sock)
             self._ehlo()
             if config.security == "starttls":
@@ -516,13 +515,13 @@ class Relay:
         with self._at("auth"):
             self._wire.redact = True
             try:
-                code, text = self._wire.auth(mechanism, responder, initial_response_ok=mechanism == "PLAIN")
+                self._wire.auth(mechanism, responder, initial_response_ok=mechanism == "PLAIN")
             except UnicodeEncodeError:
                 raise ConfigError(_("the login or password has non-ASCII characters, which SMTP AUTH "
                                     "through smtplib cannot send")) from None
             finally:
                 self._wire.redact = False
-        self.auth_mechanism, self.auth_result = mechanism, f"{code} {_text(text)}"
+        self.auth_mechanism = mechanism
 
     # -- mail transactions --------------------------------------------------------------------
 
@@ -720,7 +719,9 @@ class Relay:
 
     @contextmanager
     def _at(self, stage: str):
-        """Translate whatever smtplib, ssl or socket raise during ``stage`` into a ShimError."""
+        """Translate whatever smtplib, ssl or socket raise during ``stage`` (one of
+        `replies.STAGES`) into a ShimError."""
+        assert stage in STAGES, stage
         try:
             yield
         except _OutOfTime as exc:
@@ -808,13 +809,14 @@ class Relay:
 
     def _failure(self, code: int, text, stage: str) -> ShimError:
         reply = _text(text)
-        if stage == "mail" and code == 530 and not self.auth_mechanism:
-            if "tls" in reply.lower():
+        missing = missing_setup(stage, code, reply, authenticated=bool(self.auth_mechanism))
+        if missing:
+            if missing == "tls":
                 return ConfigError(_("{where} requires TLS: {code} {reply}").format(where=self.where, code=code, reply=reply),
                                    hint=_("set SMTP_SECURITY=starttls (or tls for port 465)"))
             return ConfigError(_("{where} requires AUTH: {code} {reply}").format(where=self.where, code=code, reply=reply),
                                hint=_("set SMTP_USER and store the password with sendmail-shim --set-password"))
-        return SMTPFailure(code, reply, stage, hint=providers.reply_hint(self.config.provider, stage, code, reply))
+        return SMTPFailure(code, reply, stage, hint=classify(stage, code, None, reply, self.config.provider).hint)
 
     def _note(self, line: str) -> None:
         if self._transcript:

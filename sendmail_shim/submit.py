@@ -5,7 +5,7 @@ Responsibility is taken at exactly one point: when the queue has the whole messa
 ends in a non-zero exit, so a message is never dropped.
 
 In the default background mode (``-odb``) the message goes to maildrop/ as read and the header
-policy runs at pickup, in the background (drop.py): the caller waits for the disk only. The other
+policy runs at pickup, in the background (pickup.py): the caller waits for the disk only. The other
 modes, and ``-bs`` (`accept`), apply the policy first, so its refusals are the caller's exit
 status or SMTP reply. A caller who may not write the queue (``www-data`` on a server) hands the
 message as read to the submission service (receiver.py) in every mode but direct.
@@ -35,14 +35,14 @@ def _hand_over(stream, opts, config, header_block: bytes | None = None) -> str:
     maildrop/ when this user may write the queue (then a background process picks it up and
     delivers it), else to the submission service (receiver.py), which does the same for it.
     `header_block` is given when the caller read it already."""
-    from . import drop
+    from . import pickup
     from .queue import Queue
 
     with _draining(stream):
         config.require_sender()  # a set-up error is the caller's to hear, not the pickup's
         if header_block is None:
             header_block = stream.read_header_block()
-        fields = drop.request(opts, header_block)
+        fields = pickup.request(opts, header_block)
     queue = Queue(config.queue_dir)
     if not _writable(queue):
         from . import receiver
@@ -164,7 +164,7 @@ def _deliver_direct(opts, config, reader, headers, envelope, log, stderr, enviro
     import tempfile
 
     from . import credentials
-    from .log import SMTP, Timing, reply_status
+    from .log import SMTP, Timing
     from .queue import new_id
     from .smtp import Relay
 
@@ -195,10 +195,12 @@ def _deliver_direct(opts, config, reader, headers, envelope, log, stderr, enviro
                 connected = time.time()
                 result = relay.send(envelope, spool, all_or_nothing=True)
         except ShimError as exc:
-            status = "bounced" if isinstance(exc, SMTPFailure) and exc.permanent else "deferred"
+            # nothing is kept: a permanent reply (even a refused login) is the caller's bounce
+            verdict = exc.verdict if isinstance(exc, SMTPFailure) else None
+            status = "bounced" if verdict and verdict.permanent else "deferred"
             refused = getattr(exc, "refused", None) or {}
             replies = {r: f"{refused[r][0]} {refused[r][1]}" if r in refused else str(exc) for r in envelope.recipients}
-            fallback = reply_status(f"{exc.code} {exc.reply}") if isinstance(exc, SMTPFailure) else exc.dsn
+            fallback = verdict.dsn if verdict else exc.dsn
             _log_direct(log, msg_id, envelope, config, relay, status, replies, fallback,
                         Timing(started, active, active, connected, time.time()))
             raise

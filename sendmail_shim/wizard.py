@@ -18,7 +18,7 @@ import sys
 import time
 
 from . import config as config_module
-from . import credentials, providers
+from . import credentials, fsio, providers
 from .errors import EX_OK, CantCreate, ConfigError, ShimError, UsageError
 from .i18n import _, describe, localize
 from .options import SETUP_KEYS
@@ -337,33 +337,26 @@ def write_config(path: str, text: str) -> str | None:
     """Replace ``path`` atomically, keeping its mode and owner (new: 0644, no secrets in it);
     the previous version stays as ``path.bak-<timestamp>``, whose name is returned."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.tmp-{os.getpid()}"
+    backup = None
+
+    def keep_old() -> None:  # the old file itself, mode and owner included
+        nonlocal backup
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup, n = f"{path}.bak-{stamp}", 1
+        while os.path.lexists(backup):
+            backup, n = f"{path}.bak-{stamp}-{n}", n + 1
+        os.link(path, backup)
+
     try:
         os.makedirs(directory, 0o755, exist_ok=True)
         try:
             old = os.stat(path)
         except FileNotFoundError:
             old = None
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, text.encode("utf-8"))
-            os.fchmod(fd, old.st_mode & 0o7777 if old else 0o644)
-            if old and os.geteuid() == 0:
-                os.fchown(fd, old.st_uid, old.st_gid)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        backup = None
-        if old:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            backup, n = f"{path}.bak-{stamp}", 1
-            while os.path.lexists(backup):
-                backup, n = f"{path}.bak-{stamp}-{n}", n + 1
-            os.link(path, backup)  # the old file itself, mode and owner included
-        os.replace(tmp, path)
+        fsio.write_atomic(path, text.encode("utf-8"), mode=old.st_mode & 0o7777 if old else 0o644,
+                          owner=(old.st_uid, old.st_gid) if old and os.geteuid() == 0 else None,
+                          temp=f"{path}.tmp-{os.getpid()}", before_rename=keep_old if old else None)
     except OSError as exc:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
         raise CantCreate(_("cannot write {path}: {reason}").format(path=path, reason=exc.strerror)) from None
     return backup
 

@@ -1,7 +1,7 @@
-"""-odb leaves the header policy to the pickup (drop.py): that must change nothing but *when* it runs.
+"""-odb leaves the header policy to the pickup (pickup.py): that must change nothing but *when* it runs.
 
 The property: for any command line and header, the synchronous front end (what -odi, -odq and
--bs do) and the deferred one (`drop.request` in the caller, `drop.accept` at pickup) produce the
+-bs do) and the deferred one (`pickup.request` in the caller, `pickup.accept` at pickup) produce the
 same bytes and the same envelope, or both refuse the message — the deferred one either at once or
 as `Rejected` at pickup. The only extra refusal allowed is `request`'s own: a recipient word that
 is not printable or longer than 320 characters.
@@ -12,7 +12,7 @@ import io
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sendmail_shim import config as config_module, drop, message
+from sendmail_shim import config as config_module, message, pickup
 from sendmail_shim.errors import DataError, Rejected, ShimError, UsageError
 from sendmail_shim.options import Options
 from sendmail_shim.reader import MessageReader
@@ -66,12 +66,12 @@ def test_deferred_policy_gives_what_the_front_end_gives(fields, argv, extract, s
     def later():  # what the -odb caller spools, then what the pickup makes of it
         reader = MessageReader(io.BytesIO(stdin), dot_ends=False)
         header_block = reader.read_header_block()
-        fields_ = drop.request(opts, header_block)
+        fields_ = pickup.request(opts, header_block)
         spooled = io.BytesIO(header_block)
         spooled.seek(0, io.SEEK_END)
         reader.copy_body(spooled)
         out = io.BytesIO()
-        return out, drop.accept(CONFIG, fields_, io.BytesIO(spooled.getvalue()), out)
+        return out, pickup.accept(CONFIG, fields_, io.BytesIO(spooled.getvalue()), out)
 
     expected, refusal = outcome(now)
     got, deferred_refusal = outcome(later)
@@ -80,7 +80,7 @@ def test_deferred_policy_gives_what_the_front_end_gives(fields, argv, extract, s
         assert isinstance(deferred_refusal, (Rejected, UsageError, DataError))
     elif got is None:  # only request()'s own check may refuse what the front end takes
         assert isinstance(deferred_refusal, DataError) and not isinstance(deferred_refusal, Rejected)
-        assert any(not word.isprintable() or len(word) > drop.MAX_ADDRESS for word in argv)
+        assert any(not word.isprintable() or len(word) > pickup.MAX_ADDRESS for word in argv)
     else:
         assert without_generated(got[0].getvalue()) == without_generated(expected[0].getvalue())
         assert got[1]._replace(message_id=None, size=0) == expected[1]._replace(message_id=None, size=0)
@@ -90,8 +90,8 @@ def test_deferred_policy_gives_what_the_front_end_gives(fields, argv, extract, s
 
 def test_request_refuses_only_what_needs_no_header_parsing():
     with pytest.raises(UsageError):
-        drop.request(Options(extract_recipients=True), b"Subject: nobody\r\n\r\n")
-    assert drop.request(Options(extract_recipients=True), b"Bcc: x\r\n\r\n")["extract"] is True
-    assert drop.request(Options(recipients=["bad@@x"]), b"")["recipients"] == ["bad@@x"]  # the pickup's to judge
+        pickup.request(Options(extract_recipients=True), b"Subject: nobody\r\n\r\n")
+    assert pickup.request(Options(extract_recipients=True), b"Bcc: x\r\n\r\n")["extract"] is True
+    assert pickup.request(Options(recipients=["bad@@x"]), b"")["recipients"] == ["bad@@x"]  # the pickup's to judge
     with pytest.raises(DataError, match="-F is too long"):
-        drop.request(Options(recipients=["a@b.c"], full_name="x" * 1001), b"")
+        pickup.request(Options(recipients=["a@b.c"], full_name="x" * 1001), b"")

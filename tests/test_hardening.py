@@ -24,7 +24,7 @@ from sendmail_shim.errors import (
     EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_USAGE,
 )
 from sendmail_shim.queue import Queue
-from sendmail_shim.drop import accept as accept_drop
+from sendmail_shim.pickup import accept as accept_drop, empty_maildrop
 from sendmail_shim.secret import Secret
 from sendmail_shim.smtp import Relay
 from tests.faults import COUNTS, wait_idle
@@ -596,7 +596,7 @@ def test_a_hostile_maildrop_file_never_crashes_the_runner_or_changes_the_sender(
     with open(os.path.join(queue.maildrop, name), "wb") as stream:
         stream.write(content)
     config = config_module.build({"SMTP_USER": LOGIN, "SMTP_HOST": "127.0.0.1", "SMTP_ALIASES": "root:admin@example.org"}, {})
-    result = queue.pickup(lambda fields, data, out: accept_drop(config, fields, data, out))
+    result = empty_maildrop(queue, lambda fields, data, out: accept_drop(config, fields, data, out))
     assert len(result.accepted) + len(result.rejected) == 1 and os.listdir(queue.maildrop) == []
     for message in result.accepted:
         assert message.envelope.sender == LOGIN

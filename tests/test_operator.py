@@ -13,7 +13,6 @@ import time
 import pytest
 
 from sendmail_shim import config as config_module
-from sendmail_shim.envelope import Envelope
 from sendmail_shim.errors import EX_CONFIG
 from sendmail_shim.queue import Queue
 from tests.faults import wait_idle
@@ -372,4 +371,4 @@ def drop_one(shim) -> str:
     queue.ensure()
     with queue.spool(drop=True) as spool:
         spool.file.write(MAIL.replace(b"\n", b"\r\n"))
-        return spool.commit(Envelope(sender=shim.relay.login, recipients=["bob@example.com"], size=len(MAIL) + 3))
+        return spool.commit_request({"recipients": ["bob@example.com"]})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sendmail_shim import config, providers
+from sendmail_shim import config, providers, replies
 
 
 @pytest.mark.parametrize("name", sorted(providers.PRESETS))
@@ -46,8 +46,8 @@ def test_queue_connections_default_follows_the_preset(settings, connections):
     ("custom", "data", 552, "too big", "larger"),
 ], ids=lambda v: str(v))
 def test_reply_hints(provider, stage, code, reply, expected):
-    assert expected in providers.reply_hint(provider, stage, code, reply)
+    assert expected in replies.classify(stage, code, None, reply, provider).hint
 
 
 def test_no_hint_for_an_ordinary_refusal():
-    assert providers.reply_hint("163", "rcpt", 550, "Mailbox not found") is None
+    assert replies.classify("rcpt", 550, None, "Mailbox not found", "163").hint is None

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from sendmail_shim import bounce, config as config_module
+from sendmail_shim import bounce, config as config_module, postsuper
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.errors import CantCreate, DataError, UsageError
 from sendmail_shim.queue import (
-    DROP_PATTERN, CorruptItem, Queue, QueuedMessage, Recipient, format_listing, new_id, next_attempt_after,
+    DROP_PATTERN, Queue, QueuedMessage, Recipient, new_id, next_attempt_after,
 )
-from sendmail_shim.drop import accept as accept_drop
+from sendmail_shim.pickup import accept as accept_drop, empty_maildrop
+from sendmail_shim.postsuper import CorruptItem, format_listing
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGIN = "alice@163.test"
@@ -38,7 +39,10 @@ with queue.spool(drop=sys.argv[2] == "drop") as spool:
     spool.file.write(data[:10])
     spool.file.flush()
     spool.file.write(data[10:])
-    print(spool.commit(Envelope(sender="alice@163.test", recipients=sys.argv[3:], size=len(data))))
+    if spool.drop:
+        print(spool.commit_request({"recipients": sys.argv[3:]}))
+    else:
+        print(spool.commit(Envelope(sender="alice@163.test", recipients=sys.argv[3:], size=len(data))))
 """
 
 
@@ -190,12 +194,12 @@ def test_clean_tmp_removes_a_planted_fifo_and_symlink_without_hanging(queue, tmp
 def drop(queue: Queue, data: bytes = MESSAGE, *recipients, **fields) -> str:
     with queue.spool(drop=True) as spool:
         spool.file.write(data)
-        return spool.commit(envelope(*recipients, **fields))
+        return spool.commit_request(dict(fields, recipients=list(recipients or ["bob@example.org"])))
 
 
 def pickup(queue: Queue):
     cfg = config_module.build({"SMTP_HOST": "127.0.0.1", "SMTP_USER": LOGIN}, os.environ)
-    return queue.pickup(lambda fields, data, out: accept_drop(cfg, fields, data, out))
+    return empty_maildrop(queue, lambda fields, data, out: accept_drop(cfg, fields, data, out))
 
 
 def test_a_dropped_message_is_one_file_then_picked_up_under_its_id(queue):
@@ -286,14 +290,14 @@ def test_dropper_cannot_write_without_maildrop(tmp_path):
 
 
 def test_listing_has_the_postfix_layout(queue):
-    assert queue.listing() == "Mail queue is empty\n"
+    assert postsuper.listing(queue) == "Mail queue is empty\n"
     first = enqueue(queue, MESSAGE, "bob@example.org", "carol@example.org")
     with queue.lock(first) as message:
         message.recipients[0].state = "sent"
         message.recipients[1].reply = "451 4.3.0 try later"
         message.attempts, message.next_attempt = 1, message.arrival + 60
         queue.save(message)
-    text = queue.listing(now=message.arrival)
+    text = postsuper.listing(queue, now=message.arrival)
     lines = text.splitlines()
     assert lines[0].startswith("-Queue ID-") and "--Size--" in lines[0] and "-Sender/Recipient-" in lines[0]
     assert lines[1].startswith(f"{first}  ") and lines[1].endswith(f"  {LOGIN}")
@@ -310,10 +314,10 @@ def test_failed_messages_are_listed_with_a_mark_and_requeued(queue):
         message.recipients[0].state, message.recipients[0].reply = "failed", "550 5.1.1 no such user"
         queue.fail(message, "550 5.1.1 no such user")
     assert queue.ids() == [] and queue.failed_ids() == [msg_id]
-    text = queue.listing()
+    text = postsuper.listing(queue)
     assert f"{msg_id}!" in text and "(failed: 550 5.1.1 no such user)" in text
     assert "0 Requests. 1 failed" in text
-    requeued = queue.requeue(msg_id)
+    requeued = postsuper.requeue(queue, msg_id)
     assert queue.ids() == [msg_id] and queue.failed_ids() == []
     assert [(r.state, r.attempts) for r in requeued.recipients] == [("pending", 0)]
     assert queue.load(msg_id).failure is None
@@ -321,23 +325,23 @@ def test_failed_messages_are_listed_with_a_mark_and_requeued(queue):
 
 def test_show_delete_and_retry_now(queue):
     msg_id = enqueue(queue)
-    shown = queue.show(msg_id)
+    shown = postsuper.show(queue, msg_id)
     assert shown.startswith(f"Queue-ID: {msg_id} (queue)".encode()) and shown.endswith(MESSAGE)
     assert b"Recipient: bob@example.org pending attempts=0" in shown
     with queue.lock(msg_id) as message:
         message.next_attempt = time.time() + 3600
         queue.save(message)
-    assert queue.retry_now() == [msg_id]
+    assert postsuper.retry_now(queue) == [msg_id]
     assert queue.load(msg_id).next_attempt <= time.time()
     with queue.lock(msg_id):
         with pytest.raises(Exception, match="being delivered"):
-            queue.delete(msg_id)  # another process holds it
-    queue.delete(msg_id)
+            postsuper.delete(queue, msg_id)  # another process holds it
+    postsuper.delete(queue, msg_id)
     assert queue.ids() == [] and os.listdir(queue.tmp) == []
     with pytest.raises(UsageError, match="no message"):
-        queue.show(msg_id)
+        postsuper.show(queue, msg_id)
     with pytest.raises(UsageError, match="not a queue id"):
-        queue.delete("../../etc")
+        postsuper.delete(queue, "../../etc")
 
 
 def test_lock_is_exclusive_and_sees_a_message_gone(queue):
@@ -345,7 +349,7 @@ def test_lock_is_exclusive_and_sees_a_message_gone(queue):
     with queue.lock(msg_id) as first:
         with queue.lock(msg_id) as second:
             assert first is not None and second is None
-        queue.finish(first)
+        queue.remove(first)
     with queue.lock(msg_id) as again:
         assert again is None
 
@@ -361,16 +365,16 @@ def test_a_refusal_is_recorded_for_mailq_and_forgotten_with_its_entry(queue):
     name = f"{new_id()}.0123456789abcdef"
     Path(queue.maildrop, name).write_bytes(b"just text")
     pickup(queue)
-    [item] = queue.corrupt_items()
+    [item] = postsuper.corrupt_items(queue)
     assert (item.name, item.kind, item.reason, item.dropped) == (name, "file", "no trailer", True)
-    assert "(refused at pickup: no trailer)" in queue.listing()
+    assert "(refused at pickup: no trailer)" in postsuper.listing(queue)
     os.unlink(Path(queue.corrupt, name))  # removed by hand: its reason goes after a grace time
-    queue.expire_kept(86400, lambda *removed: pytest.fail(f"nothing expires: {removed}"))
+    postsuper.expire_kept(queue, 86400, lambda *removed: pytest.fail(f"nothing expires: {removed}"))
     assert os.listdir(queue.reasons) == [name]
     old = time.time() - 120
     os.utime(Path(queue.reasons, name), (old, old))
-    queue.expire_kept(86400, lambda *removed: pytest.fail(f"nothing expires: {removed}"))
-    assert os.listdir(queue.reasons) == [] and queue.listing() == "Mail queue is empty\n"
+    postsuper.expire_kept(queue, 86400, lambda *removed: pytest.fail(f"nothing expires: {removed}"))
+    assert os.listdir(queue.reasons) == [] and postsuper.listing(queue) == "Mail queue is empty\n"
 
 
 def test_format_listing_marks_corrupt_entries_and_counts_maildrop():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sendmail_shim import config as config_module
+from sendmail_shim import config as config_module, postsuper
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.errors import SMTPFailure
 from sendmail_shim.log import MessageLog
@@ -43,7 +43,10 @@ if action == "submit":
     data = sys.stdin.buffer.read()
     with queue.spool(drop=not queue.can_write()) as spool:
         spool.file.write(data)
-        msg_id = spool.commit(Envelope(sender=conf.sender, recipients=args, size=len(data)))
+        if spool.drop:
+            msg_id = spool.commit_request({"recipients": args})
+        else:
+            msg_id = spool.commit(Envelope(sender=conf.sender, recipients=args, size=len(data)))
     print(msg_id, flush=True)
     if os.environ.get("BACKGROUND"):
         background.start(conf, queue, msg_id)
@@ -178,7 +181,7 @@ def test_relay_down_then_up(relay, site_factory):
     assert down.run().deferred == 0  # not due yet: no second attempt
 
     up = down.config._replace(port=relay.port)  # the relay is back
-    down.queue.retry_now()
+    postsuper.retry_now(down.queue)
     stats = run_queue(up, down.queue, log=down.log)
     assert stats.sent == 1 and down.queue.ids() == [] and received(relay) == {message_id: 1}
     assert relay.messages[0].mail_from == RELAY_LOGIN and relay.messages[0].rcpt_tos == ["bob@example.org"]
@@ -329,7 +332,7 @@ def test_connection_lost_after_the_data_leaves_the_next_message_untouched(relay_
     assert "status=deferred" in untouched and "more than once" not in untouched and "twice" not in untouched
     assert [r.state for r in site.queue.load(second).recipients] == ["pending"]
     relay.close_at.clear()
-    site.queue.retry_now()
+    postsuper.retry_now(site.queue)
     assert site.run().sent == 2
     assert received(relay) == {first_mid: 2, second_mid: 1}  # the ambiguous one, as documented
 
@@ -369,9 +372,9 @@ def test_temporary_failure_then_success(site, relay):
     queued = site.queue.load(msg_id)
     assert queued.last_reply == "451 4.3.0 try again later"
     assert [(r.state, r.attempts) for r in queued.recipients] == [("pending", 1)]
-    assert "(451 4.3.0 try again later; next try " in site.queue.listing()
+    assert "(451 4.3.0 try again later; next try " in postsuper.listing(site.queue)
     del relay.reply_at["mail"]
-    site.queue.retry_now(msg_id)
+    postsuper.retry_now(site.queue, msg_id)
     assert site.run().sent == 1
     assert received(relay) == {message_id: 1} and site.queue.ids() == []
     statuses = [line.split("status=")[1].split()[0] for line in delivery_lines(site, msg_id)]
@@ -410,11 +413,11 @@ def test_partial_refusal_is_handled_per_recipient(site, relay):
     queued = site.queue.load(msg_id)
     assert {r.address: r.state for r in queued.recipients} == {
         "dave@example.org": "sent", "bob@example.org": "failed", "carol@example.org": "pending"}
-    listing = site.queue.listing()
+    listing = postsuper.listing(site.queue)
     assert "carol@example.org" in listing and "dave@example.org" not in listing
 
     del relay.refuse["carol@example.org"]
-    site.queue.retry_now()
+    postsuper.retry_now(site.queue)
     site.run()
     assert relay.messages[2].rcpt_tos == ["carol@example.org"]  # only the one still pending
     assert received(relay)[message_id] == 2 and len(relay.messages) == 3  # no second report
@@ -456,7 +459,7 @@ def test_the_ambiguous_case_is_logged_and_retried(site, relay):
     assert "status=deferred" in site.log_text() and site.queue.ids() == [msg_id]
     assert delivery_lines(site, msg_id)[0].endswith(" -- message may be sent more than once)")
     relay.close_at.clear()
-    site.queue.retry_now()
+    postsuper.retry_now(site.queue)
     assert site.run().sent == 1 and received(relay) == {message_id: 1}
 
 
@@ -539,13 +542,13 @@ def test_sigkill_during_delivery(site, relay, step, copies):
     if step == "pickup-committed":
         with site.queue.spool(drop=True) as spool:
             spool.file.write(data)
-            spool.commit(Envelope(sender=RELAY_LOGIN, recipients=["bob@example.org"], size=len(data)))
+            spool.commit_request({"recipients": ["bob@example.org"]})
     else:
         site.submit()
         message_id = next(iter(Counter(m.envelope.message_id for m in map(site.queue.load, site.queue.ids()))))
     proc = site.helper("run", SENDMAIL_SHIM_TEST_CRASH=step)
     assert proc.returncode == -signal.SIGKILL
-    site.queue.retry_now()
+    postsuper.retry_now(site.queue)
     site.run()
     site.run()
     assert received(relay) == {message_id: copies}
@@ -593,7 +596,7 @@ def test_background_child_also_delivers_the_drops_it_picked_up(site, relay):
     other, other_id = message_bytes(subject="dropped by another caller")
     with site.queue.spool(drop=True) as spool:
         spool.file.write(other)
-        spool.commit(Envelope(sender=RELAY_LOGIN, recipients=["carol@example.org"], size=len(other)))
+        spool.commit_request({"recipients": ["carol@example.org"]})
     data, message_id = message_bytes()
     proc = site.helper("submit", "bob@example.org", stdin=data, BACKGROUND="1")
     assert proc.returncode == 0

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sendmail_shim import bounce
-from sendmail_shim.envelope import Envelope
+from sendmail_shim import bounce, pickup as pickup_module, postsuper
 from sendmail_shim.errors import DataError
 from sendmail_shim.queue import Queue, new_id
 from sendmail_shim.runner import Selector
@@ -45,8 +44,7 @@ def drop_request(site: Site, *recipients: str, requested: str | None = None) -> 
     data, message_id = message_bytes(recipients[0])
     with site.queue.spool(drop=True) as spool:
         spool.file.write(data)
-        msg_id = spool.commit(Envelope(sender=RELAY_LOGIN, recipients=list(recipients),
-                                       requested_sender=requested, size=len(data)))
+        msg_id = spool.commit_request({"recipients": list(recipients), "requested_sender": requested})
     return msg_id, message_id
 
 
@@ -238,15 +236,15 @@ def test_a_refused_request_changed_after_the_pickup_still_gets_its_notice(site_f
     site = site_factory(relay, SMTP_LOCAL_MAIL="refuse")  # a local name without an alias is refused
     _, refused_mid = drop_request(site, "no-alias-here", requested="web@example.org")
     _, good_mid = drop_request(site, "bob@example.org")
-    original = Queue.pickup
+    original = pickup_module.empty_maildrop
 
-    def pickup_then_truncate(self, accept):
-        result = original(self, accept)
-        for name in os.listdir(self.corrupt):
-            os.truncate(os.path.join(self.corrupt, name), 0)
+    def pickup_then_truncate(queue, accept):
+        result = original(queue, accept)
+        for name in os.listdir(queue.corrupt):
+            os.truncate(os.path.join(queue.corrupt, name), 0)
         return result
 
-    monkeypatch.setattr(Queue, "pickup", pickup_then_truncate)
+    monkeypatch.setattr(pickup_module, "empty_maildrop", pickup_then_truncate)
     stats = site.run()
     assert (stats.picked_up, stats.refused_drops, stats.bounces) == (1, 1, 1)
     assert received(relay)[good_mid] == 1
@@ -310,7 +308,7 @@ def test_a_full_disk_after_a_partial_acceptance_never_sends_a_second_copy(relay,
 
     filler.unlink()
     del relay.refuse["carol@example.org"]
-    site.queue.retry_now()
+    postsuper.retry_now(site.queue)
     site.run()
     assert per_recipient(relay) == {"dave@example.org": 1, "erin@example.org": 1, "carol@example.org": 1,
                                     RELAY_LOGIN: 1}  # the report about bob
@@ -360,7 +358,7 @@ def test_root_never_follows_a_symlink_planted_in_the_spool(queue, tmp_path):
     os.rename(queued, tmp_path / "moved-away")
     queued.symlink_to(private)
     with pytest.raises(DataError):
-        queue.delete(msg_id)
+        postsuper.delete(queue, msg_id)
 
     os.rmdir(queue.tmp)  # tmp/ itself replaced by a link
     Path(queue.tmp).symlink_to(private)
@@ -396,12 +394,12 @@ def test_a_failing_password_command_is_quoted_nowhere_but_on_the_admins_terminal
     assert queue_run.returncode == 0 and "secret-vault-xyz" not in queue_run.stderr + queue_run.stdout
     assert site.queue.load(msg_id).last_reply == "local configuration error, see the log"
     site.config = site.config._replace(max_queue_age=50)  # gives up: a report quoting the last reply
-    site.queue.retry_now()
+    postsuper.retry_now(site.queue)
     site.run()  # the report cannot go either: it is queued
-    listing = site.queue.listing()
+    listing = postsuper.listing(site.queue)
     assert "local configuration error, see the log" in listing
     site.config = site.config._replace(password_command=f"cat {site.password_file}")
-    site.queue.retry_now()
+    postsuper.retry_now(site.queue)
     site.run()
     (report,) = relay.messages
     assert "local configuration error, see the log" in report.data.decode()

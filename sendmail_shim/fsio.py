@@ -1,0 +1,233 @@
+"""File-system steps shared by the queue, the credential store and the set-up wizard.
+
+One atomic replacement of a file (`write_atomic`: temporary file, fsync, rename, fsync of the
+directory), and the pieces the spool needs to work in directories that someone else may write:
+directory descriptors opened with O_NOFOLLOW (`opened`), removal through them that never follows
+a link (`remove_entry`, `rmtree`), flock probes that never hang on a FIFO (`locked`).
+Only the standard library's os, fcntl and stat: every -odb caller imports this.
+"""
+
+import fcntl
+import os
+from contextlib import contextmanager, suppress
+from typing import Callable
+
+MAX_TREE_DEPTH = 8  # levels of directories removed under a leftover (a message directory has one)
+
+
+def write_atomic(path: str, data: bytes, *, mode: int = 0o600, owner: tuple[int, int] | None = None,
+                 temp: str | None = None, dir_fd: int | None = None,
+                 before_rename: Callable[[], None] | None = None) -> None:
+    """Replace `path` by a file holding `data`, all or nothing: written to `temp` (by default a
+    hidden name of its own beside it), given `owner` ((uid, gid), -1 to keep one) and `mode`
+    before any byte is written (the umask does not decide), fsynced, renamed over `path`, then
+    the directory fsynced (`dir_fd` when the caller holds it open). `before_rename()` runs after
+    the fsync. On any failure the temporary file is removed and the error raised (OSError)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if temp is None:
+        temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with open(fd, "wb") as stream:
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.fchmod(fd, mode)  # after chown, which may clear the setgid bit
+            stream.write(data)
+            stream.flush()
+            os.fsync(fd)
+        if before_rename is not None:
+            before_rename()
+        os.rename(temp, path)
+    except BaseException:
+        unlink(temp)  # a full disk: give its blocks back
+        raise
+    if dir_fd is None:
+        fsync_dir(directory)
+    else:
+        os.fsync(dir_fd)
+
+
+def create(path: str, mode: int) -> int:
+    """A new file (never through a link), of `mode` whatever the umask says; its descriptor."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    os.fchmod(fd, mode)  # the umask must not decide
+    return fd
+
+
+def mkdir(path: str, mode: int, uid: int, gid: int) -> None:
+    """Make directory `path` (left alone when it exists), given to (uid, gid) by root (`give`)."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    give(path, (uid, gid))
+    os.chmod(path, mode)  # after chown, which may clear the setgid bit
+
+
+def give(path: str, owner: tuple[int, int]) -> None:
+    """Root writing into a spool it does not own gives what it creates to the spool's owner, so
+    that the service user's runner can work on it."""
+    if os.geteuid() == 0 and owner != (0, 0):
+        os.chown(path, *owner, follow_symlinks=False)
+
+
+def fsync_dir(path: str, may_refuse: bool = False) -> bool:
+    """fsync a directory; False when `may_refuse` and we may not open it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        if may_refuse:
+            return False
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+@contextmanager
+def opened(path: str, parent: int | None = None):
+    """A directory's descriptor (`path` relative to `parent` when given); a link in its place is
+    refused (ELOOP or ENOTDIR)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def opened_or_none(path: str):
+    """`opened`, or None when there is no such directory (or a link in its place)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def rmtree(path: str) -> None:
+    """Remove `path` with `remove_entry`; errors are ignored (the queue's clean-up retries)."""
+    with suppress(OSError), opened(os.path.dirname(path)) as parent:
+        remove_entry(parent, os.path.basename(path))
+
+
+def remove_entry(parent: int, name: str, depth: int = 0) -> bool:
+    """Remove entry `name` of directory `parent`, a directory with what is in it (down to
+    MAX_TREE_DEPTH); whether it is gone. Only through descriptors opened with O_NOFOLLOW: a link
+    (or a FIFO, a socket) is removed itself, never opened — not even one swapped in meanwhile.
+    shutil, with bz2, lzma and fnmatch, would cost every -odi call ~3 ms."""
+    try:
+        os.unlink(name, dir_fd=parent)
+        return True
+    except FileNotFoundError:
+        return True
+    except (IsADirectoryError, PermissionError):  # Linux says EISDIR for a directory, POSIX EPERM
+        pass
+    except OSError:
+        return False
+    if depth < MAX_TREE_DEPTH:
+        with suppress(OSError), opened(name, parent) as directory:
+            for entry in os.listdir(directory):
+                remove_entry(directory, entry, depth + 1)
+    try:
+        os.rmdir(name, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, PermissionError):
+        return []
+
+
+def same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def owner_of(parent: int, name: str) -> int:
+    """The uid owning entry `name` of directory `parent`, -1 when it is gone."""
+    try:
+        return os.stat(name, dir_fd=parent, follow_symlinks=False).st_uid
+    except OSError:
+        return -1
+
+
+def free_name(directory: int, name: str) -> str:
+    """`name`, or a variant of it when `directory` has an entry of that name already."""
+    try:
+        os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return name
+    return f"{name}.{os.urandom(4).hex()}"
+
+
+@contextmanager
+def locked(path: str):
+    """Hold the flock of `path` if it is free: yields True, else False."""
+    try:
+        # O_NONBLOCK: a FIFO in place of a data file must not hang the runner's open
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)
+
+
+def is_locked(path: str) -> bool:
+    with locked(path) as free:
+        return not free and os.path.exists(path)
+
+
+def held(parent: int, name: str, lock_name: str | None) -> bool:
+    """Whether a writer holds the flock of entry `name` (of `lock_name` inside it, when given)."""
+    probe = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not hang us
+    try:
+        if lock_name:
+            with opened(name, parent) as directory:
+                fd = os.open(lock_name, probe, dir_fd=directory)
+        else:
+            fd = os.open(name, probe, dir_fd=parent)
+    except OSError:
+        return False  # no data yet (its writer died before creating it), or nothing we may open
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:  # BlockingIOError: held; anything else: left alone too
+        return True
+    finally:
+        os.close(fd)
+
+
+def may(path: str, mode: int) -> bool:
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
