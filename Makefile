@@ -7,11 +7,15 @@ APT_PACKAGES := python3 python3-venv python3-keyring python3-dotenv ca-certifica
   php-cli php-mbstring libphp-phpmailer php-symfony-mailer php-swiftmailer git git-email libmailtools-perl mailutils mutt swaks \
   pflogsumm
 
-.PHONY: test test-venv test-debian demo apt-deps clean
+.PHONY: test lint test-venv test-debian demo apt-deps clean
 
 include packaging/deb.mk
 
-test: test-venv test-debian
+test: lint test-venv test-debian
+
+# ruff (its settings are in pyproject.toml): pyflakes, pycodestyle and bugbear over all the Python.
+lint: $(VENV)/.installed
+	$(VPY) -m ruff check sendmail_shim tests bench packaging
 
 test-venv: $(VENV)/.installed
 	$(VPY) -m pytest -q

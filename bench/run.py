@@ -197,7 +197,8 @@ def peak_rss(command: list[str], env: dict, message_file: Path) -> tuple[float, 
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         elapsed = time.perf_counter() - start
         if proc.returncode != 0:
-            raise SystemExit(f"bench: {' '.join(command)} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+            raise SystemExit(f"bench: {' '.join(command)} exited {proc.returncode}: "
+                             f"{proc.stderr.decode(errors='replace')}")
         return float(report.read().split()[-1]), elapsed
 
 
@@ -238,15 +239,17 @@ def ratio_row(name: str, shim: Sample, msmtp: Sample | None, target: str, limit:
                target, ratio <= limit, (shim.median * 1000, msmtp.median * 1000))
 
 
-def bench_background(args, servers, shim, msmtp, message) -> Row:
-    """(1) What a caller waits for with -odb through a relay 200 ms away."""
+def caller_latency(args, servers, shim, msmtp, message) -> tuple[Sample, Sample]:
+    """The seconds a caller waits for `shim -odb` (`shim` has `command` and `env`: a Shim, or a
+    ServiceSite's unprivileged caller) and for msmtp, alternating; each shim run then waits for its
+    background delivery, which must not overlap the next run."""
     delivered = servers.count()
 
     def shim_run():
         nonlocal delivered
         elapsed = timed_popen(shim.command("-odb", "-t", "-i"), shim.env, message)
         delivered += 1
-        servers.wait_for(delivered)  # the background delivery must not overlap the next run
+        servers.wait_for(delivered)
         return elapsed
 
     def msmtp_run():
@@ -255,7 +258,12 @@ def bench_background(args, servers, shim, msmtp, message) -> Row:
         delivered += 1
         return elapsed
 
-    a, b = alternate(args.short_runs, shim_run, msmtp_run if msmtp else None)
+    return alternate(args.short_runs, shim_run, msmtp_run if msmtp else None)
+
+
+def bench_background(args, servers, shim, msmtp, message) -> Row:
+    """(1) What a caller waits for with -odb through a relay 200 ms away."""
+    a, b = caller_latency(args, servers, shim, msmtp, message)
     return ratio_row("1. caller latency, 2 KB, relay +200 ms: shim `-odb` vs msmtp", a, b,
                      "shim ≤ 1/20 of msmtp", 1 / 20)
 
@@ -321,22 +329,8 @@ def bench_service(args, servers, python, msmtp, message) -> Row:
         return Row("1b. caller latency via the submission service", "n/a (needs root and setpriv)", "n/a", "n/a",
                    "shim ≤ 1/20 of msmtp", None)
     site = ServiceSite(python, servers, servers.info["delayed_port"])
-    delivered = servers.count()
     try:
-        def shim_run():
-            nonlocal delivered
-            elapsed = timed_popen(site.command("-odb", "-t", "-i"), site.env, message)
-            delivered += 1
-            servers.wait_for(delivered)
-            return elapsed
-
-        def msmtp_run():
-            nonlocal delivered
-            elapsed = timed_popen(msmtp.command("-t", "-i"), msmtp.env, message)
-            delivered += 1
-            return elapsed
-
-        a, b = alternate(args.short_runs, shim_run, msmtp_run if msmtp else None)
+        a, b = caller_latency(args, servers, site, msmtp, message)
     finally:
         site.close()
     return ratio_row("1b. caller latency, 2 KB, relay +200 ms: an unprivileged caller's `-odb` (through the "
@@ -380,13 +374,14 @@ def bench_memory(args, servers, shim, msmtp, workdir: Path) -> list[Row]:
         delivered = 0
     rows = []
     msmtp_text = samples["msmtp"].spread(1 / 1024, "MB", 1) if samples["msmtp"].values else "n/a"
-    for key, label in (("odb", "`-odb` caller (spools, forks)"), ("q", "`-q` delivering it (the background child's work)"),
+    for key, label in (("odb", "`-odb` caller (spools, forks)"),
+                       ("q", "`-q` delivering it (the background child's work)"),
                        ("odi", "`-odi`")):
         sample = samples[key]
         mb = sample.median / 1024
+        ratio = f"{mb / (samples['msmtp'].median / 1024):.1f}×" if samples["msmtp"].values else "n/a"
         rows.append(Row(f"3. peak RSS, {args.big_mb} MB message: shim {label}", sample.spread(1 / 1024, "MB", 1),
-                        msmtp_text, f"{mb / (samples['msmtp'].median / 1024):.1f}×" if samples["msmtp"].values else "n/a",
-                        "≤ 40 MB", mb <= 40))
+                        msmtp_text, ratio, "≤ 40 MB", mb <= 40))
     return rows
 
 
@@ -659,10 +654,12 @@ def main() -> int:
                  lambda: [bench_service(args, servers, python, msmtp_far, message)]),
                 ("interactive", "2. -odi on loopback",
                  lambda: [bench_interactive(args, servers, shim_near, msmtp_near, message)]),
-                ("memory", f"3. peak RSS, {args.big_mb} MB", lambda: bench_memory(args, servers, shim_near, msmtp_near, work)),
+                ("memory", f"3. peak RSS, {args.big_mb} MB",
+                 lambda: bench_memory(args, servers, shim_near, msmtp_near, work)),
                 ("backlog", f"4. backlog of {args.backlog}",
                  lambda: [bench_backlog(args, servers, shim_far, msmtp_far, message)]),
-                ("hostile", "6. header policy, hostile shapes at the caps", lambda: bench_hostile(args, shim_near, message)),
+                ("hostile", "6. header policy, hostile shapes at the caps",
+                 lambda: bench_hostile(args, shim_near, message)),
             ):
                 if key in selected:
                     print(f"bench: {title} …", flush=True)

@@ -21,7 +21,7 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
-from tests.relay import RELAY_LOGIN, RELAY_PASSWORD, Certificates, RelayServer  # noqa: E402
+from tests.relay import RELAY_LOGIN, RELAY_PASSWORD, Certificates, RelayServer
 
 
 async def _pipe(reader, writer, delay: float) -> None:

@@ -4,9 +4,9 @@ The report has the three parts RFC 3464 §2 and RFC 6522 describe: a human-reada
 ``message/delivery-status`` part with one block per failed recipient, and the headers of the
 original message (``text/rfc822-headers``). A message refused before it had recipients (a
 maildrop request the header policy refused, see pickup.py) gets a ``multipart/mixed`` notice with
-the reason and the headers instead: delivery-status needs at least one recipient. Its envelope sender is the login (the relay accepts
-no other), so it is marked as a bounce in the queue instead of with ``MAIL FROM:<>``; a bounce is
-never bounced.
+the reason and the headers instead: delivery-status needs at least one recipient. Its envelope
+sender is the login (the relay accepts no other), so it is marked as a bounce in the queue instead
+of with ``MAIL FROM:<>``; a bounce is never bounced.
 """
 
 import re

@@ -29,7 +29,8 @@ def run(config, out, environ, *, to: str | None = None, verbose: int = 0) -> int
     if nowhere:
         say(_("warning: {text}").format(text=nowhere))
     say()
-    say(_("connecting to {host}:{port} ({security}) …").format(host=config.host, port=config.port, security=config.security))
+    say(_("connecting to {host}:{port} ({security}) …").format(
+        host=config.host, port=config.port, security=config.security))
     relay = Relay(config, lambda: credentials.get_password(config, environ),
                   transcript=lambda line: say(f"  {line}"),
                   warn=lambda text: say(_("warning: {text}").format(text=text)))

@@ -208,7 +208,8 @@ def read_lines(path: str) -> dict[str, tuple[str, int]]:
             _check_trusted(path, os.fstat(stream.fileno()))
             bindings = list(parse_stream(stream))
     except OSError as exc:
-        raise ConfigError(_("cannot read config file {path}: {reason}").format(path=path, reason=exc.strerror)) from None
+        raise ConfigError(
+            _("cannot read config file {path}: {reason}").format(path=path, reason=exc.strerror)) from None
     except UnicodeDecodeError:
         raise ConfigError(_("{path}: not UTF-8 text").format(path=path)) from None
     values = {}
@@ -306,7 +307,8 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
     user, from_address = get("SMTP_USER"), get("SMTP_FROM")
     for key, address in (("SMTP_USER", user), ("SMTP_FROM", from_address)):
         if address and ("@" not in address or any(c in address for c in " \t\r\n<>,;")):
-            raise ConfigError(_("{key}={value}: expected a plain address such as alice@163.com").format(key=key, value=address))
+            raise ConfigError(
+                _("{key}={value}: expected a plain address such as alice@163.com").format(key=key, value=address))
     return Config(
         host=get("SMTP_HOST") or (preset.host if preset else None),
         port=port,

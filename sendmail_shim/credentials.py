@@ -131,8 +131,8 @@ def _uses_own_store(config) -> bool:
 def _set_password_hint(config) -> str:
     preset = providers.PRESETS.get(config.provider)
     if preset and preset.password_name != "password":
-        return _("run: sendmail-shim --set-password and enter the {provider} {name}, not the web login password").format(
-            provider=config.provider, name=preset.password_name)
+        return _("run: sendmail-shim --set-password and enter the {provider} {name}, "
+                 "not the web login password").format(provider=config.provider, name=preset.password_name)
     return _("run: sendmail-shim --set-password")
 
 
@@ -234,7 +234,7 @@ def _load_backend(path: str):
         )
 
     def instantiate():
-        cls.priority  # raises when the backend cannot work here, as in keyring's load_keyring
+        _priority = cls.priority  # raises when the backend cannot work here, as in keyring's load_keyring
         return cls()
 
     return _call(path, instantiate)

@@ -110,7 +110,8 @@ class Store(NamedTuple):
         except FileExistsError:
             pass
         except OSError as exc:
-            raise CantCreate(_("cannot create the directory {path}: {reason}").format(path=directory, reason=exc.strerror)) from None
+            raise CantCreate(_("cannot create the directory {path}: {reason}").format(
+                path=directory, reason=exc.strerror)) from None
 
     @contextmanager
     def _locked_dir(self):
@@ -184,7 +185,8 @@ def check_file(path: str, st: os.stat_result, group: int | None) -> None:
         raise ConfigError(_("the credential file {path} is not a regular file").format(path=path))
     if st.st_uid not in (0, os.geteuid()):
         raise ConfigError(
-            _("the credential file {path} belongs to uid {uid}, not to root or to you").format(path=path, uid=st.st_uid),
+            _("the credential file {path} belongs to uid {uid}, not to root or to you").format(
+                path=path, uid=st.st_uid),
             _("run: {command}").format(command=f"chown {os.geteuid()} {path}"),
         )
     if mode & 0o022:

@@ -99,7 +99,8 @@ class SMTPFailure(ShimError):
     def __init__(self, code: int, reply: str, stage: str, hint: str | None = None):
         from .replies import classify
 
-        super().__init__(_("{stage} refused: {reply}").format(stage=stage.upper(), reply=f"{code} {reply}".rstrip()), hint)
+        super().__init__(
+            _("{stage} refused: {reply}").format(stage=stage.upper(), reply=f"{code} {reply}".rstrip()), hint)
         self.code = code
         self.reply = reply
         self.stage = stage

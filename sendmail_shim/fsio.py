@@ -86,29 +86,33 @@ def fsync_dir(path: str, may_refuse: bool = False) -> bool:
     return True
 
 
-@contextmanager
-def opened(path: str, parent: int | None = None):
-    """A directory's descriptor (`path` relative to `parent` when given); a link in its place is
-    refused (ELOOP or ENOTDIR)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @contextmanager
-def opened_or_none(path: str):
-    """`opened`, or None when there is no such directory (or a link in its place)."""
+def _descriptor(path: str, flags: int, parent: int | None = None, absent=()):
+    """`path` opened with `flags` for the block, closed after it; None when the open raises one
+    of `absent` (an exception type or a tuple of them)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        fd = os.open(path, flags, dir_fd=parent)
+    except absent:
         yield None
         return
     try:
         yield fd
     finally:
         os.close(fd)
+
+
+def opened(path: str, parent: int | None = None):
+    """A directory's descriptor (`path` relative to `parent` when given); a link in its place is
+    refused (ELOOP or ENOTDIR)."""
+    return _descriptor(path, _DIRECTORY, parent)
+
+
+def opened_or_none(path: str):
+    """`opened`, or None when there is no such directory (or a link in its place)."""
+    return _descriptor(path, _DIRECTORY, absent=OSError)
 
 
 def rmtree(path: str) -> None:
@@ -186,22 +190,15 @@ def free_name(directory: int, name: str) -> str:
 @contextmanager
 def locked(path: str):
     """Hold the flock of `path` if it is free: yields True, else False."""
-    try:
-        # O_NONBLOCK: a FIFO in place of a data file must not hang the runner's open
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        yield False
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        os.close(fd)
+    # O_NONBLOCK: a FIFO in place of a data file must not hang the runner's open
+    with _descriptor(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW,
+                     absent=FileNotFoundError) as fd:
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fd = None
+        yield fd is not None
 
 
 def is_locked(path: str) -> bool:

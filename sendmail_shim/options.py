@@ -35,7 +35,8 @@ LONG_OPTIONS = {
     "from-policy": True, "aliases": True, "password-command": True,
     "password-stdin": False, "yes": False, "no-check": False,
 }
-_ACTIONS = ("check", "set-password", "delete-password", "show", "delete", "retry", "requeue", "version", "help", "setup")
+_ACTIONS = ("check", "set-password", "delete-password", "show", "delete", "retry", "requeue", "version", "help",
+            "setup")
 SETUP_KEYS = {
     "provider": "SMTP_PROVIDER", "user": "SMTP_USER", "host": "SMTP_HOST", "port": "SMTP_PORT",
     "security": "SMTP_SECURITY", "ca-file": "SMTP_CA_FILE", "from-policy": "SMTP_FROM_POLICY",
@@ -49,7 +50,8 @@ class Options(SimpleNamespace):
 
     def __init__(self, **changes):
         super().__init__(
-            mode="send",  # send | smtp (-bs) | list (-bp) | run-queue (-q) | daemon (-bd) | newaliases | an admin action
+            # send | smtp (-bs) | list (-bp) | run-queue (-q) | daemon (-bd) | newaliases | an admin action
+            mode="send",
             extract_recipients=False,  # -t
             dot_ends=True,  # cleared by -i / -oi
             sender=None,  # -f / -r: requested envelope sender, logged only
@@ -222,4 +224,5 @@ def _check_combination(opts: Options) -> None:
     if (opts.setup_answers or opts.setup_flags) and opts.mode != "setup":
         raise UsageError(_("--provider, --user, --yes and the other answers of --setup go only with --setup"))
     if opts.mode in _ACTIONS and opts.recipients:
-        raise UsageError(_("--{name} takes no recipients (got {recipient!r})").format(name=opts.mode, recipient=opts.recipients[0]))
+        raise UsageError(_("--{name} takes no recipients (got {recipient!r})").format(
+            name=opts.mode, recipient=opts.recipients[0]))

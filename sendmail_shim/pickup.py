@@ -252,7 +252,8 @@ def _pickup_one(queue: Queue, maildrop: int, name: str, accept, result: PickupRe
     except CantCreate as exc:  # our disk, not their file
         result.left.append((name, str(exc)))
     except Exception as exc:  # an entry nobody foresaw must not stop every later run
-        _refuse(queue, maildrop, name, fsio.owner_of(maildrop, name), f"cannot pick it up: {type(exc).__name__}", result)
+        _refuse(queue, maildrop, name, fsio.owner_of(maildrop, name), f"cannot pick it up: {type(exc).__name__}",
+                result)
 
 
 def _take(queue: Queue, maildrop: int, name: str, accept, result: PickupResult) -> None:

@@ -164,7 +164,8 @@ class Queue:
                 if not os.path.isdir(path):
                     fsio.mkdir(path, 0o700, st.st_uid, st.st_gid)
         except OSError as exc:
-            raise CantCreate(_("cannot create the queue in {path}: {reason}").format(path=self.root, reason=exc.strerror)) from None
+            raise CantCreate(_("cannot create the queue in {path}: {reason}").format(
+                path=self.root, reason=exc.strerror)) from None
 
     def _make_root(self) -> None:
         os.makedirs(os.path.dirname(self.root), exist_ok=True)
@@ -364,7 +365,8 @@ class Spool:
             with suppress(OSError):  # on a read-only file system even the clean-up fails
                 self._remove()
             where = queue.droptmp if drop else queue.tmp
-            raise CantCreate(_("cannot write to the queue ({path}): {reason}").format(path=where, reason=exc.strerror)) from None
+            raise CantCreate(_("cannot write to the queue ({path}): {reason}").format(
+                path=where, reason=exc.strerror)) from None
         self.file = _SpoolFile(io.FileIO(fd, "wb"))
 
     def __enter__(self) -> "Spool":

@@ -271,7 +271,8 @@ class Receiver:
             if self._stopping or self.run_command is None:
                 continue
             try:
-                status = subprocess.run(self.run_command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).returncode
+                status = subprocess.run(self.run_command, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL).returncode
             except OSError as exc:
                 self._error(f"cannot start the queue runner: {exc.strerror}")
                 continue

@@ -284,7 +284,7 @@ def pick_up_and_deliver(config, queue: Queue, msg_id: str, *, log) -> None:
 
 def _finish(steps: Iterator[None] | None) -> None:
     """Run what is left of a message's steps (nothing, once they are done)."""
-    for _ in steps or ():
+    for _step in steps or ():
         pass
 
 

@@ -248,7 +248,8 @@ class Relay:
             raise ConfigError(_("SMTP_HOST is not set"))
         if config.user and config.security == "none" and not config.allow_plaintext_auth:
             raise ConfigError(
-                _("refusing to send the password for {user} unencrypted to {where}").format(user=config.user, where=self.where),
+                _("refusing to send the password for {user} unencrypted to {where}").format(
+                    user=config.user, where=self.where),
                 hint=_("set SMTP_SECURITY=tls or starttls, or SMTP_ALLOW_PLAINTEXT_AUTH=yes on a trusted network"),
             )
         context = self._tls_context() if config.security != "none" else None
@@ -587,7 +588,7 @@ class Relay:
             rcpt_replies = replies[1:-1] if pipelined else [self._wire.docmd(line) for line in rcpts]
         refused = {
             rcpt: (code, _text(text))
-            for rcpt, (code, text) in zip(transaction.recipients, rcpt_replies) if not 200 <= code < 300
+            for rcpt, (code, text) in zip(transaction.recipients, rcpt_replies, strict=True) if not 200 <= code < 300
         }
         accepted = [rcpt for rcpt in transaction.recipients if rcpt not in refused]
         if refused and accepted and all_or_nothing:
@@ -711,7 +712,8 @@ class Relay:
         the error, as seen at this stage."""
         if not self.usable:
             if self._lost is None:
-                raise TempFail(_("the connection to {where} is no longer usable; open a new one").format(where=self.where))
+                raise TempFail(
+                    _("the connection to {where} is no longer usable; open a new one").format(where=self.where))
             raise self._lost_at(stage)
         self._clock = self._wire.clock = transaction.clock
 
@@ -770,7 +772,8 @@ class Relay:
                          "expects it (as 465 does), set SMTP_SECURITY=tls").format(port=config.port)
             if stage == "connect":
                 hint = _PORT_25 if config.port == 25 else _(
-                    "a firewall may drop the connection: check SMTP_HOST and SMTP_PORT, and that outgoing port {port} is open").format(port=config.port)
+                    "a firewall may drop the connection: check SMTP_HOST and SMTP_PORT, "
+                    "and that outgoing port {port} is open").format(port=config.port)
                 return _dsn(TempFail(_("cannot connect to {where}: timed out after {timeout:g}s").format(
                     where=where, timeout=config.connect_timeout), hint=hint), "4.4.1")
             return TempFail(_("no answer from {where} within {timeout:g}s (at {stage})").format(
@@ -779,10 +782,12 @@ class Relay:
             hint = None
             if exc.reason == "WRONG_VERSION_NUMBER" and config.security == "tls":
                 hint = _("the relay does not speak implicit TLS on this port; for 587 or 25 set SMTP_SECURITY=starttls")
-            return ProtocolError(_("TLS with {where} failed: {reason}").format(where=where, reason=exc.reason or exc), hint=hint)
+            return ProtocolError(_("TLS with {where} failed: {reason}").format(where=where, reason=exc.reason or exc),
+                                 hint=hint)
         if isinstance(exc, smtplib.SMTPServerDisconnected):
             hint = _MAYBE_TWICE if stage == "dot" else None
-            return TempFail(_("{where} closed the connection (at {stage})").format(where=where, stage=stage.upper()), hint=hint)
+            return TempFail(_("{where} closed the connection (at {stage})").format(where=where, stage=stage.upper()),
+                            hint=hint)
         if isinstance(exc, smtplib.SMTPException) or not isinstance(exc, OSError):
             return ProtocolError(_("{where} broke the SMTP protocol at {stage}: {error}").format(
                 where=where, stage=stage.upper(), error=exc))
@@ -798,9 +803,11 @@ class Relay:
         config = self.config
         hint = None
         if exc.verify_code in _NAME_MISMATCH:
-            hint = _("the certificate is not issued for {host}; set SMTP_HOST to a name it carries").format(host=config.host)
+            hint = _("the certificate is not issued for {host}; set SMTP_HOST to a name it carries").format(
+                host=config.host)
         elif exc.verify_code in _UNTRUSTED and config.ca_file:
-            hint = _("SMTP_CA_FILE={path} does not hold the CA that issued the relay's certificate").format(path=config.ca_file)
+            hint = _("SMTP_CA_FILE={path} does not hold the CA that issued the relay's certificate").format(
+                path=config.ca_file)
         elif exc.verify_code in _UNTRUSTED:
             hint = _("a corporate relay's certificate comes from its own CA: set SMTP_CA_FILE to that CA certificate "
                      "(PEM), or pin the certificate with SMTP_TLS_FINGERPRINT")
@@ -812,10 +819,12 @@ class Relay:
         missing = missing_setup(stage, code, reply, authenticated=bool(self.auth_mechanism))
         if missing:
             if missing == "tls":
-                return ConfigError(_("{where} requires TLS: {code} {reply}").format(where=self.where, code=code, reply=reply),
-                                   hint=_("set SMTP_SECURITY=starttls (or tls for port 465)"))
-            return ConfigError(_("{where} requires AUTH: {code} {reply}").format(where=self.where, code=code, reply=reply),
-                               hint=_("set SMTP_USER and store the password with sendmail-shim --set-password"))
+                return ConfigError(
+                    _("{where} requires TLS: {code} {reply}").format(where=self.where, code=code, reply=reply),
+                    hint=_("set SMTP_SECURITY=starttls (or tls for port 465)"))
+            return ConfigError(
+                _("{where} requires AUTH: {code} {reply}").format(where=self.where, code=code, reply=reply),
+                hint=_("set SMTP_USER and store the password with sendmail-shim --set-password"))
         return SMTPFailure(code, reply, stage, hint=classify(stage, code, None, reply, self.config.provider).hint)
 
     def _note(self, line: str) -> None:

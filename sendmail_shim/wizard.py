@@ -45,7 +45,9 @@ GUIDANCE = {
         "{provider}: when secure login is on, create a client-specific password in Settings → "
         "Account → Secure login; otherwise use the mailbox password."
     ),
-    "aliyun": _("{provider}: check that POP3/SMTP is enabled in the mailbox settings; log in with the mailbox password."),
+    "aliyun": _(
+        "{provider}: check that POP3/SMTP is enabled in the mailbox settings; log in with the mailbox password."
+    ),
     "gmail": _(
         "{provider}: turn on 2-Step Verification, then create an app password (Google Account → "
         "Security → App passwords). Google refuses the normal password."
@@ -75,7 +77,8 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
     config = _config_for(values, environ, path)
     if not config.password_command and password is None and not _stored(config, environ):
         raise UsageError(
-            _("no password for {user}: give it on stdin with --password-stdin, or set SMTP_PASSWORD_COMMAND").format(user=config.user)
+            _("no password for {user}: give it on stdin with --password-stdin, "
+              "or set SMTP_PASSWORD_COMMAND").format(user=config.user)
         )
     if password is not None:
         where = credentials.set_password(config, password, environ)
@@ -411,7 +414,8 @@ def _php_hints(program: str, root: str) -> list:
             hints.append(_("{file}: sendmail_path = {value} — sendmail-shim").format(
                 file=shown, value=value or _("(default) {value}").format(value=_PHP_DEFAULT)))
         else:
-            hints.append(_("{file}: sendmail_path = {value} — add this line: sendmail_path = \"{program} -t -i\"").format(
+            hints.append(_("{file}: sendmail_path = {value} — add this line: "
+                           "sendmail_path = \"{program} -t -i\"").format(
                 file=shown, value=value or _("(default) {value}").format(value=_PHP_DEFAULT), program=program))
     return hints
 

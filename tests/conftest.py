@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 
 from sendmail_shim.errors import ShimError
-from tests.faults import COUNTS
-from tests.relay import *  # noqa: F401,F403
+from tests.faults import COUNTS, listeners, raw_fault
+from tests.relay import *
 from tests.relay import RELAY_LOGIN, RELAY_PASSWORD
-from tests.shim import *  # noqa: F401,F403
+from tests.shim import *
 from tests.shim import OUTPUTS, assert_no_secret, secret_forms
 
 COUNTS_FILE = Path(__file__).with_name(".counts.json")  # gitignored; README's figures come from it

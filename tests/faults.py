@@ -16,69 +16,91 @@ tests/.counts.json after a full run, for README's "Reliability and security" sec
 import os
 import socket
 import threading
-import time
 from collections import Counter
 
 import pytest
 
-__all__ = ["COUNTS", "RAW_FAULTS", "raw_fault", "wait_for", "wait_idle"]
+from tests.shim import wait_for
+
+__all__ = ["COUNTS", "RAW_FAULTS", "Listeners", "raw_fault", "wait_idle"]
 
 COUNTS: Counter = Counter()
 RAW_FAULTS = ("refused", "unanswered", "tls-drop", "tls-hang", "plaintext")
 
 
-@pytest.fixture
-def raw_fault():
-    """``raw_fault(kind)`` → a port on 127.0.0.1 that fails in that way (module docstring)."""
-    stop = threading.Event()
-    sockets: list[socket.socket] = []
-    threads: list[threading.Thread] = []
+class Listeners:
+    """TCP servers on 127.0.0.1 for one test: `listen(handle)` gives the port of a listener whose
+    thread hands each accepted connection to `handle`; `close()` stops the threads and closes every
+    socket (listeners, accepted connections and any the handlers `keep`)."""
 
-    def serve(listener: socket.socket, kind: str) -> None:
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+
+    def keep(self, sock: socket.socket) -> socket.socket:
+        self.sockets.append(sock)
+        return sock
+
+    def listen(self, handle=None, backlog: int | None = None) -> int:
+        """Without `handle`, nothing accepts: connections wait in the backlog."""
+        listener = self.keep(socket.create_server(("127.0.0.1", 0), backlog=backlog))
+        if handle:
+            thread = threading.Thread(target=self._serve, args=(listener, handle), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+        return listener.getsockname()[1]
+
+    def _serve(self, listener: socket.socket, handle) -> None:
         listener.settimeout(0.05)
-        while not stop.is_set():
+        while not self.stop.is_set():
             try:
                 conn = listener.accept()[0]
             except TimeoutError:
                 continue
-            sockets.append(conn)
-            if kind == "tls-drop":
-                conn.settimeout(5)
-                conn.recv(65536)  # the ClientHello: closing with it unread would be a reset, not an EOF
-                conn.close()
-            elif kind == "plaintext":
-                conn.sendall(b"220 relay.test ESMTP plaintext\r\n")
+            handle(self.keep(conn))
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def listeners():
+    servers = Listeners()
+    yield servers
+    servers.close()
+
+
+def _tls_drop(conn: socket.socket) -> None:
+    conn.settimeout(5)
+    conn.recv(65536)  # the ClientHello: closing with it unread would be a reset, not an EOF
+    conn.close()
+
+
+@pytest.fixture
+def raw_fault(listeners):
+    """``raw_fault(kind)`` → a port on 127.0.0.1 that fails in that way (module docstring)."""
+    handlers = {
+        "tls-drop": _tls_drop,
+        "tls-hang": lambda conn: None,
+        "plaintext": lambda conn: conn.sendall(b"220 relay.test ESMTP plaintext\r\n"),
+    }
 
     def start(kind: str) -> int:
         assert kind in RAW_FAULTS, kind
         if kind == "refused":
             with socket.create_server(("127.0.0.1", 0)) as probe:
                 return probe.getsockname()[1]  # closed again: nothing listens there
-        listener = socket.create_server(("127.0.0.1", 0), backlog=0)
-        sockets.append(listener)
+        port = listeners.listen(handlers.get(kind), backlog=0)
         if kind == "unanswered":
-            sockets.append(socket.create_connection(listener.getsockname()))  # fills the backlog
-        else:
-            thread = threading.Thread(target=serve, args=(listener, kind), daemon=True)
-            threads.append(thread)
-            thread.start()
-        return listener.getsockname()[1]
+            listeners.keep(socket.create_connection(("127.0.0.1", port)))  # fills the backlog
+        return port
 
-    yield start
-    stop.set()
-    for thread in threads:
-        thread.join()
-    for sock in sockets:
-        sock.close()
-
-
-def wait_for(condition, timeout: float = 20.0, what: str = "the expected event") -> None:
-    """Wait for something another process does; fails only if it never happens."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} did not happen within {timeout:g}s")
-        time.sleep(0.02)
+    return start
 
 
 def wait_idle(config_file, timeout: float = 20.0) -> None:

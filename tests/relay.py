@@ -79,7 +79,8 @@ class Certificates:
             validity = {}
             if cert == "expired":
                 now = datetime.datetime.now(datetime.timezone.utc)
-                validity = dict(not_before=now - datetime.timedelta(days=30), not_after=now - datetime.timedelta(days=1))
+                validity = dict(not_before=now - datetime.timedelta(days=30),
+                                not_after=now - datetime.timedelta(days=1))
             leaf = issuer.issue_cert(*names, **validity)
             leaf.configure_cert(context)
             pem = leaf.cert_chain_pems[0].bytes()

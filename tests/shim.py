@@ -9,6 +9,7 @@ import base64
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "bin" / "sendmail-shim"
 SHIM_PYTHON = os.environ.get("SHIM_PYTHON") or sys.executable
 
-__all__ = ["Result", "Shim", "shim", "shim_factory", "secret_forms", "assert_no_secret", "OUTPUTS"]
+__all__ = ["Result", "Shim", "shim", "shim_factory", "secret_forms", "assert_no_secret", "wait_for", "OUTPUTS"]
 
 
 def readable_by_others(path: Path = ROOT) -> bool:
@@ -36,10 +37,24 @@ class Result:
     stderr: str
 
 
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
 def secret_forms(user: str, password: str) -> list[str]:
-    """The password as it could leak: plain, AUTH PLAIN's base64, AUTH LOGIN's base64."""
-    b64 = lambda raw: base64.b64encode(raw.encode()).decode()  # noqa: E731
-    return [password, b64(f"\0{user}\0{password}"), b64(password)]
+    """The password as it could leak: plain, AUTH PLAIN's base64 (with the login), AUTH LOGIN's
+    base64 of the password and of the login (the transcript hides both of AUTH LOGIN's lines)."""
+    return [password, _b64(f"\0{user}\0{password}"), _b64(password), _b64(user)]
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "the expected event") -> None:
+    """Wait for something another process does; fails only if it never happens (so `timeout` is a
+    bound, never a speed claim)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} did not happen within {timeout:g}s")
+        time.sleep(0.02)
 
 
 def assert_no_secret(texts, user: str, password: str) -> None:

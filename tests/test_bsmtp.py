@@ -150,8 +150,8 @@ def test_a_data_line_longer_than_the_read_buffer_keeps_its_dots(shim, relay):
     and is not un-stuffed."""
     long_line = b"x" * MAX_LINE + b".\r\n"  # the second piece is exactly ".\r\n"
     other = b"y" * MAX_LINE + b"..z\r\n"
-    result = shim.run("-bs", stdin=session(b"HELO x", transaction(data=b"Subject: long\r\n\r\n" + long_line + other + b"after\r\n"),
-                                           b"QUIT"))
+    data = b"Subject: long\r\n\r\n" + long_line + other + b"after\r\n"
+    result = shim.run("-bs", stdin=session(b"HELO x", transaction(data=data), b"QUIT"))
     assert codes(result) == ["220", "250", "250", "250", "354", "250", "221"]
     [msg] = relay.messages
     lines = msg.data.split(b"\r\n\r\n", 1)[1].replace(b"\r\n ", b"").split(b"\r\n")  # unfold the 998 breaks
@@ -188,7 +188,8 @@ def test_client_closing_its_end_early_is_not_an_error(shim):
 
 def test_refusal_becomes_the_reply_then_rset_and_the_next_message_goes(shim, relay):
     relay.refuse["gone@example.com"] = "550 5.1.1 gone@example.com: no such user"
-    result = shim.run("-bs", stdin=session(b"HELO x", transaction(b"gone@example.com"), b"RSET", transaction(), b"QUIT"))
+    result = shim.run("-bs", stdin=session(b"HELO x", transaction(b"gone@example.com"), b"RSET", transaction(),
+                                           b"QUIT"))
     assert codes(result) == ["220", "250", "250", "250", "354", "550", "250", "250", "250", "354", "250", "221"]
     assert replies(result)[5] == "550 5.1.1 gone@example.com: no such user"
     [msg] = relay.messages

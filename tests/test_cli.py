@@ -7,13 +7,12 @@ import shutil
 import socket
 import stat
 import subprocess
-import time
 
 import pytest
 
 from tests.faults import wait_idle
 from tests.relay import RELAY_PASSWORD
-from tests.shim import OUTPUTS, SHIM, SHIM_PYTHON
+from tests.shim import OUTPUTS, SHIM, SHIM_PYTHON, wait_for
 from sendmail_shim.errors import (
     EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE,
 )
@@ -33,15 +32,6 @@ PHP_MAIL = (
 
 def headers_of(data: bytes) -> str:
     return data.split(b"\r\n\r\n", 1)[0].decode().replace("\r\n", "\n")
-
-
-def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_php_mail_is_delivered_with_sender_equal_to_login(shim, relay):
@@ -79,9 +69,9 @@ def test_default_mode_answers_at_once_and_delivers_in_the_background(shim_factor
     shim = shim_factory(relay)  # SENDMAIL_SHIM_DELIVERY unset: background
     result = shim.run("-t", "-i", stdin=PHP_MAIL)
     assert (result.stdout, result.stderr) == (b"", "")
-    assert wait_for(lambda: len(relay.messages) == 1)
-    assert wait_for(lambda: any("status=sent" in ln for ln in shim.log_lines()))
-    assert wait_for(lambda: not list((shim.queue_dir / "queue").iterdir()))
+    wait_for(lambda: len(relay.messages) == 1)
+    wait_for(lambda: any("status=sent" in ln for ln in shim.log_lines()))
+    wait_for(lambda: not list((shim.queue_dir / "queue").iterdir()))
 
 
 @pytest.mark.parametrize("args, stdin, code, text", [
@@ -328,7 +318,7 @@ def test_a_caller_that_ignores_sigchld_still_gets_0_once(shim_factory, relay):
     proc = subprocess.run([SHIM_PYTHON, str(SHIM), "-t", "-i"], input=PHP_MAIL, capture_output=True,
                           env=shim.env, preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
     assert (proc.returncode, proc.stderr) == (0, b"")
-    assert wait_for(lambda: len(relay.messages) == 1)
+    wait_for(lambda: len(relay.messages) == 1)
 
 
 def test_interactive_partial_refusal_is_reported_by_mail_not_by_exit_status(shim_factory, relay):
@@ -395,7 +385,7 @@ def test_syslog_gets_one_mail_facility_line_per_event(shim_factory, relay, tmp_p
     # <22>: facility mail (2), severity info (6)
     assert [(h.group(1), h.group(2)) for h in heads] == [
         ("22", "pickup"), ("22", "cleanup"), ("22", "qmgr"), *[("22", "smtp")] * 4, ("22", "qmgr")]
-    assert all(re.match(r"[0-9A-F]{16}: ", line[h.end():]) for line, h in zip(lines, heads))
+    assert all(re.match(r"[0-9A-F]{16}: ", line[h.end():]) for line, h in zip(lines, heads, strict=True))
     assert f"from=<{relay.login}>, size=" in lines[2] and ", nrcpt=4 (queue active)" in lines[2]
     assert all(", status=sent (250 " in line for line in lines[3:7]) and lines[7].endswith(": removed")
     assert not any(relay_password in line for line in lines)

@@ -269,7 +269,8 @@ def test_symfony_t_mode(setup, flags):
     shim un-stuffs as sendmail does."""
     setup.run(php(SYMFONY), CLIENTS / "symfony.php", sendmail_dsn(setup, flags))
     expected = ["-i"] if "-i" in flags else []
-    assert setup.calls() == [expected + ["-fapp@example.com", "--", "to@example.com", "cc@example.com", "bcc@example.com"]]
+    assert setup.calls() == [
+        expected + ["-fapp@example.com", "--", "to@example.com", "cc@example.com", "bcc@example.com"]]
     parsed = delivered(setup, ["to@example.com", "cc@example.com", "bcc@example.com"])
     assert text_of(parsed) == "line1\n.\n..two dots\nünïcode 1"
 
@@ -304,7 +305,8 @@ def test_git_send_email_patch_with_a_lone_dot_line(setup):
     setup.run(git, "init", "-q", repo, env=env)
     (repo / "file").write_text("one\n")
     setup.run(git, "-C", repo, "add", "file", env=env)
-    setup.run(git, "-C", repo, "commit", "-qm", "Fix the thing\n\nThe old code stopped at a line with one dot:\n.\nNow it does not.", env=env)
+    setup.run(git, "-C", repo, "commit", "-qm",
+              "Fix the thing\n\nThe old code stopped at a line with one dot:\n.\nNow it does not.", env=env)
     setup.run(git, "-C", repo, "format-patch", "-q", "--root", "-o", setup.home / "patches", env=env)
     [patch] = (setup.home / "patches").iterdir()
     setup.run(git, "-C", repo, "send-email", f"--sendmail-cmd={setup.sendmail}", "--from=Dev <dev@example.com>",
@@ -457,7 +459,8 @@ def test_cron_mail_to_root_with_an_alias_names_the_rule(setup):
     parsed = delivered(setup, ["ops@example.com"])
     assert parsed["X-Original-To"] == "root" and str(parsed["To"]) == "root <ops@example.com>"
     log = setup.shim.log_lines()
-    assert any(line.endswith("info: local recipient <root> delivered to <ops@example.com> (alias root)") for line in log)
+    assert any(line.endswith("info: local recipient <root> delivered to <ops@example.com> (alias root)")
+               for line in log)
     assert any(": to=<ops@example.com>, orig_to=<root>, relay=" in line for line in log)
 
 

@@ -89,7 +89,8 @@ def test_explicit_file_must_exist(tmp_path):
     ("SMTP_ALIASES=root\n", "SMTP_ALIASES"),
     ("SMTP_TIMEOUT=-1\n", "must be positive"),
     ("SMTP_TLS_VERIFY=maybe\n", "expected yes or no"),
-], ids=["unknown", "unparsable", "no-value", "password", "security", "fingerprint", "user", "aliases", "timeout", "flag"])
+], ids=["unknown", "unparsable", "no-value", "password", "security", "fingerprint", "user", "aliases", "timeout",
+        "flag"])
 def test_strict_errors_name_file_and_line(tmp_path, text, message):
     path = write(tmp_path / "c.env", text)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:

@@ -32,7 +32,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changes file owners a
 
 
 def make_config(credentials_file, **values) -> config.Config:
-    values = {"SMTP_USER": USER, "SMTP_PROVIDER": "163", "SENDMAIL_SHIM_CREDENTIALS_FILE": str(credentials_file), **values}
+    values = {"SMTP_USER": USER, "SMTP_PROVIDER": "163", "SENDMAIL_SHIM_CREDENTIALS_FILE": str(credentials_file),
+              **values}
     return config.build({k: v for k, v in values.items() if v is not None}, os.environ)
 
 
@@ -489,7 +490,8 @@ def test_own_backend_path_uses_the_credential_file(cred_file):
 
 @pytest.mark.parametrize("backend", [None, credentials.OWN_BACKEND])
 def test_the_default_path_never_imports_keyring(tmp_path, backend):
-    env = hermetic_env(tmp_path, SENDMAIL_SHIM_SMTP_USER=USER, SENDMAIL_SHIM_CREDENTIALS_FILE=str(tmp_path / "credentials"))
+    env = hermetic_env(tmp_path, SENDMAIL_SHIM_SMTP_USER=USER,
+                       SENDMAIL_SHIM_CREDENTIALS_FILE=str(tmp_path / "credentials"))
     if backend:
         env["SENDMAIL_SHIM_SMTP_KEYRING_BACKEND"] = backend
     result = run_python(

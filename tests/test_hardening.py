@@ -131,7 +131,7 @@ def test_hundred_parallel_submissions_three_runners_and_background_deliveries(fa
                                    env=shim.env, cwd=shim.home, stdin=subprocess.PIPE,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                   for n in range(100)]
-    for proc, message_id in zip(submitters, ids):
+    for proc, message_id in zip(submitters, ids, strict=True):
         proc.stdin.write(mail(message_id))
         proc.stdin.close()
     for proc in submitters:
@@ -200,7 +200,8 @@ def test_disk_full_and_read_only_queue(fast_shim, relay, small_disk):
     remount(ro=True)
     try:
         result = shim.run("-odq", "-i", "bob@example.org", stdin=mail(), expect_exit=EX_CANTCREAT)
-        assert result.stderr.startswith("sendmail-shim: cannot write to the queue") and "Read-only file system" in result.stderr
+        assert result.stderr.startswith("sendmail-shim: cannot write to the queue")
+        assert "Read-only file system" in result.stderr
         assert result.stderr.count("\n") == 1
     finally:
         remount(ro=False)
@@ -415,7 +416,7 @@ def test_accepted_message_arrives_with_only_the_documented_changes(direct, relay
     assert code == EX_OK, stderr
     [received] = relay.messages
     head, _, got_body = received.data.partition(b"\r\n\r\n")
-    kept = [line for line, (name, _) in zip(header, fields) if name != "Bcc"]
+    kept = [line for line, (name, _) in zip(header, fields, strict=True) if name != "Bcc"]
     names = {name for name, _ in fields}
     added = [b"From: " + LOGIN.encode()]
     added += [] if "Date" in names else [b"Date"]
@@ -423,7 +424,8 @@ def test_accepted_message_arrives_with_only_the_documented_changes(direct, relay
     added += [] if names & {"To", "Cc"} else [b"To: undisclosed-recipients:;"]
     got_head = head.split(b"\r\n")
     assert got_head[:len(kept)] == expected_lines(kept, not dash_i)
-    assert [line if line.startswith((b"From", b"To")) else line.split(b":")[0] for line in got_head[len(kept):]] == added
+    assert [line if line.startswith((b"From", b"To")) else line.split(b":")[0]
+            for line in got_head[len(kept):]] == added
     want = expected_lines(body_lines, not dash_i)
     assert got_body == b"".join(line + b"\r\n" for line in want)
     assert received.rcpt_tos == ["bob@example.org"] and received.mail_from == LOGIN
@@ -461,7 +463,8 @@ def test_bs_pipelined_before_the_greeting_with_junk(fast_shim, relay):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("ending", [b"", b"MAIL FROM:<a@b>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nSubject: cut\r\n\r\nhalf"])
+@pytest.mark.parametrize("ending", [
+    b"", b"MAIL FROM:<a@b>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nSubject: cut\r\n\r\nhalf"])
 def test_bs_abrupt_eof_sends_nothing(fast_shim, relay, ending):
     shim = fast_shim(SENDMAIL_SHIM_DELIVERY="interactive")
     codes, exit_code = bs_session(shim, b"EHLO c\r\n" + ending)
@@ -586,7 +589,8 @@ TRAILER = st.fixed_dictionaries({}, optional={
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=st.binary(max_size=200), trailer=TRAILER, fix_size=st.booleans(), raw_tail=st.binary(max_size=20))
-def test_a_hostile_maildrop_file_never_crashes_the_runner_or_changes_the_sender(tmp_path, body, trailer, fix_size, raw_tail):
+def test_a_hostile_maildrop_file_never_crashes_the_runner_or_changes_the_sender(tmp_path, body, trailer, fix_size,
+                                                                                raw_tail):
     queue = Queue(str(tmp_path / f"spool{uuid.uuid4().hex}"))
     queue.ensure()
     if fix_size:
@@ -595,7 +599,8 @@ def test_a_hostile_maildrop_file_never_crashes_the_runner_or_changes_the_sender(
     name = f"0123456789ABCDEF.{uuid.uuid4().hex[:16]}"
     with open(os.path.join(queue.maildrop, name), "wb") as stream:
         stream.write(content)
-    config = config_module.build({"SMTP_USER": LOGIN, "SMTP_HOST": "127.0.0.1", "SMTP_ALIASES": "root:admin@example.org"}, {})
+    config = config_module.build(
+        {"SMTP_USER": LOGIN, "SMTP_HOST": "127.0.0.1", "SMTP_ALIASES": "root:admin@example.org"}, {})
     result = empty_maildrop(queue, lambda fields, data, out: accept_drop(config, fields, data, out))
     assert len(result.accepted) + len(result.rejected) == 1 and os.listdir(queue.maildrop) == []
     for message in result.accepted:

@@ -15,7 +15,7 @@ from sendmail_shim import credstore
 from sendmail_shim.errors import (
     EX_NOPERM, EX_NOUSER, EX_OK, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE,
 )
-from tests.faults import COUNTS, raw_fault, wait_idle  # noqa: F401,F811 (raw_fault is a fixture)
+from tests.faults import COUNTS, wait_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +27,8 @@ REQUESTED = "www@example.org"  # -f: the failure reports go there
 @dataclass(frozen=True)
 class Fault:
     stage: str
-    kind: str  # refused | unanswered | tls-drop | tls-hang | plaintext | expired | omitted | hang | drop | reply | partial
+    # refused | unanswered | tls-drop | tls-hang | plaintext | expired | omitted | hang | drop | reply | partial
+    kind: str
     reply: str = ""
     exit: int = EX_TEMPFAIL  # direct mode's exit status (and -odi's, for a refused message)
     text: str = ""  # in the stderr line
@@ -205,7 +206,8 @@ def test_fault(fault, mode, relay_factory, raw_fault, shim_factory, relay_passwo
             assert queue_ids(shim, "queue") == [msg_id] and queue_ids(shim, "failed") == []
         else:
             failed = json.loads((shim.queue_dir / "failed" / msg_id / "envelope.json").read_text())
-            assert msg_id not in queue_ids(shim, "queue") and fault.reply in failed["failure"] + str(failed["recipients"])
+            assert msg_id not in queue_ids(shim, "queue")
+            assert fault.reply in failed["failure"] + str(failed["recipients"])
             assert any(f"]: {msg_id}: sender non-delivery notification: " in line for line in shim.log_lines())
 
     if fault.stage in ("tls", "greeting", "ehlo", "starttls"):

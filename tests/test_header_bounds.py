@@ -102,7 +102,8 @@ def test_1000_addresses_in_one_group_are_accepted_and_1001_refused():
     members = ",\r\n ".join(f"m{i}@x.test" for i in range(999))
     _, env = prep(f"To: Everyone: {members};\r\n".encode())  # the group counts as one
     assert len(env.recipients) == 999
-    assert refused(f"To: Everyone: {members}, m999@x.test;\r\n".encode()) == "more than 1000 addresses in To, Cc and Bcc"
+    assert refused(f"To: Everyone: {members}, m999@x.test;\r\n".encode()) \
+        == "more than 1000 addresses in To, Cc and Bcc"
 
 
 def test_address_fields_over_256_kib_in_all_are_refused():
@@ -240,7 +241,8 @@ def test_ordinary_addresses_parse_as_before(address, names, rewritten, long):
         return
     to = email.message_from_bytes(block, policy=email.policy.default)["To"]
     local = {"root": "admin@example.com", "www-data@web1.example.com": "web@example.com"}
-    want = [local.get(a.addr_spec, a.addr_spec) for a in email.policy.default.header_factory("To", ", ".join(elements)).addresses]
+    model = email.policy.default.header_factory("To", ", ".join(elements))
+    want = [local.get(a.addr_spec, a.addr_spec) for a in model.addresses]
     assert [a.addr_spec for a in to.addresses] == want
     assert all(len(line) <= 998 for line in block.split(b"\r\n"))
 
@@ -250,7 +252,8 @@ def test_a_long_from_gives_the_same_rewrite_as_a_short_one():
     for others in (0, 40):
         block, env = prep(field("From", [first] + [person(i) for i in range(others)]) + b"To: a@x.test\r\n")
         parsed = email.message_from_bytes(block, policy=email.policy.default)
-        assert (parsed["From"].addresses[0].display_name, parsed["From"].addresses[0].addr_spec) == ("Zhang, San", LOGIN)
+        [sender] = parsed["From"].addresses
+        assert (sender.display_name, sender.addr_spec) == ("Zhang, San", LOGIN)
         assert parsed["Reply-To"].addresses[0].addr_spec == "zs@example.com"
         assert env.requested_sender == "zs@example.com"
 

@@ -39,7 +39,7 @@ from sendmail_shim.receiver import IDLE_TIMEOUT, MAX_USER_CONNECTIONS
 from tests.faults import COUNTS
 from tests.localusers import SYSTEM_PYTHON, as_user, needs_other_users, service_site, start_as_user, stop_processes_of
 from tests.relay import RELAY_LOGIN, RELAY_PASSWORD, RelayServer
-from tests.shim import OUTPUTS, SHIM
+from tests.shim import OUTPUTS, SHIM, wait_for
 
 pytestmark = [pytest.mark.e2e, *needs_other_users]
 
@@ -173,6 +173,29 @@ class Hostile:
         assert copies(self.relay, subject) == 1
         COUNTS["hostile users: victim messages delivered exactly once"] += 1
         return subject
+
+    def attacker_sends_again(self, tag: str, mark: int) -> None:
+        """After an attack on the socket: the attacker's own slots came back (nothing leaked in the
+        daemon's count of its connections), so its next message goes through."""
+        subject = unique(f"after-{tag}")
+        proc = self.send(self.attacker, "-t", "-i", stdin=mail(subject))
+        assert proc.returncode == 0, proc.stderr.decode()
+        self.wait_delivered([subject], mark)
+        self.assert_runs_clean(mark)
+
+    @contextmanager
+    def attack(self, script: str, ready: bytes, *args: str):
+        """`script` (Python) run by the attacker's uid in the background, with the socket's path as
+        argv[1]; yields the process once it printed `ready`, kills it on the way out if it still runs."""
+        attacker = start_as_user(self.attacker.pw_name, SYSTEM_PYTHON, "-c", script, str(self.site.socket), *args)
+        try:
+            started, _, _ = select.select([attacker.stdout], [], [], 30)
+            assert started and attacker.stdout.readline() == ready, attacker.stderr.read().decode()
+            yield attacker
+        finally:
+            if attacker.poll() is None:
+                attacker.kill()
+                attacker.communicate()
 
     def attacker_home(self) -> Path:
         """A directory of the attacker's own, on the spool's file system."""
@@ -472,19 +495,11 @@ def test_slowloris_holds_only_the_attackers_own_slots(main_site):
     mark = h.mark()
     trickling, silent = 3, 12
     bound = IDLE_TIMEOUT + 20
-    attacker = start_as_user(h.attacker.pw_name, SYSTEM_PYTHON, "-c", SLOWLORIS, str(h.site.socket),
-                             str(trickling), str(silent), str(bound))
-    try:
-        ready, _, _ = select.select([attacker.stdout], [], [], 30)
-        assert ready and attacker.stdout.readline() == b"ready\n", attacker.stderr.read().decode()
+    with h.attack(SLOWLORIS, b"ready\n", str(trickling), str(silent), str(bound)) as attacker:
         attacked("socket", trickling + silent)
         # while every slot of the attacker is taken, by silent and by one-byte-a-second requests
         h.victim_delivered_once("slowloris", mark)
         out, err = attacker.communicate(timeout=bound + 30)
-    finally:
-        if attacker.poll() is None:
-            attacker.kill()
-            attacker.communicate()
     OUTPUTS.append(err.decode())
     results = json.loads(out.decode().splitlines()[-1])
     answers = results["trickling"] + results["silent"]
@@ -495,12 +510,7 @@ def test_slowloris_holds_only_the_attackers_own_slots(main_site):
         assert answer[1] <= IDLE_TIMEOUT + 15, answer
     for answer in results["trickling"]:  # still being served (slowly) or refused at once
         assert answer is None or answer[0].startswith("ERR 75 "), answer
-    # the attacker's slots came back: nothing leaked in the daemon's count of its connections
-    subject = unique("after-slowloris")
-    proc = h.send(h.attacker, "-t", "-i", stdin=mail(subject))
-    assert proc.returncode == 0, proc.stderr.decode()
-    h.wait_delivered([subject], mark)
-    h.assert_runs_clean(mark)
+    h.attacker_sends_again("slowloris", mark)
 
 
 FLOOD = CLIENT + r'''
@@ -539,27 +549,15 @@ def test_a_connection_flood_stops_nobody(main_site):
     daemon's accept loop and its per-user count must keep serving the victim."""
     h = main_site
     mark = h.mark()
-    attacker = start_as_user(h.attacker.pw_name, SYSTEM_PYTHON, "-c", FLOOD, str(h.site.socket), "8", "16")
-    try:
-        ready, _, _ = select.select([attacker.stdout], [], [], 30)
-        assert ready and attacker.stdout.readline() == b"started\n", attacker.stderr.read().decode()
+    with h.attack(FLOOD, b"started\n", "8", "16") as attacker:
         time.sleep(1)
         h.victim_delivered_once("connection-flood", mark)
         out, err = attacker.communicate(timeout=BOUND)
-    finally:
-        if attacker.poll() is None:
-            attacker.kill()
-            attacker.communicate()
     OUTPUTS.append(err.decode())
     counts = json.loads(out.decode().splitlines()[-1])
     attacked("socket")
     assert counts["connections"] > 100, counts
-    # and its slots all came back once it stopped
-    subject = unique("after-flood")
-    proc = h.send(h.attacker, "-t", "-i", stdin=mail(subject))
-    assert proc.returncode == 0, proc.stderr.decode()
-    h.wait_delivered([subject], mark)
-    h.assert_runs_clean(mark)
+    h.attacker_sends_again("flood", mark)  # its slots all came back once it stopped
 
 
 MALFORMED = CLIENT + r'''
@@ -775,13 +773,6 @@ def quota_site(hostile_relay):
         yield site
 
 
-def wait_for(condition, bound: float = BOUND, what: str = "") -> None:
-    deadline = time.monotonic() + bound
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out: {what}"
-        time.sleep(0.1)
-
-
 def test_a_queue_share_flood_is_refused_for_the_flooder_only(quota_site):
     """The attacker's mail to a recipient the relay defers stays queued; once its share is full
     (also after the pickup has moved it from maildrop/ into queue/), it is refused with 75."""
@@ -792,7 +783,7 @@ def test_a_queue_share_flood_is_refused_for_the_flooder_only(quota_site):
         proc = h.send(h.attacker, "-i", STUCK, stdin=padded(subject, QUOTA_MESSAGE, to=STUCK))
         assert proc.returncode == 0, proc.stderr.decode()
     queue = Queue(str(h.site.spool))
-    wait_for(lambda: not os.listdir(queue.maildrop) and len(queue.ids()) >= 3, what="the pickup")
+    wait_for(lambda: not os.listdir(queue.maildrop) and len(queue.ids()) >= 3, BOUND, "the pickup")
     more = [unique("quota-flood") for _ in range(3)]
     codes = [h.send(h.attacker, "-i", STUCK, stdin=padded(s, QUOTA_MESSAGE, to=STUCK)).returncode for s in more]
     attacked("socket", len(first) + len(more))
@@ -820,7 +811,7 @@ def test_delivered_mail_does_not_count_against_a_users_queue_share(quota_site):
         proc = h.send(other, "-i", "bob@example.org", stdin=padded(subject, QUOTA_MESSAGE))
         assert proc.returncode == 0, f"message {n + 1}: {proc.stderr.decode()}"
         h.wait_delivered([subject], mark)
-        wait_for(lambda: only_stuck_mail_queued(h), what="the delivered message leaving the queue")
+        wait_for(lambda: only_stuck_mail_queued(h), BOUND, "the delivered message leaving the queue")
     h.assert_runs_clean(mark)
 
 

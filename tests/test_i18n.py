@@ -59,7 +59,8 @@ def source_msgids() -> set[str]:
 
 
 def fields(template: str) -> set[str]:
-    return {f"{name}!{conv}:{spec}" for _text, name, spec, conv in string.Formatter().parse(template) if name is not None}
+    return {f"{name}!{conv}:{spec}" for _text, name, spec, conv in string.Formatter().parse(template)
+            if name is not None}
 
 
 def test_every_message_has_a_chinese_translation_with_the_same_placeholders():

@@ -133,7 +133,8 @@ def security_does_not_fit_the_port(shim_factory, relay_factory, tmp_path):
 
 def starttls_against_implicit_tls(shim_factory, relay_factory, tmp_path):
     relay = relay_factory(security="tls")  # on a random port, not 465
-    result = _direct(shim_factory, relay, SMTP_SECURITY="starttls").run("-i", RECIPIENT, stdin=MESSAGE, expect_exit=None)
+    direct = _direct(shim_factory, relay, SMTP_SECURITY="starttls")
+    result = direct.run("-i", RECIPIENT, stdin=MESSAGE, expect_exit=None)
     assert "speaks implicit TLS" in result.stderr and "SMTP_SECURITY=tls" in result.stderr
     return result
 
@@ -165,7 +166,8 @@ RUNS = {  # each code the page may list → the runs that return it
     errors.EX_NOPERM: [wrong_password],
     errors.EX_CONFIG: [no_sender],
 }
-CASES = [pytest.param(code, run, id=f"{code}-{run.__name__}") for code, _name in TABLE for run in RUNS.get(code, [None])]
+CASES = [pytest.param(code, run, id=f"{code}-{run.__name__}")
+         for code, _name in TABLE for run in RUNS.get(code, [None])]
 
 
 @pytest.mark.e2e

@@ -330,8 +330,8 @@ def folded(line: bytes) -> list[bytes]:
 def model(data: bytes, dot_ends: bool) -> bytes | None:
     """Reference: the header block line by line under its rules (a line ends at LF, with any CRs
     before it, or at a CR of those ending the input; a CR elsewhere is refused), then the body
-    split at every line end; dot rules; long header lines folded, long body lines broken. None means DataError (a NUL, or a
-    lone CR in the header block)."""
+    split at every line end; dot rules; long header lines folded, long body lines broken. None means
+    DataError (a NUL, or a lone CR in the header block)."""
     unstuff = (lambda line: line[1:] if line.startswith(b"..") else line) if dot_ends else (lambda line: line)
     header, pos, first = [], 0, True
     while pos < len(data):

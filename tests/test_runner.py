@@ -23,7 +23,7 @@ from sendmail_shim.log import MessageLog
 from sendmail_shim.queue import Queue
 from sendmail_shim.runner import Selector, deliver_now, run_queue
 from tests.relay import RELAY_LOGIN
-from tests.shim import OUTPUTS
+from tests.shim import OUTPUTS, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,15 +155,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_for(condition, timeout: float = 15.0):
-    """Wait for something another process does; fails only if it never happens."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("the expected event did not happen")
-        time.sleep(0.02)
 
 
 # -- the basic cycle ---------------------------------------------------------------------------
@@ -564,7 +555,7 @@ def test_fifty_concurrent_submissions_two_runners_each_delivered_once(site, rela
     submitters = [subprocess.Popen([sys.executable, "-c", HELPER, "submit", f"r{i}@example.org"],
                                    env=site.environ(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
                   for i in range(50)]
-    for proc, (data, _) in zip(submitters, messages):
+    for proc, (data, _) in zip(submitters, messages, strict=True):
         proc.stdin.write(data)
         proc.stdin.close()
     assert [proc.wait(timeout=60) for proc in submitters] == [0] * 50

@@ -1,6 +1,5 @@
 """sendmail_shim.smtp against the real aiosmtpd relay of tests/relay.py (and a few raw sockets)."""
 
-import base64
 import io
 import re
 import socket
@@ -19,6 +18,7 @@ from sendmail_shim.errors import (
 from sendmail_shim.secret import Secret
 from sendmail_shim.smtp import GREETING_PROBE_SECONDS, Relay, dot_stuff, helo_name, looks_like_tls
 from tests.relay import RELAY_LOGIN
+from tests.shim import secret_forms
 
 BODY = (
     b"From: alice@163.test\r\nTo: bob@example.test\r\nSubject: test\r\n\r\n"
@@ -62,11 +62,6 @@ def failure(session_, **send_fields):
     with pytest.raises(Exception) as caught:
         session_.send(**send_fields)
     return caught.value
-
-
-def secret_forms(user: str, password: str) -> list[str]:
-    b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
-    return [password, b64(password), b64(f"\0{user}\0{password}"), b64(user)]
 
 
 def auth_commands(server) -> list[str]:
@@ -243,11 +238,9 @@ def test_starttls_against_implicit_tls_through_the_console_script(relay, shim_fa
 
 
 @pytest.fixture
-def slow_greeter():
+def slow_greeter(listeners):
     """``slow_greeter(port, delay)`` → the port of a TCP proxy to 127.0.0.1:``port`` that holds
     back everything the server says for ``delay`` seconds after each connection (a greet pause)."""
-    listeners, sockets = [], []
-    stop = threading.Event()
 
     def pump(source, target, delay):
         time.sleep(delay)
@@ -263,32 +256,15 @@ def slow_greeter():
                 except OSError:
                     pass
 
-    def serve(listener, port, delay):
-        listener.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                client = listener.accept()[0]
-            except TimeoutError:
-                continue
-            server = socket.create_connection(("127.0.0.1", port))
-            sockets.extend([client, server])
+    def start(port: int, delay: float) -> int:
+        def proxy(client):
+            server = listeners.keep(socket.create_connection(("127.0.0.1", port)))
             for source, target, wait in ((server, client, delay), (client, server, 0)):
                 threading.Thread(target=pump, args=(source, target, wait), daemon=True).start()
 
-    def start(port: int, delay: float) -> int:
-        listener = socket.create_server(("127.0.0.1", 0))
-        thread = threading.Thread(target=serve, args=(listener, port, delay), daemon=True)
-        listeners.append((listener, thread))
-        thread.start()
-        return listener.getsockname()[1]
+        return listeners.listen(proxy)
 
-    yield start
-    stop.set()
-    for listener, thread in listeners:
-        thread.join()
-        listener.close()
-    for sock in sockets:
-        sock.close()
+    return start
 
 
 @pytest.mark.parametrize("security", ["starttls", "none"])
@@ -545,13 +521,19 @@ def test_next_envelope_goes_out_before_the_final_reply(relay_factory, session, p
         assert following[:2] == [["S:", "250"], ["C:", "MAIL"]]
 
 
+def two_in_flight(connection, first_to: str):
+    """The first message's data sent and the second's envelope (to b@example.test) right behind it,
+    before the first's final reply is read (PIPELINING)."""
+    first = connection.begin(envelope_to(first_to))
+    connection.transfer(first, io.BytesIO(BODY))
+    return first, connection.begin(envelope_to("b@example.test"))
+
+
 def test_refused_data_does_not_touch_the_next_message(relay_factory, session):
     server = relay_factory(security="tls", pipelining=True)
     server.reject_data["spam@example.test"] = "554 5.7.1 looks like spam"
     with session(server).relay as connection:
-        first = connection.begin(envelope_to("spam@example.test"))
-        connection.transfer(first, io.BytesIO(BODY))
-        second = connection.begin(envelope_to("b@example.test"))
+        first, second = two_in_flight(connection, "spam@example.test")
         with pytest.raises(SMTPFailure) as caught:
             connection.collect(first)
         assert (caught.value.code, caught.value.stage) == (554, "dot")
@@ -565,9 +547,7 @@ def test_connection_lost_before_the_final_reply(relay_factory, session):
     server = relay_factory(security="tls", pipelining=True)
     server.close_at.add("accepted")  # the relay takes the first message and drops the connection
     with session(server).relay as connection:
-        first = connection.begin(envelope_to("a@example.test"))
-        connection.transfer(first, io.BytesIO(BODY))
-        second = connection.begin(envelope_to("b@example.test"))
+        first, second = two_in_flight(connection, "a@example.test")
         with pytest.raises(TempFail) as lost:
             connection.collect(first)
         assert "(at DOT)" in str(lost.value) and "twice" in lost.value.hint
@@ -602,50 +582,21 @@ def test_verify_sender(relay, session):
 # -- timeouts and unreachable relays --------------------------------------------------------------
 
 @pytest.fixture
-def raw_server():
+def raw_server(listeners):
     """``raw_server(greeting)`` → the port of a TCP server that sends ``greeting`` (if any) to
     each connection and then says nothing more."""
-    listeners, accepted = [], []
-    stop = threading.Event()
-
-    def serve(listener, greeting):
-        listener.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                sock = listener.accept()[0]
-            except TimeoutError:
-                continue
-            accepted.append(sock)
+    def start(greeting: bytes | None = None) -> int:
+        def greet(sock):
             if greeting:
                 sock.sendall(greeting)
 
-    def start(greeting: bytes | None = None) -> int:
-        listener = socket.create_server(("127.0.0.1", 0))
-        thread = threading.Thread(target=serve, args=(listener, greeting), daemon=True)
-        listeners.append((listener, thread))
-        thread.start()
-        return listener.getsockname()[1]
+        return listeners.listen(greet)
 
-    yield start
-    stop.set()
-    for listener, thread in listeners:
-        thread.join()
-        listener.close()
-    for sock in accepted:
-        sock.close()
+    return start
 
 
-@pytest.fixture
-def unanswered_port():
-    """A port whose listen backlog is full: a new connection attempt gets no answer at all."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
-    filler = socket.create_connection(listener.getsockname())
-    yield listener.getsockname()[1]
-    filler.close()
-    listener.close()
-
-
-def test_connect_timeout(plain_relay, session, unanswered_port):
+def test_connect_timeout(plain_relay, session, raw_fault):
+    unanswered_port = raw_fault("unanswered")  # its backlog is full: no answer at all
     error = failure(session(plain_relay, SMTP_PORT=str(unanswered_port), SMTP_CONNECT_TIMEOUT="0.5"))
     assert isinstance(error, TempFail) and error.exit_code == EX_TEMPFAIL
     assert f"cannot connect to 127.0.0.1:{unanswered_port}: timed out" in str(error)
@@ -668,7 +619,8 @@ def test_garbled_greeting_is_a_protocol_error(plain_relay, session, raw_server):
 def test_refusing_greeting(plain_relay, session, raw_server):
     port = raw_server(b"554 5.7.1 go away\r\n")  # and then no answer to QUIT either
     error = failure(session(plain_relay, SMTP_PORT=str(port), SMTP_TIMEOUT="0.5"))
-    assert isinstance(error, SMTPFailure) and (error.code, error.stage, error.exit_code) == (554, "connect", EX_UNAVAILABLE)
+    assert isinstance(error, SMTPFailure)
+    assert (error.code, error.stage, error.exit_code) == (554, "connect", EX_UNAVAILABLE)
 
 
 def test_connection_refused(plain_relay, session):

@@ -24,10 +24,10 @@ from sendmail_shim.queue import Queue, new_id
 from sendmail_shim.runner import Selector
 from tests.relay import RELAY_LOGIN
 from tests.shim import OUTPUTS, SHIM, SHIM_PYTHON, readable_by_others
-from tests.test_hardening import small_disk  # noqa: F401  (fixture)
+from tests.test_hardening import small_disk
 from tests.localusers import SYSTEM_PYTHON, accounts
-from tests.test_queue import MESSAGE, drop, pickup, queue  # noqa: F401  (queue: fixture)
-from tests.test_runner import (  # noqa: F401  (site, site_factory: fixtures)
+from tests.test_queue import MESSAGE, drop, pickup, queue
+from tests.test_runner import (
     Site, message_bytes, received, site, site_factory,
 )
 

@@ -5,22 +5,14 @@ import email
 import os
 import re
 import stat
-import time
 
 import pytest
 
 from tests.localusers import needs_other_users, service_site
 from tests.relay import RELAY_LOGIN
+from tests.shim import wait_for
 
 pytestmark = [pytest.mark.e2e, *needs_other_users]
-
-
-def wait_for(condition, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
 
 
 def message(subject: str, to: str = "bob@example.org", sender: str = "www-data@web.example") -> bytes:

@@ -126,7 +126,8 @@ def test_interactive_setup_writes_the_config_stores_the_password_and_passes_the_
 def test_rerunning_it_offers_the_current_values_and_keeps_the_stored_password(home, relay):
     first = setup_terminal(home)
     answer_custom_relay(first, relay, password=RELAY_PASSWORD)
-    for prompt, answer in (("Sender policy", "reject"), ("Address for mail to root", "ops@example.com"), ("(yes/no)", "yes")):
+    for prompt, answer in (("Sender policy", "reject"), ("Address for mail to root", "ops@example.com"),
+                           ("(yes/no)", "yes")):
         first.expect(prompt)
         first.line(answer)
     assert first.finish() == EX_OK
@@ -236,7 +237,8 @@ def test_render_keeps_comments_and_unknown_keys_and_reads_back(tmp_path):
     tricky = "pass -p 'it''s' \\ # not a comment"
     out = wizard.render(text, {"SMTP_HOST": "relay.test", "SMTP_USER": "new@x.test", "SMTP_PORT": None,
                                "SMTP_PASSWORD_COMMAND": tricky})
-    assert out.startswith("# my comment\nSMTP_HOST=relay.test\nSMTP_USER=new@x.test\nSENDMAIL_SHIM_QUEUE_DIR=/q\n#SMTP_PORT=25\n")
+    assert out.startswith("# my comment\nSMTP_HOST=relay.test\nSMTP_USER=new@x.test\nSENDMAIL_SHIM_QUEUE_DIR=/q\n"
+                          "#SMTP_PORT=25\n")
     path = tmp_path / "f.env"
     path.write_text(out)
     assert config.read_file(str(path)) == {"SMTP_HOST": "relay.test", "SMTP_USER": "new@x.test",
@@ -278,7 +280,8 @@ def test_integration_hints_name_the_files_and_the_lines_to_add(tmp_path):
     hints = wizard.integration_hints(settings, str(program), root=str(tmp_path))
     text = "\n".join(hints)
     assert f"/usr/sbin/sendmail belongs to another MTA ({tmp_path}/usr/sbin/sendmail)" in text
-    assert f'/etc/php/8.2/fpm/php.ini: sendmail_path = (default) /usr/sbin/sendmail -t -i — add this line: sendmail_path = "{program} -t -i"' in text
+    assert ('/etc/php/8.2/fpm/php.ini: sendmail_path = (default) /usr/sbin/sendmail -t -i — '
+            f'add this line: sendmail_path = "{program} -t -i"') in text
     assert f"/etc/php/8.2/apache2/conf.d/90-mail.ini: sendmail_path = {program} -t -i — sendmail-shim" in text
     assert "/etc/cron.d/backup: cron mails job output to MAILTO=backup,ops@example.com" in text
     assert "no alias for the local names backup: their mail goes to the login a@x.test" in text

@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sendmail_shim import __version__  # noqa: E402
-from sendmail_shim.config import KEYS  # noqa: E402
+from sendmail_shim import __version__
+from sendmail_shim.config import KEYS
 
 PLACEHOLDER = ".. configuration-keys"
 
