@@ -156,7 +156,7 @@ class Session:
 
     def _accept(self, spool) -> str:
         opts = Options(**{**vars(self.opts), "extract_recipients": False, "recipients": list(self.recipients),
-                          "sender": self.mail_from or None, "dot_ends": False})
+                          "requested_sender": self.mail_from or None, "dot_ends": False})
         try:
             msg_id = submit.accept(reader.MessageReader(spool, dot_ends=False), opts, self.config,
                                    self.stderr, self.environ)

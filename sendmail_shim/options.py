@@ -54,7 +54,7 @@ class Options(SimpleNamespace):
             mode="send",
             extract_recipients=False,  # -t
             dot_ends=True,  # cleared by -i / -oi
-            sender=None,  # -f / -r: requested envelope sender, logged only
+            requested_sender=None,  # -f / -r: the sender the caller asked for (the login is sent)
             full_name=None,  # -F
             recipients=[],
             verbose=0,  # -v (repeatable)
@@ -167,7 +167,7 @@ def _with_argument(opts: Options, letter: str, value: str) -> None:
         raise UsageError(_("refusing -{letter} {value}: sendmail-shim never writes log files or reads configuration "
                            "named on its command line").format(letter=letter, value=value))
     if letter in ("f", "r"):
-        opts.sender = value.strip()
+        opts.requested_sender = value.strip()
     elif letter == "F":
         opts.full_name = value
     elif letter == "o":

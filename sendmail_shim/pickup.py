@@ -60,7 +60,7 @@ def request(opts, header_block: bytes) -> dict:
         raise UsageError(dsn.NO_RECIPIENTS)
     fields = {
         "recipients": list(opts.recipients), "extract": opts.extract_recipients,
-        "requested_sender": opts.sender, "full_name": opts.full_name,
+        "requested_sender": opts.requested_sender, "full_name": opts.full_name,
         "dsn_notify": opts.dsn_notify, "dsn_ret": opts.dsn_ret, "envid": opts.envid,
     }
     problem = _malformed(fields)

@@ -166,7 +166,17 @@ class _Run:
 
         Each message's envelope goes out before the previous message's final reply is read: with
         PIPELINING right behind that message's data, so that a message costs one round trip. The
-        previous message is settled before this one's data goes out; a worker holds two locks."""
+        previous message is settled before this one's data goes out; a worker holds two locks.
+        The steps of messages A, B, C on one connection (each `_Attempt` phase is named after the
+        `smtp.Relay` call it makes)::
+
+            A.begin   MAIL/RCPT/DATA of A
+            A.transfer                        A's data and its dot
+            B.begin                                     MAIL/RCPT/DATA of B, pipelined behind A's dot
+            A.collect                                   A's final reply read, A recorded and unlocked
+            B.transfer                                  B's data and its dot
+            C.begin …   B.collect …   C.transfer …      and so on; the last one is collected alone
+        """
         flight = steps = None  # the previous message's last step (its final reply), this one's
         try:
             while (msg_id := self._take(flight)) is not None and self._usable(session, msg_id):
@@ -225,11 +235,11 @@ class _Run:
                 busy = message is None
                 if message is not None and self.due(message):  # still: another process may have tried it
                     crash_point("deliver-locked")
-                    attempt.start(message)
+                    attempt.begin(message)
                     yield
                     attempt.transfer()
                     yield
-                    outcome = attempt.finish()
+                    outcome = attempt.collect()
         except DataError as exc:  # a damaged envelope.json: kept for the administrator
             self.log.warning(QMGR, f"{exc}; left in the queue", msg_id=msg_id)
         with self.lock:
@@ -435,9 +445,9 @@ class _Tracked:
 class _Attempt:
     """One delivery attempt of one locked message, and everything that follows from it.
 
-    In three steps, so that a queue run can overlap neighbours (`_Run.work`): `start` (the
-    envelope goes out), `transfer` (the data), `finish` (the final reply, the outcome); `run`
-    takes them in a row."""
+    In three steps named after the `smtp.Relay` calls they make, so that a queue run can overlap
+    neighbours (`_Run.work`): `begin` (the envelope goes out), `transfer` (the data), `collect`
+    (the final reply, the outcome); `run` takes them in a row."""
 
     def __init__(self, config, queue: Queue, session: _Session, log, *, interactive: bool,
                  active: float | None = None):
@@ -450,18 +460,18 @@ class _Attempt:
         self._result: tuple[dict, ShimError | None, bool] | None = None  # see _failure, once known
 
     def run(self, message: QueuedMessage) -> Outcome:
-        self.start(message)
+        self.begin(message)
         self.transfer()
-        return self.finish()
+        return self.collect()
 
-    def start(self, message: QueuedMessage) -> None:
+    def begin(self, message: QueuedMessage) -> None:
         self.message, self.now = message, time.time()
         self.pending = message.pending
         self.relay = self.connected = None
         env = message.envelope
         self.log.active(message.id, sender=env.sender, size=env.size, nrcpt=len(self.pending))
         if self.now - message.arrival > self.config.max_queue_age or not self.pending:
-            return  # nothing to send: `finish` settles it
+            return  # nothing to send: `collect` settles it
         self.data = _Tracked(message.data_file)
         message.data_file.seek(0)
         try:
@@ -479,7 +489,7 @@ class _Attempt:
             except ShimError as exc:
                 self._result = self._failure(exc)
 
-    def finish(self) -> Outcome:
+    def collect(self) -> Outcome:
         message, now, pending = self.message, self.now, self.pending
         if now - message.arrival > self.config.max_queue_age:
             return self._expire(message, now)

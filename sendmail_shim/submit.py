@@ -95,7 +95,7 @@ def accept(reader, opts, config, stderr, environ) -> str:
             header_block,
             extract_recipients=opts.extract_recipients,
             argv_recipients=opts.recipients,
-            requested_sender=opts.sender,
+            requested_sender=opts.requested_sender,
             policy=policy,
         )
     envelope = envelope._replace(dsn_notify=opts.dsn_notify, dsn_ret=opts.dsn_ret, envid=opts.envid)

@@ -53,7 +53,8 @@ def test_deferred_policy_gives_what_the_front_end_gives(fields, argv, extract, s
     header = b"".join(f"{name}: {value}\n".encode() for name, value in fields)
     stdin = (b"From someone Mon Nov 25 13:00:00 2024\n" * mbox_lines + header
              + b"Date: Mon, 25 Nov 2024 13:00:00 +0000\nMessage-ID: <fixed@example.org>\n\nbody\n")
-    opts = Options(recipients=argv, extract_recipients=extract, sender=sender, full_name=full_name, dot_ends=False)
+    opts = Options(recipients=argv, extract_recipients=extract, requested_sender=sender, full_name=full_name,
+                   dot_ends=False)
 
     def now():
         reader = MessageReader(io.BytesIO(stdin), dot_ends=False)

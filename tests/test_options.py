@@ -7,26 +7,26 @@ from sendmail_shim.options import parse
 
 CALLERS = [
     ("php mail()", "-t -i", dict(extract_recipients=True, dot_ends=False)),
-    ("php 5th arg", "-t -i -fenvelope@example.com", dict(sender="envelope@example.com")),
+    ("php 5th arg", "-t -i -fenvelope@example.com", dict(requested_sender="envelope@example.com")),
     ("phpmailer", "-t -i -oi -ffrom@example.com -t",
-     dict(extract_recipients=True, dot_ends=False, sender="from@example.com")),
+     dict(extract_recipients=True, dot_ends=False, requested_sender="from@example.com")),
     ("symfony -t", "-i -ffrom@example.com -- to@example.com cc@example.com",
      dict(dot_ends=False, recipients=["to@example.com", "cc@example.com"], extract_recipients=False)),
     ("git send-email", "-oem -f bounce@example.com -i to@example.com",
-     dict(sender="bounce@example.com", recipients=["to@example.com"], dot_ends=False)),
+     dict(requested_sender="bounce@example.com", recipients=["to@example.com"], dot_ends=False)),
     ("debian cron", "-FCronDaemon -i -B8BITMIME -oem ops@example.com,second@example.com",
      dict(full_name="CronDaemon", recipients=["ops@example.com,second@example.com"])),
     ("cronie", "-FCronDaemon -i -odi -oem -oi -t -f root",
-     dict(delivery="interactive", sender="root", extract_recipients=True)),
+     dict(delivery="interactive", requested_sender="root", extract_recipients=True)),
     ("anacron", "-FAnacron -odi root",
      dict(full_name="Anacron", delivery="interactive", recipients=["root"], dot_ends=True)),
-    ("bsd-mailx", "-i -t -f from@example.com -m -v", dict(verbose=1, sender="from@example.com")),
+    ("bsd-mailx", "-i -t -f from@example.com -m -v", dict(verbose=1, requested_sender="from@example.com")),
     ("mailutils", "-oi -f from@example.com -t", dict(extract_recipients=True)),
     ("mutt", "-oem -oi -B8BITMIME -f from@example.com -N failure,delay -R hdrs -- to@example.com",
      dict(dsn_notify="DELAY,FAILURE", dsn_ret="HDRS", recipients=["to@example.com"])),
     ("logwatch", "-t", dict(extract_recipients=True, dot_ends=True)),
     ("clustered", "-ti", dict(extract_recipients=True, dot_ends=False)),
-    ("-r", "-r bob@example.com x@y.z", dict(sender="bob@example.com")),
+    ("-r", "-r bob@example.com x@y.z", dict(requested_sender="bob@example.com")),
     ("-bm", "-bm root", dict(mode="send", recipients=["root"])),
     ("ignored with args", "-A m -L tag -h 17 -p smtp -O x=y -e m -d0.1 -G -U -n -c -x -Vabc root", dict(envid="abc")),
     ("-odb -odq", "-odb -odq root", dict(delivery="queue")),
@@ -101,4 +101,4 @@ def test_program_name_selects_mode():
 def test_oQ_queue_directory_from_caller_is_ignored():
     # CVE-2016-10033 family: -oQ/tmp/ -X/var/www/x.php through PHP's 5th argument.
     opts = parse(["-t", "-i", "-oQ/tmp/", "-fa@b.c"])
-    assert opts.sender == "a@b.c" and opts.delivery is None
+    assert opts.requested_sender == "a@b.c" and opts.delivery is None
