@@ -425,7 +425,7 @@ def _become_owner(spool: str, socket_path: str) -> None:
     st = os.stat(spool)
     if st.st_uid == 0:
         return  # a root-owned spool (no service user): root's own daemon
-    if os.path.exists(socket_path) and not os.environ.get("LISTEN_FDS"):
+    if os.path.exists(socket_path):  # ours to replace after a restart as that user
         os.chown(socket_path, st.st_uid, st.st_gid)
     os.setgroups([])
     os.setgid(st.st_gid)
