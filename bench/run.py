@@ -437,7 +437,7 @@ pickup(*next(iter(cases.values())))  # warm-up
 print(json.dumps({name: [pickup(*case) for _ in range(int(sys.argv[2]))] for name, case in cases.items()}))
 """
 
-# The costliest shapes of each kind at the header policy's caps (message.py), as (prefix, unit,
+# The costliest shapes of each kind at the header policy's caps (addresses.py), as (prefix, unit,
 # tail): an address of about 1 KiB, in four 64 KiB To fields folded after each address (split,
 # each address parsed), or in 255 To fields of 1 KiB (each parsed whole); every field differs
 # (a field is parsed once).

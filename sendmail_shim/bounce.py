@@ -1,4 +1,5 @@
-"""Failure reports (bounces): an RFC 3464 multipart/report, built as CRLF bytes (pure).
+"""Failure reports (bounces): an RFC 3464 multipart/report, built as CRLF bytes (`build`, pure),
+and queued (`queue_report`, for runner.py and for pickup.py's notices).
 
 The report has the three parts RFC 3464 §2 and RFC 6522 describe: a human-readable notice, a
 ``message/delivery-status`` part with one block per failed recipient, and the headers of the
@@ -10,11 +11,15 @@ of with ``MAIL FROM:<>``; a bounce is never bounced.
 """
 
 import re
+import socket
+import time
 from typing import NamedTuple
 from email.utils import formatdate
 
+from .envelope import Envelope
 from .errors import DataError
 from .log import one_line, reply_status
+from .queue import Queue
 
 MAX_ORIGINAL_HEADERS = 64 << 10
 _REPLY = re.compile(r"([245])\d\d(?:[ -]+([245]\.\d{1,3}\.\d{1,3}))?")
@@ -155,3 +160,40 @@ def _status_part(failures, boundary, queue_id, arrival, reporting_mta, remote_mt
 def _clean(text: str) -> str:
     """One line, at most 900 characters: a reply must not break the report's structure."""
     return one_line(text)[:900]
+
+
+def queue_report(config, queue: Queue, log, *, about: str, original: bytes, arrival: float,
+                 requested_sender: str | None, uid: int | None, failures=(), refusal: str | None = None,
+                 now: float | None = None) -> str:
+    """Queue a failure report (`build`) about message `about`, submitted by `uid`; returns its id."""
+    import secrets  # here, not at the top: only a failure needs it
+    from email.utils import make_msgid
+
+    now = time.time() if now is None else now
+    hostname = socket.gethostname()
+    to = recipient_for(config.bounce_to, _account(uid), config.sender, config.aliases, hostname)
+    message_id = make_msgid("bounce", domain=config.sender.rpartition("@")[2] or "localhost")
+    data = build(
+        failures=list(failures), original_headers=original, queue_id=about, arrival=arrival,
+        sender=config.sender, to=to, reporting_mta=config.helo or hostname, remote_mta=config.host,
+        message_id=message_id,
+        boundary=f"={secrets.token_hex(12)}", now=now, refusal=refusal, requested_sender=requested_sender,
+    )
+    report = Envelope(sender=config.sender, recipients=[to], eight_bit=not data.isascii(),
+                      smtputf8=not to.isascii(), size=len(data), message_id=message_id)
+    with queue.spool() as spool:
+        spool.file.write(data)
+        report_id = spool.commit(report, bounce=True)
+    log.message_id(report_id, report.message_id)
+    log.notified(about, report_id)
+    return report_id
+
+
+def _account(uid: int | None) -> str | None:
+    """The local user name of `uid`, None when it has none."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name if uid is not None else None
+    except KeyError:
+        return None

@@ -173,12 +173,12 @@ def _notify_refusal(config, queue: Queue, log, refusal: "Refusal") -> str | None
     """Tell the submitter that its request was refused at pickup, from what the pickup read (the
     file kept in corrupt/ is its writer's to change); None when the notice cannot be queued, which
     is logged: a notice must not cost other users their delivery."""
-    from .runner import _queue_report  # the failure reports' one home
+    from .bounce import queue_report  # the failure reports' one home
 
     try:
-        return _queue_report(config, queue, log, about=refusal.id, original=refusal.headers,
-                             arrival=refusal.arrival, requested_sender=refusal.requested_sender,
-                             uid=refusal.uid, refusal=refusal.reason)
+        return queue_report(config, queue, log, about=refusal.id, original=refusal.headers,
+                            arrival=refusal.arrival, requested_sender=refusal.requested_sender,
+                            uid=refusal.uid, refusal=refusal.reason)
     except Exception as exc:
         log.error(BOUNCE, f"cannot queue the notice about {refusal.id}: {type(exc).__name__}: {exc}")
         return None

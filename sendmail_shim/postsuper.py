@@ -5,7 +5,7 @@ The administrator lists the queue (`listing`, ``-bp``/mailq), shows and deletes 
 queue/ and failed/ and entries of corrupt/ by the id the log printed (`locate`, `show`,
 `delete`), or all of it at once (`delete_all`, Postfix's ``postsuper -d ALL``), makes messages
 due now (`retry_now`) and moves failed ones back (`requeue`). failed/ and corrupt/ are kept for
-SENDMAIL_SHIM_FAILED_AGE (`expire_kept`, on every queue run).
+SENDMAIL_SHIM_FAILED_AGE (`expire_kept`; `expire`, with its log lines, on every queue run).
 
 A message is removed only under its lock, by one rename into tmp/ (a crash leaves only tmp/
 garbage); corrupt/ entries are looked at with lstat and opened, if at all, without following a
@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple
 from . import fsio
 from .errors import DataError, TempFail, UsageError
 from .i18n import _
-from .log import one_line, token
+from .log import POSTSUPER, one_line, token
 from .pickup import MAX_REASON
 from .queue import ID_PATTERN, TMP_GRACE, Queue, QueuedMessage, Recipient, checked_id
 
@@ -118,6 +118,27 @@ def expire_kept(queue: Queue, max_age: float, removed: Callable[[str, str, float
         if now - item.refused > max_age and _discard_corrupt(queue, item.name):
             removed("corrupt", item.id, now - item.refused)
     _forget_stray_reasons(queue)
+
+
+def expire(config, queue: Queue, log) -> None:
+    """The queue run's `expire_kept`: remove what failed/ and corrupt/ have kept for longer than
+    SENDMAIL_SHIM_FAILED_AGE, one postsuper line each; a problem is logged and stops no delivery."""
+    def removed(where: str, item_id: str, age: float) -> None:
+        log.removed(item_id, program=POSTSUPER,
+                    why=f"kept in {where}/ for {duration(age)}, longer than SENDMAIL_SHIM_FAILED_AGE")
+
+    try:
+        expire_kept(queue, config.failed_age, removed)
+    except OSError as exc:
+        log.error(POSTSUPER, f"failed/ and corrupt/ not expired: {exc}")
+
+
+def duration(seconds: float) -> str:
+    """`seconds` as the log says an age: 1.5d, 2.0h, 3.0m, 42s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _failed_since(queue: Queue, msg_id: str) -> float | None:

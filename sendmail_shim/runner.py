@@ -27,7 +27,6 @@ so a refused login costs at most one AUTH per connection. A message is only touc
 lock (`Queue.lock`), so workers, concurrent runners and background deliveries never send it twice.
 """
 
-import socket
 import threading
 import time
 from collections import deque
@@ -35,10 +34,9 @@ from types import SimpleNamespace
 from typing import Callable, Iterator, NamedTuple
 
 from . import pickup, postsuper, replies
-from .envelope import Envelope
 from .errors import CantCreate, ConfigError, DataError, ShimError, SMTPFailure
 from .i18n import _
-from .log import POSTSUPER, QMGR, SMTP, Timing, dsn_for, relay_name
+from .log import QMGR, SMTP, Timing, dsn_for, relay_name
 from .queue import Queue, QueuedMessage, crash_point, next_attempt_after
 
 # What a queue file, mailq, a report and a message's log line say of a local configuration error
@@ -107,7 +105,7 @@ def run_queue(config, queue: Queue, *, log, selector: Selector | None = None,
     queue.check_access()
     stats = RunStats()
     queue.clean_tmp()
-    _expire_kept(config, queue, log)
+    postsuper.expire(config, queue, log)
     pickup.pick_up(config, queue, log, stats)
     run = _Run(config, queue, log, stats, selector, progress, due_only)
     password = _Password(config, password)
@@ -305,58 +303,6 @@ def _count(stats: RunStats, outcome: Outcome) -> None:
         stats.failed += 1
     elif outcome.status == "deferred":
         stats.deferred += 1
-
-
-def _expire_kept(config, queue: Queue, log) -> None:
-    """Remove what failed/ and corrupt/ have kept for longer than SENDMAIL_SHIM_FAILED_AGE, one
-    postsuper line each; a problem is logged and stops no delivery."""
-    def removed(where: str, item_id: str, age: float) -> None:
-        log.removed(item_id, program=POSTSUPER,
-                    why=f"kept in {where}/ for {_duration(age)}, longer than SENDMAIL_SHIM_FAILED_AGE")
-
-    try:
-        postsuper.expire_kept(queue, config.failed_age, removed)
-    except OSError as exc:
-        log.error(POSTSUPER, f"failed/ and corrupt/ not expired: {exc}")
-
-
-def _queue_report(config, queue: Queue, log, *, about: str, original: bytes, arrival: float,
-                  requested_sender: str | None, uid: int | None, failures=(), refusal: str | None = None,
-                  now: float | None = None) -> str:
-    """Queue a failure report (bounce.py) about message `about`, submitted by `uid`; returns its id."""
-    import secrets  # here, not at the top: only a failure needs it
-    from email.utils import make_msgid
-
-    from . import bounce
-
-    now = time.time() if now is None else now
-    hostname = socket.gethostname()
-    to = bounce.recipient_for(config.bounce_to, _account(uid), config.sender, config.aliases, hostname)
-    message_id = make_msgid("bounce", domain=config.sender.rpartition("@")[2] or "localhost")
-    data = bounce.build(
-        failures=list(failures), original_headers=original, queue_id=about, arrival=arrival,
-        sender=config.sender, to=to, reporting_mta=config.helo or hostname, remote_mta=config.host,
-        message_id=message_id,
-        boundary=f"={secrets.token_hex(12)}", now=now, refusal=refusal, requested_sender=requested_sender,
-    )
-    report = Envelope(sender=config.sender, recipients=[to], eight_bit=not data.isascii(),
-                      smtputf8=not to.isascii(), size=len(data), message_id=message_id)
-    with queue.spool() as spool:
-        spool.file.write(data)
-        report_id = spool.commit(report, bounce=True)
-    log.message_id(report_id, report.message_id)
-    log.notified(about, report_id)
-    return report_id
-
-
-def _account(uid: int | None) -> str | None:
-    """The local user name of `uid`, None when it has none."""
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name if uid is not None else None
-    except KeyError:
-        return None
 
 
 # -- one attempt -------------------------------------------------------------------------------
@@ -566,7 +512,7 @@ class _Attempt:
             self.queue.save(message)
             status, kept = "deferred", True
         elif any(r.state == "failed" for r in message.recipients) and not caller_reports:
-            reason = f"expired after {_duration(now - message.arrival)}" if expired else message.last_reply
+            reason = f"expired after {postsuper.duration(now - message.arrival)}" if expired else message.last_reply
             self.queue.fail(message, reason)
             self.log.removed(message.id)  # from queue/: kept in failed/
             status, kept = "failed", False
@@ -601,10 +547,10 @@ class _Attempt:
 
         message.data_file.seek(0)
         original = bounce.header_block(message.data_file.read(bounce.MAX_ORIGINAL_HEADERS + 4))
-        return _queue_report(self.config, self.queue, self.log, about=message.id, original=original,
-                             arrival=message.arrival, requested_sender=message.envelope.requested_sender,
-                             uid=message.uid, now=now,
-                             failures=[bounce.Failure(r.address, r.reply, expired) for r in failed])
+        return bounce.queue_report(self.config, self.queue, self.log, about=message.id, original=original,
+                                   arrival=message.arrival, requested_sender=message.envelope.requested_sender,
+                                   uid=message.uid, now=now,
+                                   failures=[bounce.Failure(r.address, r.reply, expired) for r in failed])
 
     def _log(self, message: QueuedMessage, pending, error: ShimError | None, ambiguous: bool) -> None:
         """One smtp line per recipient tried, as Postfix's: its verdict, the relay, the delays
@@ -634,10 +580,3 @@ def _reply_text(error: ShimError) -> str:
     if isinstance(error, ConfigError):
         return LOCAL_ERROR
     return str(error)
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"

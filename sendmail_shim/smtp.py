@@ -1,29 +1,25 @@
-"""One relay connection: verified TLS, an EHLO name without DNS, one AUTH attempt, streamed DATA,
-a redacted transcript, and every failure mapped to a `sendmail_shim.errors` exception.
+"""The SMTP dialogue on one relay connection: greeting, EHLO, STARTTLS, one AUTH attempt,
+(pipelined) MAIL/RCPT, streamed DATA, a redacted transcript, and every failure mapped to a
+`sendmail_shim.errors` exception.
 
-Built on `smtplib.SMTP` for reply parsing, EHLO features and the AUTH exchange; this module owns
-the socket (bounded name resolution, TCP_NODELAY, certificate checks) and the timeouts: each
+Built on `smtplib.SMTP` for reply parsing, EHLO features and the AUTH exchange; `connection` owns
+the socket (bounded name resolution, TCP_NODELAY, certificate checks) and the clock: each
 operation gets ``min(SMTP_TIMEOUT, time left before SMTP_DEADLINE)``.
 """
 
-import hashlib
 import hmac
-import ipaddress
-import re
-import selectors
 import smtplib
 import socket
 import ssl
-import threading
-import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
-from .replies import STAGES, classify, missing_setup
-from .errors import (
-    ConfigError, DataError, ProtocolError, ShimError, SMTPFailure, TempFail, Unavailable,
+from .connection import (
+    Clock, OutOfTime, await_greeting, connect, handshake, helo_name, tls_context, transport_error,
 )
+from .replies import STAGES, classify, missing_setup
+from .errors import ConfigError, DataError, ProtocolError, ShimError, SMTPFailure, TempFail, Unavailable
 from .i18n import _
 from .secret import Secret
 
@@ -33,44 +29,6 @@ CHUNK_SIZE = 64 * 1024
 # trip; on a plaintext connection (SMTP_ALLOW_PLAINTEXT_AUTH=yes) CRAM-MD5 at least hides it.
 _MECHANISMS_TLS = ("PLAIN", "LOGIN", "CRAM-MD5")
 _MECHANISMS_PLAIN = ("CRAM-MD5", "PLAIN", "LOGIN")
-
-_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+")
-_UNTRUSTED = {18, 19, 20, 21, 27}  # OpenSSL X509_V_ERR_*: self-signed, unknown issuer, untrusted
-_NAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
-_MAYBE_TWICE = _("the relay may have accepted the message anyway; a retry can deliver it twice")
-_PORT_25 = _("many providers and cloud hosts block outgoing port 25: use SMTP_SECURITY=tls with port 465, "
-             "or starttls with port 587")
-# Silence after which a connection that expects an SMTP greeting in the clear is probed for
-# implicit TLS (see Relay._await_greeting); a relay greets within milliseconds, a greet pause
-# (sendmail's greet_pause, Postfix's postscreen) lasts a few seconds.
-GREETING_PROBE_SECONDS = 3.0
-# Ports whose servers greet in the clear by standard (RFC 5321, RFC 6409) and check for clients
-# that talk first: never probed.
-PLAINTEXT_PORTS = (25, 587)
-
-
-def looks_like_tls(head: bytes) -> bool:
-    """Whether the first bytes a server sent begin a TLS record (handshake 0x16 or alert 0x15,
-    version 3.x) rather than an SMTP reply, which begins with a digit. One byte is enough to tell."""
-    return bool(head) and head[0] in (0x15, 0x16) and head[1:2] in (b"", b"\x03")
-
-
-def _client_hello(host: str) -> bytes:
-    """The bytes of a TLS ClientHello for ``host`` (nothing is verified: it is only a question)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    outgoing = ssl.MemoryBIO()
-    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=host)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
-
-
-class _ImplicitTLS(OSError):
-    """The relay speaks TLS from the first byte, but SMTP_SECURITY expects a greeting in the clear."""
 
 
 class SendResult(NamedTuple):
@@ -82,7 +40,7 @@ class SendResult(NamedTuple):
 class Transaction(SimpleNamespace):
     """One message on a connection, from `Relay.begin` to `Relay.collect`."""
 
-    def __init__(self, mail: str, rcpts: list[str], smtputf8: bool, recipients: list[str], clock: "_Clock",
+    def __init__(self, mail: str, rcpts: list[str], smtputf8: bool, recipients: list[str], clock: Clock,
                  number: int = 1):
         super().__init__(
             mail=mail, rcpts=rcpts, smtputf8=smtputf8,  # the command lines
@@ -93,22 +51,6 @@ class Transaction(SimpleNamespace):
             reset=False,  # … behind an RSET
             accepted=[], refused={},  # by `transfer`
         )
-
-
-def helo_name(config, sock: socket.socket) -> str:
-    """SMTP_HELO, else the host name if it is a dotted domain, else the local address literal.
-
-    Never socket.getfqdn(): with a broken resolver it blocks for 10–20 s.
-    """
-    if config.helo:
-        return config.helo
-    name = socket.gethostname()
-    if _DOMAIN.fullmatch(name):
-        return name
-    address = ipaddress.ip_address(sock.getsockname()[0].split("%")[0])
-    if address.version == 6 and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
 
 
 def dot_stuff(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -132,35 +74,13 @@ def xtext(text: str) -> str:
     return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in text)
 
 
-class _OutOfTime(TempFail):
-    """SMTP_DEADLINE is over before an operation: what the relay says next is never read, so the
-    connection is not reused."""
-
-
-class _Clock:
-    """SMTP_TIMEOUT per operation, capped by what is left of SMTP_DEADLINE."""
-
-    def __init__(self, timeout: float, deadline: float):
-        self.timeout, self.deadline = timeout, deadline
-        self._end = time.monotonic() + deadline
-        self.cut_by_deadline = False  # whether the last budget was the deadline's, not the timeout
-
-    def budget(self, limit: float | None = None) -> float:
-        limit = self.timeout if limit is None else limit
-        left = self._end - time.monotonic()
-        if left <= 0:
-            raise _OutOfTime(_("gave up after SMTP_DEADLINE={deadline:g}s").format(deadline=self.deadline))
-        self.cut_by_deadline = left < limit
-        return min(limit, left)
-
-
 class _Wire(smtplib.SMTP):
     """smtplib on our socket: each read and write is bounded by the clock, and written to the
     transcript, with every client line of an AUTH exchange shown as ``***``."""
 
     ehlo_msg = "EHLO"
 
-    def __init__(self, sock: socket.socket, clock: _Clock, transcript: Callable[[str], None] | None):
+    def __init__(self, sock: socket.socket, clock: Clock, transcript: Callable[[str], None] | None):
         super().__init__(local_hostname="localhost")  # anything but None: None means getfqdn()
         self.sock, self.file = sock, None
         self.clock, self.transcript = clock, transcript
@@ -224,7 +144,7 @@ class Relay:
         self._transcript = transcript
         self._warn = warn or (lambda text: None)
         self._wire: _Wire | None = None
-        self._clock: _Clock | None = None
+        self._clock: Clock | None = None
         self._broken = False  # not reused, no QUIT on close
         self._lost: Exception | None = None  # the transport failure, non-SMTP reply or deadline that broke it
         self._dirty = False  # MAIL went out, and neither the end of its data nor an RSET ended it
@@ -252,15 +172,15 @@ class Relay:
                     user=config.user, where=self.where),
                 hint=_("set SMTP_SECURITY=tls or starttls, or SMTP_ALLOW_PLAINTEXT_AUTH=yes on a trusted network"),
             )
-        context = self._tls_context() if config.security != "none" else None
-        self._clock = _Clock(config.timeout, config.deadline)
+        context = tls_context(config) if config.security != "none" else None
+        self._clock = Clock(config.timeout, config.deadline)
         self._broken = self._dirty = False
         self._lost = None
         self._transactions = 0
         self.peer_address = None
         try:
             with self._at("connect"):
-                sock = self._connect()
+                sock = connect(config, self._clock)
                 self.peer_address = sock.getpeername()[0]
             self._note(f"* connected to {self.where}")
             if config.security == "tls":
@@ -269,7 +189,7 @@ class Relay:
             self._wire = _Wire(sock, self._clock, self._transcript)
             with self._at("greeting"):
                 if config.security != "tls":
-                    self._await_greeting(sock)
+                    await_greeting(sock, config, self._clock, self.where, self._note)
                 code, text = self._wire.getreply()
                 if code != 220:
                     raise self._failure(code, text, "connect")
@@ -305,176 +225,10 @@ class Relay:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _connect(self) -> socket.socket:
-        """TCP to the relay; name resolution and connecting share SMTP_CONNECT_TIMEOUT."""
-        budget = self._clock.budget(self.config.connect_timeout)
-        end = time.monotonic() + budget
-        error: OSError | None = None
-        for family, kind, proto, _name, address in self._resolve(budget):
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.settimeout(max(end - time.monotonic(), 0.001))
-                sock.connect(address)
-            except OSError as exc:
-                sock.close()
-                error = exc
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle stall on the dot
-            return sock
-        raise error or OSError(f"no address for {self.config.host}")
-
-    def _await_greeting(self, sock: socket.socket) -> None:
-        """Wait up to SMTP_TIMEOUT for the first bytes of a greeting in the clear (starttls, none),
-        and recognise a relay that speaks implicit TLS instead.
-
-        An implicit-TLS server says nothing until the client's ClientHello, so SMTP_SECURITY=starttls
-        against one (a relay with TLS on 465, 2465…) used to end as a bare greeting timeout after
-        the whole SMTP_TIMEOUT. Now:
-
-        - first bytes that begin a TLS record (`looks_like_tls`) fail at once;
-        - after GREETING_PROBE_SECONDS (3 s) of silence, a *second* connection to the same address
-          sends a TLS ClientHello, and nothing else: a TLS record in answer (a ServerHello or an
-          alert) means implicit TLS, and the attempt fails with `_ImplicitTLS` (SMTP_SECURITY=tls is
-          the fix). The probe verifies nothing and sends no secret; it is closed at once.
-          Meanwhile the first connection keeps waiting: a slow relay that greets in the clear is
-          used as before, at no extra delay (its probe answers with a greeting, or not in time);
-        - with no answer on either, the greeting times out after SMTP_TIMEOUT, as before, with
-          the implicit-TLS hint for every port (`_transport_error`).
-
-        Why not simpler: waiting for the whole timeout is the slowness this fixes (30 s by default,
-        measured 30.0 s; with the probe 3.0 s on loopback; a relay that greets at once costs one
-        poll more, not measurable). Sending the ClientHello on the first connection would spoil
-        it for a slow server that greets in the clear.
-
-        Why a second connection only after 3 s, and never on 25 or 587 (PLAINTEXT_PORTS): bytes
-        sent before the greeting are what pregreet checks punish (sendmail's greet_pause,
-        Postfix's postscreen "PREGREET", Exim's "synchronization error"; fail2ban filters can ban
-        on them), and those run where servers greet in the clear by standard. No relay speaks
-        implicit TLS there; a silent one gets the hint after SMTP_TIMEOUT. On 465, 2465 or any
-        other port, a server that greets after 3 s receives one ClientHello per attempt on the
-        probe connection."""
-        end = time.monotonic() + self._clock.budget()
-        probe_at = end if self.config.port in PLAINTEXT_PORTS else time.monotonic() + GREETING_PROBE_SECONDS
-        probe: socket.socket | None = None
-        hello = b""
-        selector = selectors.DefaultSelector()
-        selector.register(sock, selectors.EVENT_READ, "greeting")
-
-        def drop_probe() -> None:
-            nonlocal probe
-            if probe is not None:
-                selector.unregister(probe)
-                probe.close()
-                probe = None
-
-        try:
-            while True:
-                now = time.monotonic()
-                if now >= end:
-                    raise TimeoutError("no greeting")
-                if now >= probe_at:
-                    probe_at = end  # one probe per connection
-                    try:
-                        hello = _client_hello(self.config.host)
-                        probe = socket.socket(sock.family, socket.SOCK_STREAM)
-                        probe.setblocking(False)
-                        probe.connect_ex(sock.getpeername())
-                        selector.register(probe, selectors.EVENT_WRITE, "connected")
-                        self._note(f"* no greeting within {GREETING_PROBE_SECONDS:g}s; asking {self.where} "
-                                   "for TLS on a second connection")
-                    except (OSError, ValueError):
-                        if probe is not None:
-                            probe.close()
-                        probe = None
-                for key, _events in selector.select(max(min(end, probe_at) - now, 0)):
-                    if key.data == "greeting":
-                        sock.settimeout(0.001)
-                        if looks_like_tls(sock.recv(2, socket.MSG_PEEK)):
-                            raise _ImplicitTLS("a TLS record instead of a greeting")
-                        return
-                    try:
-                        if key.data == "connected":
-                            error = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                            if error or probe.send(hello) != len(hello):
-                                raise OSError(error, "probe failed")
-                            selector.modify(probe, selectors.EVENT_READ, "answer")
-                            continue
-                        answer = probe.recv(2)
-                    except OSError:
-                        answer = b""
-                    drop_probe()  # answered, refused or failed: the first connection decides
-                    if looks_like_tls(answer):
-                        self._note(f"* {self.where} answered the ClientHello with TLS")
-                        raise _ImplicitTLS("the relay answered a TLS ClientHello")
-        finally:
-            drop_probe()
-            selector.close()
-
-    def _resolve(self, budget: float) -> list:
-        """getaddrinfo in a daemon thread, so a dead resolver costs at most the budget."""
-        host, port = self.config.host, self.config.port
-        outcome: dict = {}
-
-        def lookup():
-            try:
-                outcome["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=lookup, name="sendmail-shim resolver", daemon=True)
-        worker.start()
-        worker.join(budget)
-        if worker.is_alive():
-            raise _dsn(TempFail(_("cannot resolve {host}: no answer within {budget:g}s").format(
-                host=host, budget=budget), hint=_("check the DNS resolver")), "4.4.3")
-        if "error" in outcome:
-            reason = outcome["error"].strerror or str(outcome["error"])
-            raise _dsn(TempFail(_("cannot resolve {host}: {reason}").format(host=host, reason=reason.lower()),
-                                hint=_("check SMTP_HOST and the DNS resolver")), "4.4.3")
-        return outcome["addresses"]
-
-    def _tls_context(self) -> ssl.SSLContext:
-        config = self.config
-        try:
-            context = ssl.create_default_context(cafile=config.ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(_("SMTP_CA_FILE={path}: cannot load it: {reason}").format(
-                path=config.ca_file, reason=exc.strerror or exc)) from None
-        if config.tls_fingerprint or not config.tls_verify:
-            context.check_hostname = False  # the pin alone decides, or the user opted out
-            context.verify_mode = ssl.CERT_NONE
-        return context
-
     def _handshake(self, sock: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
-        config = self.config
-        try:
-            sock.settimeout(self._clock.budget())
-            tls = context.wrap_socket(sock, server_hostname=config.host)
-        except BaseException:
-            sock.close()
-            raise
-        der = tls.getpeercert(binary_form=True)
-        self.tls_version, self.cipher = tls.version(), tls.cipher()[0]
-        self.peer_fingerprint = hashlib.sha256(der).hexdigest() if der else None
-        if config.tls_fingerprint:
-            if not hmac.compare_digest(self.peer_fingerprint or "", config.tls_fingerprint):
-                tls.close()
-                raise Unavailable(
-                    _("the TLS certificate of {where} does not match SMTP_TLS_FINGERPRINT").format(where=self.where),
-                    hint=_("SMTP_TLS_FINGERPRINT is {expected}, the relay presented {actual}").format(
-                        expected=config.tls_fingerprint, actual=self.peer_fingerprint),
-                )
-            self.verified, how = True, "matches SMTP_TLS_FINGERPRINT"
-        elif config.tls_verify:
-            subject = tls.getpeercert().get("subject", ())
-            self.peer_subject = ", ".join(f"{key}={value}" for rdn in subject for key, value in rdn)
-            self.verified = True
-            how = f"verified against {'SMTP_CA_FILE' if config.ca_file else 'the system CAs'}"
-        else:
-            how = "NOT verified"
-            self._warn(f"TLS certificate of {self.where} not verified (SMTP_TLS_VERIFY=no): "
-                       "anyone on the path can read the password and the mail")
-        self._note(f"* {self.tls_version} {self.cipher}, certificate {how}")
+        tls, peer = handshake(sock, context, self.config, self._clock, self.where, self._warn, self._note)
+        self.tls_version, self.cipher, self.peer_fingerprint = peer.version, peer.cipher, peer.fingerprint
+        self.peer_subject, self.verified = peer.subject, peer.verified
         return tls
 
     def _ehlo(self) -> None:
@@ -550,7 +304,7 @@ class Relay:
             raise TempFail(_("the connection to {where} is no longer usable; open a new one").format(where=self.where))
         mail, rcpts, smtputf8 = self._commands(envelope)
         # the first transaction shares its deadline with open(); each other one gets its own
-        clock = _Clock(self.config.timeout, self.config.deadline) if self._transactions else self._clock
+        clock = Clock(self.config.timeout, self.config.deadline) if self._transactions else self._clock
         self._transactions += 1
         transaction = Transaction(mail, rcpts, smtputf8, list(envelope.recipients), clock, self._transactions)
         if "pipelining" in self.features:
@@ -726,7 +480,7 @@ class Relay:
         assert stage in STAGES, stage
         try:
             yield
-        except _OutOfTime as exc:
+        except OutOfTime as exc:
             self._broken, self._lost = True, exc
             raise
         except ShimError:
@@ -747,72 +501,7 @@ class Relay:
         if isinstance(self._lost, smtplib.SMTPResponseException):
             return ProtocolError(_("{where} answered with something that is not SMTP (at {stage})").format(
                 where=self.where, stage=stage.upper()))
-        return self._transport_error(self._lost, stage)
-
-    def _transport_error(self, exc: Exception, stage: str) -> ShimError:
-        where, config = self.where, self.config
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return self._untrusted(exc)
-        # SMTP_SECURITY against what the port speaks, both ways (the other one is
-        # WRONG_VERSION_NUMBER below): a ProtocolError naming the fix
-        if isinstance(exc, _ImplicitTLS):
-            return ProtocolError(
-                _("{where} speaks implicit TLS (TLS from the first byte), not SMTP_SECURITY={security}").format(
-                    where=where, security=config.security),
-                hint=_("set SMTP_SECURITY=tls for port {port}").format(port=config.port))
-        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
-            if self._clock.cut_by_deadline:
-                return TempFail(_("gave up on {where} at {stage} after SMTP_DEADLINE={deadline:g}s").format(
-                    where=where, stage=stage.upper(), deadline=config.deadline))
-            hint = None
-            if stage == "dot":
-                hint = _MAYBE_TWICE
-            elif stage == "greeting" and config.security != "tls":
-                hint = _("a relay with implicit TLS says nothing until the TLS handshake: if port {port} "
-                         "expects it (as 465 does), set SMTP_SECURITY=tls").format(port=config.port)
-            if stage == "connect":
-                hint = _PORT_25 if config.port == 25 else _(
-                    "a firewall may drop the connection: check SMTP_HOST and SMTP_PORT, "
-                    "and that outgoing port {port} is open").format(port=config.port)
-                return _dsn(TempFail(_("cannot connect to {where}: timed out after {timeout:g}s").format(
-                    where=where, timeout=config.connect_timeout), hint=hint), "4.4.1")
-            return TempFail(_("no answer from {where} within {timeout:g}s (at {stage})").format(
-                where=where, timeout=config.timeout, stage=stage.upper()), hint=hint)
-        if isinstance(exc, ssl.SSLError):
-            hint = None
-            if exc.reason == "WRONG_VERSION_NUMBER" and config.security == "tls":
-                hint = _("the relay does not speak implicit TLS on this port; for 587 or 25 set SMTP_SECURITY=starttls")
-            return ProtocolError(_("TLS with {where} failed: {reason}").format(where=where, reason=exc.reason or exc),
-                                 hint=hint)
-        if isinstance(exc, smtplib.SMTPServerDisconnected):
-            hint = _MAYBE_TWICE if stage == "dot" else None
-            return TempFail(_("{where} closed the connection (at {stage})").format(where=where, stage=stage.upper()),
-                            hint=hint)
-        if isinstance(exc, smtplib.SMTPException) or not isinstance(exc, OSError):
-            return ProtocolError(_("{where} broke the SMTP protocol at {stage}: {error}").format(
-                where=where, stage=stage.upper(), error=exc))
-        reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
-        if stage == "connect":
-            refused = isinstance(exc, ConnectionRefusedError) and config.port == 25
-            return _dsn(TempFail(_("cannot connect to {where}: {reason}").format(where=where, reason=reason),
-                                 hint=_PORT_25 if refused else None), "4.4.1")
-        return TempFail(_("connection to {where} failed (at {stage}): {reason}").format(
-            where=where, stage=stage.upper(), reason=reason))
-
-    def _untrusted(self, exc: ssl.SSLCertVerificationError) -> Unavailable:
-        config = self.config
-        hint = None
-        if exc.verify_code in _NAME_MISMATCH:
-            hint = _("the certificate is not issued for {host}; set SMTP_HOST to a name it carries").format(
-                host=config.host)
-        elif exc.verify_code in _UNTRUSTED and config.ca_file:
-            hint = _("SMTP_CA_FILE={path} does not hold the CA that issued the relay's certificate").format(
-                path=config.ca_file)
-        elif exc.verify_code in _UNTRUSTED:
-            hint = _("a corporate relay's certificate comes from its own CA: set SMTP_CA_FILE to that CA certificate "
-                     "(PEM), or pin the certificate with SMTP_TLS_FINGERPRINT")
-        return Unavailable(_("the TLS certificate of {where} is not trusted: {reason}").format(
-            where=self.where, reason=exc.verify_message), hint=hint)
+        return transport_error(self._lost, stage, self.config, self.where, self._clock.cut_by_deadline)
 
     def _failure(self, code: int, text, stage: str) -> ShimError:
         reply = _text(text)
@@ -841,13 +530,6 @@ def _responder(mechanism: str, user: str, secret: Secret) -> Callable[..., str |
             user + " " + hmac.new(secret.reveal().encode("utf-8"), challenge, "md5").hexdigest())
     answers = iter((lambda: user, secret.reveal))  # LOGIN: first the user, then the password
     return lambda challenge=None: next(answers, lambda: "")()
-
-
-def _dsn(error: ShimError, status: str) -> ShimError:
-    """`error` with the RFC 3463 status the log gives it (4.4.1: no answer from the host, 4.4.3:
-    name service failure) instead of its class's."""
-    error.dsn = status
-    return error
 
 
 def _text(text) -> str:

@@ -13,7 +13,7 @@ import io
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sendmail_shim import message
+from sendmail_shim import addresses
 from sendmail_shim.errors import EX_DATAERR, DataError
 from sendmail_shim.message import HeaderPolicy, prepare
 from sendmail_shim.reader import MessageReader
@@ -175,7 +175,7 @@ def test_the_error_shows_at_most_200_characters_of_the_field():
 
 @pytest.mark.parametrize("t", [True, False], ids=["-t", "no-t"])
 def test_a_message_over_the_cpu_budget_is_refused_and_an_ordinary_one_is_not(monkeypatch, t):
-    monkeypatch.setattr(message, "PARSE_BUDGET", 0.02)
+    monkeypatch.setattr(addresses, "PARSE_BUDGET", 0.02)
     costly = '"" ' * 330 + "<u{}@x.test>"  # a valid address of 1 KiB: several ms to parse
     text = b"".join(field("To", [costly.format(f"{k}.{i}") for i in range(60)]) for k in range(4))
     assert refused(text, t=t, argv=["x@y.test"]) == "header too complex to parse (its address fields take over 20 ms)"
@@ -232,7 +232,7 @@ def test_ordinary_addresses_parse_as_before(address, names, rewritten, long):
     padding = [person(i) for i in range(30)] if long else []
     elements = [address.format(i=i) for i in range(count)] + padding
     text = field("To", elements)
-    assert (len(text) > message.MAX_ELEMENT) == long  # a long field is cut, a short one is not
+    assert (len(text) > addresses.MAX_ELEMENT) == long  # a long field is cut, a short one is not
     block, env = prep(text + b"From: alice@163.com\r\n", argv=["argv@x.test"])
     assert env.recipients == dedupe(["argv@x.test"] + [name.format(i=i) for i in range(count) for name in names]
                                     + [f"person{i:04d}@example.com" for i in range(len(padding))])
@@ -312,7 +312,7 @@ def long_fields(draw):
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(text=long_fields())
 def test_a_long_field_names_the_recipients_the_whole_field_names(text):
-    assert len(text.replace("\r\n", "")) > message.MAX_ELEMENT
+    assert len(text.replace("\r\n", "")) > addresses.MAX_ELEMENT
     expected = whole_field_recipients(text.replace("\r\n", ""))
     try:  # SMTP_LOCAL_MAIL=refuse: a bare local name is refused, as the model has it
         _, env = prep(b"To:" + text.encode() + b"\r\n", policy=POLICY._replace(local_mail="refuse"))

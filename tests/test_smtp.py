@@ -9,14 +9,15 @@ import time
 import pytest
 
 from sendmail_shim import config as config_module
-from sendmail_shim import smtp as smtp_module
+from sendmail_shim import connection as connection_module
+from sendmail_shim.connection import GREETING_PROBE_SECONDS, helo_name, looks_like_tls
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.errors import (
     EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_PROTOCOL, EX_TEMPFAIL, EX_UNAVAILABLE,
     ConfigError, DataError, ProtocolError, SMTPFailure, TempFail, Unavailable,
 )
 from sendmail_shim.secret import Secret
-from sendmail_shim.smtp import GREETING_PROBE_SECONDS, Relay, dot_stuff, helo_name, looks_like_tls
+from sendmail_shim.smtp import Relay, dot_stuff
 from tests.relay import RELAY_LOGIN
 from tests.shim import secret_forms
 
@@ -208,7 +209,7 @@ def test_implicit_tls_against_a_plaintext_relay(plain_relay, session):
 
 # The reverse mistake: a greeting in the clear expected from a relay that speaks implicit TLS. It
 # says nothing until a ClientHello, so only the probe on a second connection tells it apart from a
-# slow relay (see Relay._await_greeting). The relay's port is a random one, never 465.
+# slow relay (see connection.await_greeting). The relay's port is a random one, never 465.
 
 @pytest.mark.parametrize("security", ["starttls", "none"])
 def test_greeting_expected_from_an_implicit_tls_relay_fails_fast_naming_the_fix(relay, session, security):
@@ -293,7 +294,7 @@ def test_silent_server_is_not_taken_for_implicit_tls(plain_relay, session, raw_s
 
 def test_no_probe_where_servers_greet_in_the_clear(relay, session, monkeypatch):
     """25 and 587: a client that talks before the greeting is what pregreet checks punish."""
-    monkeypatch.setattr(smtp_module, "PLAINTEXT_PORTS", (relay.port,))  # the test relay's port is one
+    monkeypatch.setattr(connection_module, "PLAINTEXT_PORTS", (relay.port,))  # the test relay's port is one
     shim = session(relay, SMTP_SECURITY="starttls", SMTP_TIMEOUT=str(GREETING_PROBE_SECONDS + 1))
     error = failure(shim)
     assert isinstance(error, TempFail) and "(at GREETING)" in str(error)  # after the whole timeout
