@@ -23,16 +23,8 @@ TOKEN=$(date +%s)-$$
 PASSED=0 FAILED=0
 WORK= RELAY_PID= DAEMON_PID= MTAS_BEFORE= INSTALLED_BEFORE= SENDMAIL_BEFORE=
 
-pass() { PASSED=$((PASSED + 1)); echo "PASS: $*"; }
-fail() { FAILED=$((FAILED + 1)); echo "FAIL: $*"; }
-# check DESCRIPTION COMMAND...: PASS when the command succeeds; its output is shown on failure.
-check() {
-    local what=$1 out
-    shift
-    if out=$("$@" 2>&1); then pass "$what"; else fail "$what"; [ -z "$out" ] || sed 's/^/    /' <<<"$out"; fi
-}
-summary() { echo "$PASSED passed, $FAILED failed"; }
-abort() { echo "test-deb.sh: $*" >&2; fail "$*"; exit 1; }
+# shellcheck source=packaging/test-lib.sh
+source "$ROOT/packaging/test-lib.sh"
 
 installed() { dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | grep -q '^ii'; }
 # known PACKAGE: installed, or removed with its configuration files still there.
@@ -174,22 +166,7 @@ import keyring.backend
 assert "ShimFileKeyring" in [type(k).__name__ for k in keyring.backend.get_all_keyring()]'
 }
 
-# ---- the relay and the configuration ----------------------------------------------------------
-start_relay() {
-    if ! "$VENV_PY" -c 'import aiosmtpd, pytest_localserver, trustme' 2>/dev/null; then
-        PATH=$CALLER_PATH make -C "$ROOT" -s .venv/.installed >/dev/null \
-            || abort "cannot set up the project venv (the relay runs in it)"
-    fi
-    mkdir -m 0755 "$WORK/relay"
-    "$VENV_PY" "$ROOT/packaging/test-relay.py" serve "$WORK/relay" "$LOGIN" "$PASSWORD" \
-        >"$WORK/relay.log" 2>&1 &
-    RELAY_PID=$!
-    local i
-    for i in $(seq 100); do [ -s "$WORK/relay/port" ] && break; sleep 0.1; done
-    [ -s "$WORK/relay/port" ] || { cat "$WORK/relay.log"; abort "the test relay did not start"; }
-    chmod 0644 "$WORK/relay/relay-ca.pem"
-}
-
+# ---- the configuration (for the relay of start_relay, in test-lib.sh) -------------------------
 configure() {
     # Appended to the shipped conffile: its own settings must parse too.
     cat >>"$CONF" <<EOF

@@ -40,16 +40,8 @@ TOKEN=$(date +%s)-$$
 PASSED=0 FAILED=0
 WORK='' RUN='' CT='' RELAY_PID='' NSPAWN_PID='' LEADER='' BOOTS=0
 
-pass() { PASSED=$((PASSED + 1)); echo "PASS: $*"; }
-fail() { FAILED=$((FAILED + 1)); echo "FAIL: $*"; }
-# check DESCRIPTION COMMAND...: PASS when the command succeeds; its output is shown on failure.
-check() {
-    local what=$1 out
-    shift
-    if out=$("$@" 2>&1); then pass "$what"; else fail "$what"; [ -z "$out" ] || sed 's/^/    /' <<<"$out"; fi
-}
-summary() { echo "$PASSED passed, $FAILED failed"; }
-abort() { echo "test-units.sh: $*" >&2; fail "$*"; exit 1; }
+# shellcheck source=packaging/test-lib.sh
+source "$ROOT/packaging/test-lib.sh"
 # skip REASON [EVIDENCE]: this machine cannot run the test; not a failure of the project.
 skip() {
     echo "SKIP: systemd units not tested: $1"
@@ -207,22 +199,7 @@ build() {
     fi
 }
 
-# ---- the relay (on the host, 127.0.0.1, shared with the container) ----------------------------
-start_relay() {
-    if ! "$VENV_PY" -c 'import aiosmtpd, pytest_localserver, trustme' 2>/dev/null; then
-        PATH=$CALLER_PATH make -C "$ROOT" -s .venv/.installed >/dev/null \
-            || abort "cannot set up the project venv (the relay runs in it)"
-    fi
-    mkdir -m 0755 "$WORK/relay"
-    "$VENV_PY" "$ROOT/packaging/test-relay.py" serve "$WORK/relay" "$LOGIN" "$PASSWORD" \
-        >"$WORK/relay.log" 2>&1 &
-    RELAY_PID=$!
-    local _
-    for _ in $(seq 100); do [ -s "$WORK/relay/port" ] && break; sleep 0.1; done
-    [ -s "$WORK/relay/port" ] || { cat "$WORK/relay.log"; abort "the test relay did not start"; }
-}
-
-# ---- in the container -------------------------------------------------------------------------
+# ---- in the container (the relay, start_relay in test-lib.sh, runs on the host's 127.0.0.1) ------ -------------------------------------------------------------------------
 install_packages() {
     local debs=() deb out
     mkdir -p "$CT/root/units-test"
