@@ -173,10 +173,6 @@ class Queue:
         uid, gid = owner or (os.geteuid(), os.getegid())
         fsio.mkdir(self.root, 0o711 if owner else 0o700, uid, gid)
 
-    def can_write(self) -> bool:
-        """May this process put messages into queue/ itself (else it must use maildrop/)?"""
-        return all(fsio.may(path, os.W_OK | os.X_OK) for path in (self.tmp, self.queue))
-
     def check_access(self) -> None:
         """Listing, running and administering the queue need its owner (or root)."""
         everything = os.R_OK | os.W_OK | os.X_OK

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from typing import NamedTuple
 
+from . import fsio
 from .errors import EX_TEMPFAIL, CantCreate, DataError, ShimError, TempFail
 from .i18n import _
 
@@ -246,7 +247,7 @@ class Receiver:
         seen) and in maildrop/ (as accepted here, until the pickup moves it on)."""
         with self._lock:
             # maildrop/ first: a message moving on meanwhile is then seen in both, not in neither
-            waiting = {name.partition(".")[0] for name in _names(self.queue.maildrop)}
+            waiting = {name.partition(".")[0] for name in fsio.listdir(self.queue.maildrop)}
             ids = set(self.queue.ids())
             self._known = {i: v for i, v in self._known.items() if i in ids}
             for msg_id in ids - self._known.keys():
@@ -320,13 +321,6 @@ class _Deadline:
             data, self._buffer = self._buffer[:size], self._buffer[size:]
             return data
         return self._recv(size)
-
-
-def _names(directory: str) -> list[str]:
-    try:
-        return os.listdir(directory)
-    except OSError:
-        return []
 
 
 def _reply(conn: socket.socket, line: str) -> None:

@@ -41,12 +41,9 @@ action, args = sys.argv[1], sys.argv[2:]
 if action == "submit":
     queue.ensure()
     data = sys.stdin.buffer.read()
-    with queue.spool(drop=not queue.can_write()) as spool:
+    with queue.spool() as spool:
         spool.file.write(data)
-        if spool.drop:
-            msg_id = spool.commit_request({"recipients": args})
-        else:
-            msg_id = spool.commit(Envelope(sender=conf.sender, recipients=args, size=len(data)))
+        msg_id = spool.commit(Envelope(sender=conf.sender, recipients=args, size=len(data)))
     print(msg_id, flush=True)
     if os.environ.get("BACKGROUND"):
         background.start(conf, queue, msg_id)
