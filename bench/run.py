@@ -322,11 +322,20 @@ class ServiceSite:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def _readable_by_others(path: Path) -> bool:
+    """Whether another user can read `path` and pass through every directory above it."""
+    return bool(path.stat().st_mode & 0o004) and all(p.stat().st_mode & 0o001 for p in (path, *path.parents))
+
+
 def bench_service(args, servers, python, msmtp, message) -> Row:
     """(1b) What an unprivileged caller (www-data) waits for with -odb through a relay 200 ms
     away: its message goes through the submission service's socket."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         return Row("1b. caller latency via the submission service", "n/a (needs root and setpriv)", "n/a", "n/a",
+                   "shim ≤ 1/20 of msmtp", None)
+    if not _readable_by_others(ROOT):  # e.g. a clone in a `mktemp -d` directory: the caller cannot run it
+        return Row("1b. caller latency via the submission service", "n/a (other users cannot read the checkout)",
+                   "n/a", "n/a",
                    "shim ≤ 1/20 of msmtp", None)
     site = ServiceSite(python, servers, servers.info["delayed_port"])
     try:
