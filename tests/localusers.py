@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sendmail_shim.queue import Queue
-from tests.shim import OUTPUTS, ROOT, SHIM, readable_by_others
+from tests.shim import OUTPUTS, ROOT
 
 # Other users cannot run the venv's interpreter (it lives under root's private home): the daemon
 # and the callers run on Debian's, as the .deb does.
@@ -27,8 +27,8 @@ _serial = itertools.count()
 
 needs_other_users = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creating users and switching to them needs root"),
-    pytest.mark.skipif(not shutil.which("setpriv") or not readable_by_others() or not os.path.exists(SYSTEM_PYTHON),
-                       reason="needs setpriv, /usr/bin/python3 and a source tree other users can read"),
+    pytest.mark.skipif(not shutil.which("setpriv") or not os.path.exists(SYSTEM_PYTHON),
+                       reason="needs setpriv and /usr/bin/python3"),
 ]
 
 
@@ -107,6 +107,11 @@ class ServiceSite:
 
     def __init__(self, base: Path, service, relay, password: str, **overrides):
         self.base, self.service, self.relay = base, service, relay
+        # the program as installed: a copy other users can read, whatever the checkout's mode
+        source = base / "src"
+        for part in ("sendmail_shim", "bin"):
+            shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+        self.shim = source / "bin" / "sendmail-shim"
         self.spool = base / "spool"
         self.spool.mkdir()
         os.chown(self.spool, service.pw_uid, service.pw_gid)
@@ -144,7 +149,7 @@ class ServiceSite:
 
     def start_daemon(self) -> None:
         """``sendmail-shim -bd`` started by root, as an init script would; it becomes the service user."""
-        self.daemon = subprocess.Popen([SYSTEM_PYTHON, str(SHIM), "-bd"], env=self.env(), cwd="/",
+        self.daemon = subprocess.Popen([SYSTEM_PYTHON, str(self.shim), "-bd"], env=self.env(), cwd="/",
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -176,7 +181,7 @@ class ServiceSite:
 
     def send(self, user: str, *args: str, stdin: bytes, timeout: float = 60) -> subprocess.CompletedProcess:
         """The real console script as `user`."""
-        command = ["env", "-i", *(f"{k}={v}" for k, v in self.env().items()), SYSTEM_PYTHON, str(SHIM), *args]
+        command = ["env", "-i", *(f"{k}={v}" for k, v in self.env().items()), SYSTEM_PYTHON, str(self.shim), *args]
         return as_user(user, *command, input=stdin, timeout=timeout)
 
     def log_text(self) -> str:
@@ -200,7 +205,7 @@ def service_site(relay, password: str, roles=("svc", "atk", "vic"), **overrides)
             finally:
                 site.stop_daemon()
                 for path in base.rglob("*"):
-                    if path.is_file() and path.name != "password":
+                    if path.is_file() and path.name != "password" and "src" not in path.relative_to(base).parts[:1]:
                         OUTPUTS.append(path.read_bytes().decode(errors="replace"))
     finally:
         shutil.rmtree(base, ignore_errors=True)
