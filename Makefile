@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 # Debian's interpreter and libraries: the .deb runs on them, so CI runs the end-to-end tests on them too.
-APT_PACKAGES := python3 python3-venv python3-keyring python3-dotenv ca-certificates \
+APT_PACKAGES := python3 python3-venv python3-keyring python3-dotenv python3-oauthlib ca-certificates \
   php-cli php-mbstring libphp-phpmailer php-symfony-mailer php-swiftmailer git git-email libmailtools-perl mailutils mutt swaks \
   pflogsumm
 
-.PHONY: test lint test-venv test-debian demo apt-deps clean
+.PHONY: test lint test-venv test-debian test-pythons demo apt-deps clean
 
 include packaging/deb.mk
 
@@ -24,6 +24,41 @@ test-venv: $(VENV)/.installed
 # and python3-dotenv (the relay and pytest still come from the venv).
 test-debian: $(VENV)/.installed apt-deps
 	SHIM_PYTHON=/usr/bin/python3 $(VPY) -m pytest -q -m e2e
+
+# The suite on every other Python 3.11-3.13 this machine has (on PATH, or kept by pyenv, whose
+# shims fail unless a version is selected), each in its own venv with the keyring and python-dotenv
+# that the distribution shipping that Python has; the venv of `make test` has the newest from PyPI
+# and test-debian Debian 12's own.
+TEST_PYTHONS := 3.11 3.12 3.13
+# Debian 12 ships keyring 23.9.3 and python-dotenv 0.21.0, Ubuntu 24.04 24.3.1 and 1.0.1, Debian 13
+# 25.6.0 and 1.0.1: https://packages.debian.org/src:python-keyring,
+# https://packages.ubuntu.com/source/noble/python-keyring, https://packages.ubuntu.com/noble/python3-dotenv
+# and the trees of make test-units / test-deb-trixie (apt-cache policy python3-dotenv).
+PINS_3.11 := 'keyring>=23.9,<24' 'python-dotenv>=0.21,<0.22'
+PINS_3.12 := 'keyring>=24,<25' 'python-dotenv>=1.0,<1.1'
+PINS_3.13 := 'keyring>=25,<26' 'python-dotenv>=1.0,<1.1'
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)
+
+test-pythons: $(VENV)/.installed
+	@mine=$$($(VPY) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); status=0; \
+	for v in $(TEST_PYTHONS); do \
+	  if [ $$v = $$mine ]; then echo "python$$v: tested by make test ($(VENV))"; continue; fi; \
+	  py=''; \
+	  for c in $$(command -v python$$v) $$(ls -d $(PYENV_ROOT)/versions/$$v.*/bin/python$$v 2>/dev/null | sort -rV); do \
+	    if $$c -c '' 2>/dev/null; then py=$$c; break; fi; \
+	  done; \
+	  if [ -z "$$py" ]; then echo "SKIP python$$v: not found"; continue; fi; \
+	  echo "python$$v: $$py in .venv-$$v"; \
+	  $(MAKE) --no-print-directory .venv-$$v/.installed PY=$$py && .venv-$$v/bin/python -m pytest -q -m 'not slow' \
+	    || { echo "FAIL python$$v"; status=1; }; \
+	done; exit $$status
+
+# (Makefile: a change of the pins above reinstalls)
+.venv-%/.installed: setup.cfg pyproject.toml Makefile
+	test -x .venv-$*/bin/python || $(PY) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install -q --upgrade pip
+	.venv-$*/bin/python -m pip install -q -e '.[test]' $(PINS_$*)
+	touch $@
 
 demo: $(VENV)/.installed
 	$(VPY) -m tests.demo
@@ -44,7 +79,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-3.* build dist *.egg-info .pytest_cache
 
 # sendmail-shim against msmtp on this machine (installs msmtp from Debian when root); the table goes
 # to bench/results/. bench-smoke: tiny counts, only proves the script still works (CI).

@@ -6,7 +6,9 @@
 #   make test-units build, boot a Debian 12 container under systemd-nspawn, install there and
 #                  prove the systemd units and the submission service (root only; SKIPs where
 #                  systemd cannot boot; see packaging/test-units.sh)
-.PHONY: deb deb-lint test-deb test-units
+#   make test-deb-trixie the same in Debian 13, where the packages are also built and linted
+#                  (Debian 13's debhelper, lintian, python3, python3-keyring, python3-dotenv)
+.PHONY: deb deb-lint test-deb test-units test-deb-trixie
 
 deb:
 	bash packaging/build-deb.sh
@@ -19,3 +21,6 @@ test-deb:
 
 test-units:
 	bash packaging/test-units.sh
+
+test-deb-trixie:
+	SUITE=trixie bash packaging/test-units.sh

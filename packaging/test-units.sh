@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The systemd units under a real systemd: build the .debs, boot a Debian 12 tree (debootstrap,
-# cached) with systemd-nspawn, apt-get install the packages in it, and prove there that
+# The systemd units under a real systemd: build the .debs, boot a Debian tree (debootstrap,
+# cached; SUITE=bookworm by default, SUITE=trixie for Debian 13: `make test-deb-trixie`) with
+# systemd-nspawn, apt-get install the packages in it, and prove there that
 # sendmail-shim.socket listens as it should, that a user who may not write the queue submits
 # through it, that the submission socket-activates sendmail-shim.service (sandboxed, as user
 # sendmail-shim) and reaches a loopback test relay on the host, what systemd-analyze security
 # says of the service, and that the first two attacks of issue 13 fail against the installed
 # units (an unprivileged user writing into the maildrop; root's planted directories stopping
-# the pickup for everyone else).
+# the pickup for everyone else); then root's own mail and the purge.
+#
+# A SUITE other than the host's own release is also where the packages are built: the tree gets
+# the build dependencies, packaging/build-deb.sh and lintian run in it (under systemd-nspawn,
+# before it boots), so that release's debhelper, dh-python and lintian judge the packages, and
+# its python3, python3-keyring and python3-dotenv run them.
 #
 # The container shares the host's network namespace (127.0.0.1 is the host's: the relay runs
 # there, in the project venv, as in test-deb.sh); nothing is installed on the host but the tools
@@ -23,14 +29,20 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CALLER_PATH=$PATH  # for `make`: the venv is the caller's business, not Debian's interpreter
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninteractive
 VENV_PY="$ROOT/.venv/bin/python"
-SUITE=bookworm
+SUITE=${SUITE:-bookworm}
+HOST_SUITE=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
 CACHE=${SHIM_TEST_CACHE:-/var/cache/sendmail-shim-test}
 BASE="$CACHE/$SUITE"
 # What the cached tree holds; a change here (or 30 days) rebuilds it. debootstrap cannot resolve
 # virtual packages (python3-cryptography's python3-cffi-backend-api-*): apt installs the rest.
 BOOTSTRAP_PACKAGES=systemd,systemd-sysv,dbus
 APT_PACKAGES="python3 python3-keyring python3-dotenv"
-RECIPE="1 $SUITE minbase $BOOTSTRAP_PACKAGES $APT_PACKAGES"
+# Building in the tree: build-deb.sh's tools and lintian (apt-get build-dep adds debian/control's
+# Build-Depends; build-deb.sh installs any added since).
+BUILD_PACKAGES=''
+[ "$SUITE" = "$HOST_SUITE" ] || BUILD_PACKAGES="git dpkg-dev lintian"
+RECIPE="1 $SUITE minbase $BOOTSTRAP_PACKAGES $APT_PACKAGES${BUILD_PACKAGES:+ $BUILD_PACKAGES build-dep}"
+DEBS="$ROOT/dist"
 LOGIN=alice@163.test
 PASSWORD="test-Auth-Code-$$"
 SPOOL=/var/spool/sendmail-shim
@@ -44,7 +56,7 @@ WORK='' RUN='' CT='' RELAY_PID='' NSPAWN_PID='' LEADER='' BOOTS=0
 source "$ROOT/packaging/test-lib.sh"
 # skip REASON [EVIDENCE]: this machine cannot run the test; not a failure of the project.
 skip() {
-    echo "SKIP: systemd units not tested: $1"
+    echo "SKIP: systemd units not tested on Debian $SUITE: $1"
     [ -z "${2:-}" ] || sed 's/^/    /' <<<"$2"
     exit 0
 }
@@ -77,12 +89,15 @@ preflight() {
     local missing=()
     command -v debootstrap >/dev/null || missing+=(debootstrap)
     command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
-    [ ${#missing[@]} -eq 0 ] && return
-    echo "installing ${missing[*]}"
-    local out
-    out=$(apt-get install -y -qq --no-install-recommends "${missing[@]}" 2>&1) \
-        || out=$(apt-get update -qq 2>&1 && apt-get install -y -qq --no-install-recommends "${missing[@]}" 2>&1) \
-        || skip "cannot install ${missing[*]}" "$out"
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing ${missing[*]}"
+        local out
+        out=$(apt-get install -y -qq --no-install-recommends "${missing[@]}" 2>&1) \
+            || out=$(apt-get update -qq 2>&1 && apt-get install -y -qq --no-install-recommends "${missing[@]}" 2>&1) \
+            || skip "cannot install ${missing[*]}" "$out"
+    fi
+    [ -e "/usr/share/debootstrap/scripts/$SUITE" ] \
+        || skip "this debootstrap ($(dpkg-query -W -f='${Version}' debootstrap)) does not know $SUITE"
 }
 
 # The Debian mirror apt uses here (debootstrap takes the same one).
@@ -112,13 +127,13 @@ base_tree() {
         rm -rf --one-file-system "$new"
         skip "debootstrap $SUITE from $site failed" "$log"
     fi
-    # shellcheck disable=SC2086
-    if ! chroot "$new" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends $APT_PACKAGES >"$WORK/apt.log" 2>&1; then
-        local log
-        log=$(tail -n 20 "$WORK/apt.log")
-        rm -rf --one-file-system "$new"
-        skip "apt-get install $APT_PACKAGES in the new tree failed" "$log"
+    in_new_tree "apt-get install $APT_PACKAGES" "apt-get install -y -qq --no-install-recommends $APT_PACKAGES"
+    if [ -n "$BUILD_PACKAGES" ]; then
+        mkdir -p "$new/root/build-deps"
+        cp -r "$ROOT/packaging/debian" "$new/root/build-deps/debian"
+        in_new_tree "installing the build dependencies" "apt-get install -y -qq --no-install-recommends $BUILD_PACKAGES &&
+            cd /root/build-deps && apt-get build-dep -y -qq --no-install-recommends ./"
+        rm -rf "$new/root/build-deps"
     fi
     chroot "$new" apt-get clean
     rm -f "$new/etc/hostname" "$new/etc/machine-id"
@@ -126,6 +141,17 @@ base_tree() {
     echo "$RECIPE" >"$new/.sendmail-shim-test"
     rm -rf --one-file-system "$BASE"
     mv "$new" "$BASE"
+}
+
+# in_new_tree WHAT SCRIPT: run the sh SCRIPT in base_tree's $new; when it fails, drop $new and SKIP.
+in_new_tree() {
+    if ! chroot "$new" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
+        sh -c "$2" >"$WORK/apt.log" 2>&1; then
+        local log
+        log=$(tail -n 20 "$WORK/apt.log")
+        rm -rf --one-file-system "$new"
+        skip "$1 in the new tree failed" "$log"
+    fi
 }
 
 # boot: start systemd in the copy $CT and wait until it is up; sets NSPAWN_PID and LEADER.
@@ -199,11 +225,46 @@ build() {
     fi
 }
 
+# In the tree's copy, before it boots: build-deb.sh on a copy of the checkout, then lintian, as
+# `make deb-lint` does on the host (the packages stay in the copy: $DEBS).
+build_in_tree() {
+    local src="$CT/root/src"
+    mkdir -p "$src"
+    tar -C "$ROOT" --exclude='./.venv*' --exclude=./dist --exclude=./build --exclude='*.egg-info' \
+        --exclude=__pycache__ --exclude=./.pytest_cache --exclude=./.hypothesis -cf - . | tar -xf - -C "$src"
+    DEBS="$src/dist"
+    if in_tree build.log bash /root/src/packaging/build-deb.sh; then
+        pass "dpkg-buildpackage in Debian $SUITE built $(cd "$DEBS" && echo *.deb)"
+    else
+        indent <"$CT/root/build.log"
+        abort "package build in Debian $SUITE failed (packaging/build-deb.sh)"
+    fi
+    local lintian
+    lintian=$(chroot "$CT" dpkg-query -W -f='${Version}' lintian)
+    if in_tree lintian.log sh -c 'lintian --allow-root --fail-on error --info /root/src/dist/sendmail-shim_*.changes'; then
+        pass "lintian $lintian (Debian $SUITE) finds no error"
+    else
+        fail "lintian $lintian (Debian $SUITE) finds errors"
+    fi
+    indent "lintian: " <"$CT/root/lintian.log"
+}
+# in_tree LOG COMMAND...: in the copy $CT, not booted (systemd-nspawn: /proc, /dev and the host's
+# network), its output in $CT/root/LOG (nspawn's own notes, on failure, after it).
+in_tree() {
+    local log=$1
+    shift
+    systemd-nspawn --quiet --register=no --keep-unit --directory="$CT" --setenv=LC_ALL=C.UTF-8 \
+        -- sh -c '"$@" >"/root/$0" 2>&1' "$log" "$@" </dev/null >"$WORK/nspawn.log" 2>&1 && return
+    local status=$?
+    cat "$WORK/nspawn.log" >>"$CT/root/$log"
+    return $status
+}
+
 # ---- in the container (the relay, start_relay in test-lib.sh, runs on the host's 127.0.0.1) ------ -------------------------------------------------------------------------
 install_packages() {
     local debs=() deb out
     mkdir -p "$CT/root/units-test"
-    for deb in "$ROOT"/dist/sendmail-shim_*_all.deb "$ROOT"/dist/sendmail-shim-mta_*_all.deb; do
+    for deb in "$DEBS"/sendmail-shim_*_all.deb "$DEBS"/sendmail-shim-mta_*_all.deb; do
         cp "$deb" "$CT/root/units-test/" && debs+=("/root/units-test/$(basename "$deb")")
     done
     # Installed under the running systemd: the maintainer scripts' sysusers, tmpfiles, enable, start.
@@ -354,6 +415,32 @@ attack_planted_directories() {
         in_ct systemctl is-active --quiet sendmail-shim.service
 }
 
+# Root's mail: written to the queue by root's own sendmail and delivered by its background child.
+root_mail() {
+    check "root's /usr/sbin/sendmail -i root exits 0" send_as root "root-$TOKEN" root
+    delivered "root's message (root aliased to admin@example.test)" "root-$TOKEN" admin@example.test
+}
+
+# apt-get purge removes the programs, the units, the configuration, the spool and the user.
+purge() {
+    # What this test put there itself: attack 2's planted directories (purge keeps a spool that
+    # holds anything, as it should) and the relay's CA certificate, which no package owns.
+    in_ct rm -rf "$SPOOL/maildrop/0" /etc/sendmail-shim/relay-ca.pem
+    in_ct find "$SPOOL/corrupt" -mindepth 1 -delete
+    local out path
+    if out=$(in_ct apt-get purge -y sendmail-shim sendmail-shim-mta 2>&1); then
+        pass "apt-get purge sendmail-shim sendmail-shim-mta"
+    else
+        fail "apt-get purge sendmail-shim sendmail-shim-mta"
+        indent <<<"$out"
+    fi
+    for path in /usr/sbin/sendmail /usr/bin/sendmail-shim /etc/sendmail-shim "$SPOOL"; do
+        check "the purge removed $path" in_ct test ! -e "$path"
+    done
+    check "the purge removed the user sendmail-shim" test -z "$(in_ct getent passwd sendmail-shim)"
+    check "the purge removed the units" test -z "$(in_ct systemctl list-unit-files --no-legend 'sendmail-shim*')"
+}
+
 main() {
     START=$(date +%s)
     trap cleanup EXIT
@@ -361,7 +448,7 @@ main() {
     preflight
     WORK=$(mktemp -d)
     chmod 0755 "$WORK"
-    build
+    [ -n "$BUILD_PACKAGES" ] || build
     mkdir -p "$CACHE"
     exec 9>"$CACHE/lock"
     flock -w 1800 9 || abort "another test-units.sh holds $CACHE/lock"
@@ -370,6 +457,7 @@ main() {
     RUN=$(mktemp -d "$CACHE/run.XXXXXX")
     CT="$RUN/root"
     cp -a "$BASE" "$CT"
+    [ -z "$BUILD_PACKAGES" ] || build_in_tree
     echo "shim-units" >"$CT/etc/hostname"
     boot
     start_relay
@@ -377,10 +465,12 @@ main() {
     installed_units
     configure
     socket_activation
+    root_mail
     security
     reboot
     attack_maildrop_write
     attack_planted_directories
+    purge
     echo "test-units.sh: $(elapsed) in all"
 }
 

@@ -1,16 +1,17 @@
 """Queue commands: -bp/mailq, -q, --show, --delete (also ALL), --retry, --requeue."""
 
-from . import postsuper, runner
+from . import clock, postsuper, runner
+from .attempt import account_ledger
 from .errors import EX_OK, EX_TEMPFAIL
 from .i18n import _, localize
-from .log import POSTSUPER, MessageLog
+from .log import POSTSUPER, MessageLog, ctime
 from .queue import Queue
 
 
 def run(opts, config, stdout, stderr, environ) -> int:
     queue = Queue(config.queue_dir)
     if opts.mode == "list":
-        stdout.write(postsuper.listing(queue))
+        stdout.write(postsuper.listing(queue, notes=_account_notes(config)))
         return EX_OK
     if opts.mode == "run-queue":
         return _run_queue(opts, config, queue, stderr, environ)
@@ -32,6 +33,18 @@ def run(opts, config, stdout, stderr, environ) -> int:
         done = _("{id} moved back to the queue").format(id=message.id)
     print(f"sendmail-shim: {localize(done, environ)}", file=stdout)
     return EX_OK
+
+
+def _account_notes(config) -> list[str]:
+    """mailq's first lines: each account's pause in force (its messages wait for it, or for a
+    fallback account)."""
+    notes, now = [], clock.now()
+    for account in (config, *config.accounts.values()):
+        pause = account_ledger(account).read(now).pause if account.sender else None
+        if pause is not None:
+            name = f" {account.account}" if config.accounts else ""
+            notes.append(f"Account{name} {account.sender} paused until {ctime(pause.until)} ({pause.reason})")
+    return notes
 
 
 def _delete_all(config, queue, stdout, stderr, environ) -> int:
@@ -68,10 +81,10 @@ def _run_queue(opts, config, queue, stderr, environ) -> int:
     stats = runner.run_queue(config, queue, log=MessageLog.from_config(config), selector=selector,
                              progress=progress, transcript=transcript, due_only=opts.due_only)
     if opts.verbose:
-        summary = _("{sent} sent, {deferred} deferred, {failed} failed, {bounces} bounces, "
-                    "{picked_up} picked up, {busy} busy").format(
-            sent=stats.sent, deferred=stats.deferred, failed=stats.failed, bounces=stats.bounces,
-            picked_up=stats.picked_up, busy=stats.busy)
+        summary = _("{sent} sent, {deferred} deferred, {bounced} bounced, {expired} expired, {bounces} bounces, "
+                    "{picked_up} picked up, {refused} refused at pickup, {busy} busy").format(
+            sent=stats.sent, deferred=stats.deferred, bounced=stats.bounced, expired=stats.expired,
+            bounces=stats.bounces, picked_up=stats.picked_up, refused=stats.refused_drops, busy=stats.busy)
         print(f"\nsendmail-shim: {localize(summary, environ)}", file=stderr)
     return EX_OK
 

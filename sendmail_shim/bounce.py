@@ -1,5 +1,5 @@
 """Failure reports (bounces): an RFC 3464 multipart/report, built as CRLF bytes (`build`, pure),
-and queued (`queue_report`, for runner.py and for pickup.py's notices).
+and queued (`queue_report`, for attempt.py and for pickup.py's notices).
 
 The report has the three parts RFC 3464 §2 and RFC 6522 describe: a human-readable notice, a
 ``message/delivery-status`` part with one block per failed recipient, and the headers of the
@@ -179,7 +179,8 @@ def queue_report(config, queue: Queue, log, *, about: str, original: bytes, arri
         message_id=message_id,
         boundary=f"={secrets.token_hex(12)}", now=now, refusal=refusal, requested_sender=requested_sender,
     )
-    report = Envelope(sender=config.sender, recipients=[to], eight_bit=not data.isascii(),
+    report = Envelope(sender=config.sender, account=None if config.account == "default" else config.account,
+                      recipients=[to], eight_bit=not data.isascii(),
                       smtputf8=not to.isascii(), size=len(data), message_id=message_id)
     with queue.spool() as spool:
         spool.file.write(data)

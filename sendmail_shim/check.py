@@ -37,6 +37,8 @@ def run(config, out, environ, *, to: str | None = None, verbose: int = 0) -> int
     try:
         with relay:
             _describe(relay, say)
+            if config.auth != "password":
+                _describe_token(config, environ, say)
             say(_("sender check: {reply}").format(reply=relay.verify_sender()))
             if to:
                 result = relay.send(*_test_message(config, to))
@@ -83,8 +85,25 @@ def _describe(relay, say) -> None:
         say(_("TLS: none (SMTP_SECURITY=none)"))
     say("EHLO " + relay.helo_name + ": " + ", ".join(
         f"{k.upper()} {v}".strip() for k, v in relay.features.items()))
+    if relay.config.tls_cert_file:
+        say(_("TLS client certificate: {path}").format(path=relay.config.tls_cert_file))
     say(_("AUTH: {mechanism} accepted").format(mechanism=relay.auth_mechanism) if relay.auth_mechanism
         else _("AUTH: not used (no SMTP_USER)"))
+
+
+def _describe_token(config, environ, say) -> None:
+    """The OAuth2 login AUTH used: flow, expiry and granted scopes, never the token."""
+    import time
+
+    from . import oauth2
+
+    token = oauth2.cached(config, environ)
+    say(_("OAuth2: flow {flow}, token endpoint {url}").format(
+        flow=config.oauth2_flow, url=oauth2.endpoints(config).token_url))
+    if token:
+        say(_("OAuth2 access token: expires {when}, scopes granted: {scopes}").format(
+            when=time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(token.expires_at)),
+            scopes=token.scope or _("(not said)")))
 
 
 def _test_message(config, to: str):

@@ -25,6 +25,7 @@ usage: sendmail-shim [-t] [-i|-oi] [-f sender] [-F name] [-odb|-odi|-odq] [-v] [
        sendmail-shim --check [--to ADDR]          test the configuration (and send a test mail)
        sendmail-shim --setup [--provider P --user ADDR --password-stdin --yes …]   guided setup
        sendmail-shim --set-password | --delete-password
+       sendmail-shim --oauth2-login   log in once for SMTP_AUTH=xoauth2/oauthbearer (stores the refresh token)
        sendmail-shim --show ID | --delete ID|ALL | --retry ID|all | --requeue ID
        sendmail-shim --config FILE …   read only FILE (also SENDMAIL_SHIM_CONFIG)
        sendmail-shim --version | --help
@@ -135,6 +136,13 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
         return receiver.run(opts, config)
     if opts.mode in ("set-password", "delete-password"):
         return _password_command(opts.mode, config, stdin, stdout, stderr, environ)
+    if opts.mode == "oauth2-login":
+        from . import oauth2
+
+        where = oauth2.login(config, stdin, stdout, environ)
+        done = _("OAuth2 login of {user} stored in {where}").format(user=config.user, where=where)
+        print(f"sendmail-shim: {localize(done, environ)}", file=stdout)
+        return EX_OK
     from . import admin
 
     return admin.run(opts, config, stdout, stderr, environ)

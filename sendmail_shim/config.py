@@ -16,7 +16,8 @@ import sys
 from types import MappingProxyType
 from typing import NamedTuple
 
-from . import providers
+from . import budgets, providers
+from .budgets import Budget
 from .errors import ConfigError
 from .i18n import _
 
@@ -31,6 +32,8 @@ SECURITIES = ("tls", "starttls", "none")
 FROM_POLICIES = ("rewrite", "reject")
 LOCAL_MAIL = ("login", "refuse")
 DELIVERY_MODES = ("background", "interactive", "queue", "direct")
+AUTH_METHODS = ("password", "xoauth2", "oauthbearer")  # the first of each is the default
+OAUTH2_FLOWS = ("refresh_token", "client_credentials")
 MAX_QUEUE_CONNECTIONS = 32
 
 # Every key a config file or the environment may set, with its documentation line (README).
@@ -46,6 +49,9 @@ KEYS = {
     "SMTP_CA_FILE": "PEM file of CA certificates to trust instead of the system CAs",
     "SMTP_TLS_FINGERPRINT": "SHA-256 fingerprint the relay certificate must have",
     "SMTP_TLS_VERIFY": "no to skip certificate verification (warns on every use)",
+    "SMTP_TLS_CERT_FILE": "PEM client certificate to log in with (a relay or Exchange connector that authenticates "
+                          "servers by certificate)",
+    "SMTP_TLS_KEY_FILE": "its private key, readable by the service user only (default: in SMTP_TLS_CERT_FILE)",
     "SMTP_HELO": "EHLO name (default: host name if it has a dot, else the address literal)",
     "SMTP_TIMEOUT": "seconds per SMTP operation (default 30)",
     "SMTP_CONNECT_TIMEOUT": "seconds to resolve and connect (default 15)",
@@ -55,6 +61,17 @@ KEYS = {
                        "the login's mailbox, the name kept in To: and X-Original-To:; refuse: it is refused",
     "SMTP_PASSWORD_COMMAND": "command whose first output line is the password",
     "SMTP_KEYRING_BACKEND": "keyring backend class path (default: sendmail-shim's file backend)",
+    "SMTP_AUTH": "password (default), xoauth2 or oauthbearer: log in with an OAuth2 access token the shim gets itself",
+    "SMTP_OAUTH2_FLOW": "refresh_token (default: a person logs in once with --oauth2-login) or client_credentials "
+                        "(app-only: the client secret stored with --set-password)",
+    "SMTP_OAUTH2_CLIENT_ID": "the client (application) id registered with the identity provider",
+    "SMTP_OAUTH2_CLIENT_CERT_FILE": "PEM file with the application's certificate and key, for client_credentials "
+                                    "instead of a client secret (Microsoft's certificate credential)",
+    "SMTP_OAUTH2_TENANT": "Microsoft tenant id or domain (default: organizations; consumers for Outlook.com)",
+    "SMTP_OAUTH2_SCOPE": "scopes to ask for (default from the provider and flow)",
+    "SMTP_OAUTH2_TOKEN_URL": "the identity provider's token endpoint (default from SMTP_PROVIDER)",
+    "SMTP_OAUTH2_DEVICE_URL": "its device authorization endpoint, for --oauth2-login (default from SMTP_PROVIDER)",
+    "SMTP_OAUTH2_CA_FILE": "PEM file of CA certificates for the identity provider instead of the system CAs",
     "SENDMAIL_SHIM_CREDENTIALS_FILE": "credential file of the built-in keyring backend",
     "SENDMAIL_SHIM_LOG_FILE": "file that gets the log lines too (one per event, in Postfix's format)",
     "SENDMAIL_SHIM_SYSLOG": "yes (default) to log to syslog facility mail",
@@ -64,7 +81,24 @@ KEYS = {
     "SENDMAIL_SHIM_FAILED_AGE": "remove what failed/ and corrupt/ keep after this long (default 30d)",
     "SENDMAIL_SHIM_QUEUE_CONNECTIONS": "connections a queue run delivers over in parallel (default 8; 1 with "
                                        "the 163, 126, yeah, qq and exmail presets, whose servers block an "
-                                       "address that opens too many)",
+                                       "address that opens too many; 3 with outlook)",
+    "SMTP_MESSAGES_PER_CONNECTION": "messages one connection carries before a new one is opened (default from "
+                                    "the preset: 10 with 163, 126, yeah; 0: no limit)",
+    "SMTP_MESSAGES_PER_MINUTE": "messages the account sends per minute (default from the preset: 30 with outlook; "
+                                "0: no limit)",
+    "SMTP_MESSAGES_PER_HOUR": "messages the account sends per hour (0, the default: no limit)",
+    "SMTP_MESSAGES_PER_DAY": "messages the account sends per day (default from the preset: 500 with gmail; "
+                             "0: no limit)",
+    "SMTP_RECIPIENTS_PER_MESSAGE": "recipients per SMTP transaction; a message to more goes in several (default "
+                                   "from the preset: 100 with gmail; 0: no limit)",
+    "SMTP_RECIPIENTS_PER_DAY": "recipients the account sends to per day (default from the preset: 10000 with "
+                               "gmail and outlook; 0: no limit)",
+    "SMTP_ACCOUNT_SENDERS": "in an account file (accounts.d/NAME.env): the senders (-f, From:) that pick this "
+                            "account: addresses, or @domain for a whole domain",
+    "SMTP_ACCOUNT_USERS": "in an account file: the local users who may pick it by sender (root always may)",
+    "SMTP_FALLBACK": "accounts (names in accounts.d) that take this account's mail, in order, when it has waited "
+                     "longer than SMTP_FALLBACK_AFTER (paused, or the relay unreachable)",
+    "SMTP_FALLBACK_AFTER": "how long a message waits for its account before a fallback takes it (default 30m)",
     "SENDMAIL_SHIM_BOUNCE_TO": "address that receives failure reports and notices (default: the submitting "
                                "user's alias, else the login)",
     "SENDMAIL_SHIM_SUBMIT_SOCKET": "the submission service's socket, for users who may not write the queue "
@@ -95,6 +129,8 @@ class Config(NamedTuple):
     ca_file: str | None = None
     tls_fingerprint: str | None = None
     tls_verify: bool = True
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     helo: str | None = None
     timeout: float = 30.0
     connect_timeout: float = 15.0
@@ -103,6 +139,15 @@ class Config(NamedTuple):
     local_mail: str = "login"
     password_command: str | None = None
     keyring_backend: str | None = None
+    auth: str = "password"
+    oauth2_flow: str = "refresh_token"
+    oauth2_client_id: str | None = None
+    oauth2_client_cert_file: str | None = None
+    oauth2_tenant: str | None = None
+    oauth2_scope: str | None = None
+    oauth2_token_url: str | None = None
+    oauth2_device_url: str | None = None
+    oauth2_ca_file: str | None = None
     credentials_file: str | None = None
     log_file: str | None = None
     syslog: bool = True
@@ -111,6 +156,13 @@ class Config(NamedTuple):
     max_queue_age: float = 5 * 86400.0
     failed_age: float = 30 * 86400.0
     queue_connections: int = providers.DEFAULT_CONNECTIONS
+    budget: Budget = Budget()  # the account's sending limits (budgets.py)
+    account: str = "default"  # this account's name: default, or NAME of accounts.d/NAME.env
+    account_senders: tuple[str, ...] = ()  # addresses and @domains that pick this account
+    account_users: tuple[str, ...] = ()  # local users who may pick it (root always may)
+    fallback: tuple[str, ...] = ()  # accounts that take over, in order
+    fallback_after: float = 1800.0
+    accounts: dict = MappingProxyType({})  # name → Config of every other account (on the default one only)
     bounce_to: str | None = None
     submit_socket: str = SUBMIT_SOCKET
     user_rate: int = 600
@@ -119,6 +171,14 @@ class Config(NamedTuple):
     sources: tuple[str, ...] = ()  # the files read
     searched: tuple[str, ...] = ()  # the files looked for (none of which may exist)
     origins: dict[str, str] = MappingProxyType({})  # key → where its value came from (`build`)
+
+    def for_account(self, name: str | None) -> "Config":
+        """The configuration of account `name` (None: the default); ConfigError when there is none."""
+        if name in (None, self.account):
+            return self
+        if name not in self.accounts:
+            raise ConfigError(_("account {name} is not configured (no accounts.d/{name}.env)").format(name=name))
+        return self.accounts[name]
 
     @property
     def sender(self) -> str | None:
@@ -145,6 +205,10 @@ class Config(NamedTuple):
                 value = "(set)" if value else None
             elif key == "SMTP_ALIASES":
                 value = ",".join(f"{k}:{v}" for k, v in value.items()) or None
+            elif key in budgets.KEYS:
+                value = getattr(self.budget, budgets.KEYS[key]) or _("0 (no limit)")
+            elif isinstance(value, tuple):
+                value = ",".join(value) or None
             elif isinstance(value, bool):
                 value = "yes" if value else "no"
             shown[key] = "(unset)" if value is None else str(value)
@@ -192,7 +256,12 @@ def load(environ=None, explicit: str | None = None) -> Config:
         name = env_name(key)
         if name in environ:
             values[key], origins[key] = environ[name], _("environment {name}").format(name=name)
-    return build(values, environ, tuple(sources), origins=origins, searched=tuple(searched))
+    config = build(values, environ, tuple(sources), origins=origins, searched=tuple(searched))
+    if not sources:
+        return config
+    from . import accounts
+
+    return accounts.load(config, values, os.path.join(os.path.dirname(sources[-1]), accounts.DIRECTORY), environ)
 
 
 def read_file(path: str) -> dict[str, str]:
@@ -235,20 +304,31 @@ def read_lines(path: str) -> dict[str, tuple[str, int]]:
 def _dotenv_parser():
     """python-dotenv's parser module, loaded on its own: ``import dotenv.parser`` would first run
     dotenv/__init__.py, whose dotenv.main imports logging and tempfile (~10 ms of every sendmail
-    call, measured: see the project's shared notes on python-deps)."""
-    if "dotenv.parser" in sys.modules:
-        return sys.modules["dotenv.parser"]
-    from importlib.machinery import PathFinder
-    from importlib.util import module_from_spec
+    call, measured: see the project's shared notes on python-deps). The module is internal to
+    python-dotenv, so it is checked for what `read_lines` uses: a release that changes it is an
+    error naming the tested range (setup.cfg, debian/control), never a misread file."""
+    module = sys.modules.get("dotenv.parser")
+    if module is None:
+        from importlib.machinery import PathFinder
+        from importlib.util import module_from_spec
 
-    package = PathFinder.find_spec("dotenv")
-    spec = package and PathFinder.find_spec("dotenv.parser", package.submodule_search_locations)
-    if spec is None:  # not a plain directory on sys.path: the ordinary import finds it (or fails)
-        from dotenv import parser
-
-        return parser
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
+        package = PathFinder.find_spec("dotenv")
+        spec = package and PathFinder.find_spec("dotenv.parser", package.submodule_search_locations)
+        if spec is None:  # not a plain directory on sys.path: the ordinary import finds it (or fails)
+            try:
+                from dotenv import parser as module
+            except ImportError:
+                module = None
+        else:
+            module = module_from_spec(spec)
+            spec.loader.exec_module(module)
+    binding = getattr(getattr(module, "Binding", None), "_fields", ())
+    original = getattr(getattr(module, "Original", None), "_fields", ())
+    if not (callable(getattr(module, "parse_stream", None)) and {"key", "value", "original", "error"} <= set(binding)
+            and "line" in original):
+        where = getattr(module, "__file__", None) or _("not installed")
+        raise ConfigError(_("python-dotenv's parser ({where}) is not the one sendmail-shim was tested with: "
+                            "install python-dotenv >= 0.21, < 2").format(where=where))
     return module
 
 
@@ -321,6 +401,8 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
         ca_file=get("SMTP_CA_FILE"),
         tls_fingerprint=fingerprint,
         tls_verify=_flag(values, "SMTP_TLS_VERIFY", True),
+        tls_cert_file=get("SMTP_TLS_CERT_FILE"),
+        tls_key_file=get("SMTP_TLS_KEY_FILE"),
         helo=get("SMTP_HELO"),
         timeout=_seconds(values, "SMTP_TIMEOUT", 30.0),
         connect_timeout=_seconds(values, "SMTP_CONNECT_TIMEOUT", 15.0),
@@ -329,6 +411,15 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
         local_mail=local_mail,
         password_command=get("SMTP_PASSWORD_COMMAND"),
         keyring_backend=get("SMTP_KEYRING_BACKEND"),
+        auth=_choice(get, "SMTP_AUTH", AUTH_METHODS, preset.auth if preset else None),
+        oauth2_flow=_choice(get, "SMTP_OAUTH2_FLOW", OAUTH2_FLOWS),
+        oauth2_client_id=get("SMTP_OAUTH2_CLIENT_ID"),
+        oauth2_client_cert_file=get("SMTP_OAUTH2_CLIENT_CERT_FILE"),
+        oauth2_tenant=get("SMTP_OAUTH2_TENANT"),
+        oauth2_scope=get("SMTP_OAUTH2_SCOPE"),
+        oauth2_token_url=get("SMTP_OAUTH2_TOKEN_URL"),
+        oauth2_device_url=get("SMTP_OAUTH2_DEVICE_URL"),
+        oauth2_ca_file=get("SMTP_OAUTH2_CA_FILE"),
         credentials_file=get("SENDMAIL_SHIM_CREDENTIALS_FILE") or default_credentials_file(environ, sources),
         log_file=get("SENDMAIL_SHIM_LOG_FILE"),
         syslog=_flag(values, "SENDMAIL_SHIM_SYSLOG", True),
@@ -339,6 +430,11 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
         queue_connections=_whole(values, "SENDMAIL_SHIM_QUEUE_CONNECTIONS",
                                  preset.connections if preset else providers.DEFAULT_CONNECTIONS,
                                  most=MAX_QUEUE_CONNECTIONS),
+        budget=_budget(values, preset.budget if preset else Budget()),
+        account_senders=_words(get("SMTP_ACCOUNT_SENDERS")),
+        account_users=_words(get("SMTP_ACCOUNT_USERS")),
+        fallback=_words(get("SMTP_FALLBACK")),
+        fallback_after=_seconds(values, "SMTP_FALLBACK_AFTER", 1800.0),
         bounce_to=get("SENDMAIL_SHIM_BOUNCE_TO"),
         submit_socket=get("SENDMAIL_SHIM_SUBMIT_SOCKET") or SUBMIT_SOCKET,
         user_rate=_whole(values, "SENDMAIL_SHIM_USER_RATE", 600, most=1 << 30),
@@ -352,7 +448,22 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
 
 
 # Keys whose value, when not set, comes from the provider preset.
-_PRESET_KEYS = ("SMTP_HOST", "SMTP_SECURITY", "SENDMAIL_SHIM_QUEUE_CONNECTIONS")
+_PRESET_KEYS = ("SMTP_HOST", "SMTP_SECURITY", "SMTP_AUTH", "SENDMAIL_SHIM_QUEUE_CONNECTIONS", *budgets.KEYS)
+
+
+def _words(text: str | None) -> tuple[str, ...]:
+    """A comma-separated list (lower case), without empty items."""
+    return tuple(word.strip().lower() for word in (text or "").split(",") if word.strip())
+
+
+def _budget(values, preset: Budget) -> Budget:
+    """The preset's budget with the SMTP_*_PER_* settings over it (0: no limit)."""
+    changes = {}
+    for key, field in budgets.KEYS.items():
+        raw = (values.get(key) or "").strip()
+        if raw:
+            changes[field] = _whole(values, key, 0, most=1 << 30) if raw != "0" else None
+    return preset._replace(**changes)
 
 
 def _origins(values: dict[str, str], given: dict[str, str], preset: str | None, preset_port: bool):
@@ -448,6 +559,15 @@ def _flag(values, key: str, default: bool) -> bool:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _choice(get, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
+    """One of `choices` (case-insensitive); `default`, else the first, when the key is unset."""
+    value = (get(key) or default or choices[0]).lower()
+    if value not in choices:
+        raise ConfigError(_("{key}={value}: expected one of {choices}").format(
+            key=key, value=value, choices=", ".join(choices)))
+    return value
 
 
 def _seconds(values, key: str, default: float) -> float:

@@ -1,6 +1,7 @@
 """Reaching a relay: TCP with bounded name resolution, the greeting's first bytes (and the probe for
 a relay that speaks implicit TLS), the TLS context and handshake with its certificate checks, the
-EHLO name, the clock that bounds every operation, and what a failed transport means.
+EHLO name, the clock that bounds every operation, smtplib on that socket (`Wire`, with the redacted
+transcript), and what a failed transport means.
 
 `smtp.Relay` holds the connection these build and speaks SMTP over it.
 """
@@ -8,6 +9,7 @@ EHLO name, the clock that bounds every operation, and what a failed transport me
 import hashlib
 import hmac
 import ipaddress
+import os
 import re
 import selectors
 import smtplib
@@ -79,6 +81,58 @@ class Clock:
             raise OutOfTime(_("gave up after SMTP_DEADLINE={deadline:g}s").format(deadline=self.deadline))
         self.cut_by_deadline = left < limit
         return min(limit, left)
+
+
+class Wire(smtplib.SMTP):
+    """smtplib on our socket: each read and write is bounded by the clock, and written to the
+    transcript, with every client line of an AUTH exchange shown as ``***``."""
+
+    ehlo_msg = "EHLO"
+
+    def __init__(self, sock: socket.socket, clock: Clock, transcript: Callable[[str], None] | None):
+        super().__init__(local_hostname="localhost")  # anything but None: None means getfqdn()
+        self.sock, self.file = sock, None
+        self.clock, self.transcript = clock, transcript
+        self.redact = False
+
+    def send(self, s):
+        if self.sock:
+            self.sock.settimeout(self.clock.budget())
+        super().send(s)
+
+    def putcmd(self, cmd, args=""):
+        self._note("C: " + self._shown(f"{cmd} {args}".rstrip()))
+        super().putcmd(cmd, args)
+
+    def putcmds(self, lines: list[str]) -> None:
+        """Several commands in one write (PIPELINING)."""
+        for line in lines:
+            self._note("C: " + line)
+        self.send("".join(line + "\r\n" for line in lines))
+
+    def getreply(self):
+        if self.sock:
+            self.sock.settimeout(self.clock.budget())
+        code, text = super().getreply()
+        if code == -1:  # smtplib has already cut the line; there is nothing useful to show
+            self._note("S: <not an SMTP reply>")
+            raise smtplib.SMTPResponseException(-1, text)
+        lines = text.decode("utf-8", "replace").split("\n")
+        for number, line in enumerate(lines, 1):
+            self._note(f"S: {code}{' ' if number == len(lines) else '-'}{line}".rstrip())
+        return code, text
+
+    def _shown(self, line: str) -> str:
+        if not self.redact:
+            return line
+        words = line.split(" ")
+        if words[0].upper() != "AUTH":
+            return "***"
+        return " ".join(words[:2]) + (" ***" if len(words) > 2 else "")
+
+    def _note(self, line: str) -> None:
+        if self.transcript:
+            self.transcript(line)
 
 
 def helo_name(config, sock: socket.socket) -> str:
@@ -236,7 +290,26 @@ def tls_context(config) -> ssl.SSLContext:
     if config.tls_fingerprint or not config.tls_verify:
         context.check_hostname = False  # the pin alone decides, or the user opted out
         context.verify_mode = ssl.CERT_NONE
+    if config.tls_cert_file or config.tls_key_file:
+        _client_certificate(context, config)
     return context
+
+
+def _client_certificate(context: ssl.SSLContext, config) -> None:
+    """The client certificate (SMTP_TLS_CERT_FILE, its key in SMTP_TLS_KEY_FILE or in the same
+    file), the other password-free login; the key is refused when others may read it, as the
+    credential file is."""
+    from . import credstore
+
+    if not config.tls_cert_file:
+        raise ConfigError(_("SMTP_TLS_KEY_FILE is set without SMTP_TLS_CERT_FILE"))
+    key = config.tls_key_file or config.tls_cert_file
+    try:
+        credstore.check_file(key, os.stat(key), credstore.service_gid())
+        context.load_cert_chain(config.tls_cert_file, key)
+    except OSError as exc:
+        raise ConfigError(_("cannot load the client certificate {path}: {reason}").format(
+            path=config.tls_cert_file, reason=exc.strerror or exc)) from None
 
 
 class TLSPeer(NamedTuple):

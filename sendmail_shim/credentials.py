@@ -1,4 +1,5 @@
-"""Get, store and delete the SMTP password.
+"""Get, store and delete the SMTP password (for SMTP_AUTH=xoauth2/oauthbearer: the OAuth2 client
+secret, and the refresh token `--oauth2-login` got).
 
 Sources, first match wins:
   1. ``SMTP_PASSWORD_COMMAND``: its first output line (like msmtp's passwordeval);
@@ -17,6 +18,7 @@ from .i18n import _
 from .secret import Secret
 
 SERVICE = "sendmail-shim"
+REFRESH_SERVICE = "sendmail-shim-oauth2-refresh"  # the OAuth2 refresh token, beside the password
 OWN_BACKEND = "sendmail_shim.keyring_backend.ShimFileKeyring"
 
 # Backends that ask for a master password through getpass, which without a tty reads the
@@ -32,26 +34,69 @@ _SECRET_ASSIGNMENT = re.compile(r"(?i)\b(pass(?:word|wd|phrase)?|secret|token|ke
 
 
 def get_password(config, environ=None) -> Secret:
-    """The password for ``config.user``; ConfigError when it is missing or unreachable."""
+    """What AUTH sends for ``config.user``: the password, or with SMTP_AUTH=xoauth2/oauthbearer an
+    OAuth2 access token (`oauth2.access_token`, from its cache or the identity provider);
+    ConfigError when it is missing or unreachable."""
+    if config.auth != "password":
+        from . import oauth2
+
+        return oauth2.access_token(config, environ)
+    return get_secret(config, environ)
+
+
+def get_secret(config, environ=None) -> Secret:
+    """The stored password (SMTP_PASSWORD_COMMAND's, else the store's): the SMTP password, or the
+    OAuth2 client secret; ConfigError when there is none."""
     user = _user(config)
     if config.password_command:
         return _run_password_command(config.password_command, config.timeout, environ)
-    if _uses_own_store(config):
-        store = credstore.locate(config.credentials_file, environ)
-        password, where = store.get(SERVICE, user), store.path
-    else:
-        backend = _load_backend(config.keyring_backend)
-        password = _call(config.keyring_backend, backend.get_password, SERVICE, user)
-        where = _("keyring backend {backend}").format(backend=config.keyring_backend)
+    password, where = _lookup(config, SERVICE, user, environ)
     if not password:
         raise ConfigError(_("no password stored for {user} in {where}").format(user=user, where=where),
                           _set_password_hint(config))
     return Secret(password)
 
 
-def set_password(config, password: Secret, environ=None) -> str:
-    """Store the password for ``config.user``; returns where it went (for the CLI message)."""
+def get_refresh_token(config, environ=None) -> Secret:
+    """The OAuth2 refresh token `--oauth2-login` stored; ConfigError when there is none."""
     user = _user(config)
+    token, where = _lookup(config, REFRESH_SERVICE, user, environ)
+    if not token:
+        raise ConfigError(_("no OAuth2 login stored for {user} in {where}").format(user=user, where=where),
+                          _("run: sendmail-shim --oauth2-login"))
+    return Secret(token)
+
+
+def set_refresh_token(config, token: Secret, environ=None) -> str:
+    """Store (or replace, when the identity provider rotated it) the refresh token; where it went."""
+    return _store(config, REFRESH_SERVICE, token, environ)
+
+
+def _lookup(config, service: str, user: str, environ) -> tuple[str | None, str]:
+    """The stored value and where it was looked for."""
+    if _uses_own_store(config):
+        store = credstore.locate(config.credentials_file, environ)
+        return store.get(service, user), store.path
+    backend = _load_backend(config.keyring_backend)
+    return (_call(config.keyring_backend, backend.get_password, service, user),
+            _("keyring backend {backend}").format(backend=config.keyring_backend))
+
+
+def _store(config, service: str, secret: Secret, environ) -> str:
+    user = _user(config)
+    if _uses_own_store(config):
+        store = credstore.locate(config.credentials_file, environ)
+        store.set(service, user, secret.reveal())
+        return store.path
+    backend = _load_backend(config.keyring_backend)
+    _call(config.keyring_backend, backend.set_password, service, user, secret.reveal(), secret=secret.reveal())
+    return _("keyring backend {backend}").format(backend=config.keyring_backend)
+
+
+def set_password(config, password: Secret, environ=None) -> str:
+    """Store the password (or OAuth2 client secret) for ``config.user``; returns where it went (for
+    the CLI message)."""
+    _user(config)
     if not password:
         raise UsageError(_("the password is empty; nothing stored"))
     if config.password_command:
@@ -59,16 +104,7 @@ def set_password(config, password: Secret, environ=None) -> str:
             _("SMTP_PASSWORD_COMMAND is set, so a stored password would never be used"),
             _("change what the command prints, or unset SMTP_PASSWORD_COMMAND"),
         )
-    if _uses_own_store(config):
-        store = credstore.locate(config.credentials_file, environ)
-        store.set(SERVICE, user, password.reveal())
-        return store.path
-    backend = _load_backend(config.keyring_backend)
-    _call(
-        config.keyring_backend, backend.set_password, SERVICE, user, password.reveal(),
-        secret=password.reveal(),
-    )
-    return _("keyring backend {backend}").format(backend=config.keyring_backend)
+    return _store(config, SERVICE, password, environ)
 
 
 def delete_password(config, environ=None) -> str:

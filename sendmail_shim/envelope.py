@@ -25,6 +25,8 @@ class Envelope(NamedTuple):
     # [local name, recipient, rule] for each local name resolved, the rule in the words of the
     # cleanup log line (log.local_line): "alias root", "alias default", "no alias; SMTP_LOCAL_MAIL=login"
     local_names: list[list[str]] | None = None
+    account: str | None = None  # the account that carries it (accounts.py); None: the default one
+    moved_from: str | None = None  # the account its From: was written for, when a fallback took it over
 
     def to_dict(self) -> dict:
         return self._asdict()

@@ -93,10 +93,11 @@ class SMTPFailure(ShimError):
     """The relay answered a command with a failure reply.
 
     ``stage`` is the command that failed (one of `replies.STAGES`); ``verdict`` is
-    `replies.classify`'s reading of the reply, and the exit code is the verdict's.
+    `replies.classify`'s reading of the reply (with the rules of the relay's `provider`), and the
+    exit code is the verdict's.
     """
 
-    def __init__(self, code: int, reply: str, stage: str, hint: str | None = None):
+    def __init__(self, code: int, reply: str, stage: str, hint: str | None = None, provider: str | None = None):
         from .replies import classify
 
         super().__init__(
@@ -104,7 +105,7 @@ class SMTPFailure(ShimError):
         self.code = code
         self.reply = reply
         self.stage = stage
-        self.verdict = classify(stage, code, None, reply)
+        self.verdict = classify(stage, code, None, reply, provider)
         self.exit_code = self.verdict.exit_code
 
     @property

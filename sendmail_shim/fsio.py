@@ -21,12 +21,14 @@ def write_atomic(path: str, data: bytes, *, mode: int = 0o600, owner: tuple[int,
     """Replace `path` by a file holding `data`, all or nothing: written to `temp` (by default a
     hidden name of its own beside it), given `owner` ((uid, gid), -1 to keep one) and `mode`
     before any byte is written (the umask does not decide), fsynced, renamed over `path`, then
-    the directory fsynced (`dir_fd` when the caller holds it open). `before_rename()` runs after
+    the directory fsynced (`dir_fd` when the caller holds it open; a relative `path` is then
+    taken in that directory, so no link on the way is followed). `before_rename()` runs after
     the fsync. On any failure the temporary file is removed and the error raised (OSError)."""
+    within = dir_fd if dir_fd is not None and not os.path.isabs(path) else None
     directory = os.path.dirname(os.path.abspath(path))
     if temp is None:
-        temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.urandom(6).hex()}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=within)
     try:
         with open(fd, "wb") as stream:
             if owner is not None:
@@ -37,9 +39,10 @@ def write_atomic(path: str, data: bytes, *, mode: int = 0o600, owner: tuple[int,
             os.fsync(fd)
         if before_rename is not None:
             before_rename()
-        os.rename(temp, path)
+        os.rename(temp, path, src_dir_fd=within, dst_dir_fd=within)
     except BaseException:
-        unlink(temp)  # a full disk: give its blocks back
+        with suppress(OSError):
+            os.unlink(temp, dir_fd=within)  # a full disk: give its blocks back
         raise
     if dir_fd is None:
         fsync_dir(directory)

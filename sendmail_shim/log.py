@@ -17,7 +17,7 @@ src/cleanup/cleanup_message.c, src/qmgr/qmgr_active.c)::
     qmgr       ID: from=<…>, status=expired, returned to sender
     bounce     ID: sender non-delivery notification: REPORT-ID
     qmgr       ID: removed                                   it left the queue (postsuper: --delete)
-    postsuper  ID: removed (failed/ for 30d, …)            a queue run removed an expired failed/ or corrupt/ item
+    postsuper  ID: removed (failed/ for 30d, …)            a queue run purged an old failed/ or corrupt/ item
     any        warning: [ID: ]…  /  error: [ID: ]…           syslog priority warning / err
 
 Lines are English and every value is printable on one line: an address, a reply or a file name
@@ -101,6 +101,19 @@ def seconds(value: float) -> str:
             usec %= n
             n //= 10
     return text
+
+
+def ctime(when: float) -> str:
+    """A time as mailq shows it (local time, as Postfix's)."""
+    return time.strftime("%a %b %d %H:%M:%S", time.localtime(when))
+
+
+def duration(seconds: float) -> str:
+    """`seconds` as the log says an age: 1.5d, 2.0h, 3.0m, 42s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def delay_fields(timing: Timing) -> str:
@@ -188,8 +201,8 @@ def notification_line(msg_id: str, report_id: str) -> str:
 
 
 def removed_line(msg_id: str, why: str | None = None) -> str:
-    """``ID: removed``; `why` only for what a queue run removes on its own (an expired failed/ or
-    corrupt/ item): Postfix's postsuper -d line has none."""
+    """``ID: removed``; `why` only for what a queue run removes on its own (an old failed/ or
+    corrupt/ item, `postsuper.purge`): Postfix's postsuper -d line has none."""
     return f"{token(msg_id)}: removed ({one_line(why)})" if why else f"{token(msg_id)}: removed"
 
 
@@ -266,6 +279,10 @@ class MessageLog:
 
     def removed(self, msg_id: str, *, program: str = QMGR, why: str | None = None) -> str:
         return self._emit(program, removed_line(msg_id, why))
+
+    def moved(self, msg_id: str, text: str) -> str:
+        """A message handed to a fallback account (failover.py), as ``ID: moved from …``."""
+        return self._emit(QMGR, f"{msg_id}: {one_line(text)}")
 
     # -- problems ----------------------------------------------------------------------------
 

@@ -137,6 +137,14 @@ def write(out: BinaryIO, reader: MessageReader, headers: bytes, envelope: Envelo
     return complete_envelope(envelope, headers, reader.copy_body(out))
 
 
+def rewrite_sender(header_block: bytes, policy: HeaderPolicy) -> bytes:
+    """A queued message's header block with From = `policy`'s login, the display name kept and
+    the address it had in Reply-To: (when it has none): the message moved to another account."""
+    fields, _original = _apply_from_policy(split_fields(header_block), policy._replace(from_policy="rewrite"),
+                                           Bounds())
+    return b"".join(f.raw for f in fields) + b"\r\n"
+
+
 def complete_envelope(envelope: Envelope, header_block: bytes, body: BodyInfo) -> Envelope:
     """The envelope with eight_bit and size of the final message (header block + body)."""
     return envelope._replace(

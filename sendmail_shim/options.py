@@ -26,7 +26,7 @@ _DELIVERY_FLAGS = {"b": "background", "i": "interactive", "q": "queue", "d": "qu
 
 # Long options: name → takes a value.
 LONG_OPTIONS = {
-    "check": False, "to": True, "set-password": False, "delete-password": False,
+    "check": False, "to": True, "set-password": False, "delete-password": False, "oauth2-login": False,
     "config": True, "show": True, "delete": True, "retry": True, "requeue": True,
     "version": False, "help": False, "setup": False,
     "due": False,  # -q --due: only messages whose next-attempt time has come (automatic runs)
@@ -35,8 +35,8 @@ LONG_OPTIONS = {
     "from-policy": True, "aliases": True, "password-command": True,
     "password-stdin": False, "yes": False, "no-check": False,
 }
-_ACTIONS = ("check", "set-password", "delete-password", "show", "delete", "retry", "requeue", "version", "help",
-            "setup")
+_ACTIONS = ("check", "set-password", "delete-password", "oauth2-login", "show", "delete", "retry", "requeue",
+            "version", "help", "setup")
 SETUP_KEYS = {
     "provider": "SMTP_PROVIDER", "user": "SMTP_USER", "host": "SMTP_HOST", "port": "SMTP_PORT",
     "security": "SMTP_SECURITY", "ca-file": "SMTP_CA_FILE", "from-policy": "SMTP_FROM_POLICY",

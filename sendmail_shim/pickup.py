@@ -87,21 +87,22 @@ def parse_request(line: bytes) -> dict:
     return fields
 
 
-def accept(config, fields: dict, data, out):
-    """Pickup: validate the trailer `fields`, apply the header policy to `data` (the dropped
-    message) and write the result to `out`; returns its envelope. Raises DataError for a
-    malformed file, `Rejected` for a well-formed request the policy refuses."""
-    from . import message
+def accept(config, fields: dict, data, out, uid: int = -1):
+    """Pickup: validate the trailer `fields`, apply the header policy of the account the message
+    picks (`accounts.prepare`, as user `uid` may) to `data` (the dropped message) and write the
+    result to `out`; returns its envelope. Raises DataError for a malformed file, `Rejected` for a
+    well-formed request the policy refuses."""
+    from . import accounts, message
 
     problem = _malformed(fields)
     if problem:
         raise DataError(problem)
     reader = MessageReader(data, dot_ends=False, mbox_from=False)
     try:
-        headers, envelope = message.prepare(
-            reader.read_header_block(), extract_recipients=fields.get("extract") is True,
+        _account, headers, envelope = accounts.prepare(
+            config, uid, reader.read_header_block(), fields.get("full_name"),
+            extract_recipients=fields.get("extract") is True,
             argv_recipients=fields["recipients"], requested_sender=fields.get("requested_sender"),
-            policy=message.HeaderPolicy.from_config(config, fields.get("full_name")),
         )
     except ShimError as exc:
         raise Rejected(str(exc)) from None
@@ -143,7 +144,7 @@ def pick_up(config, queue: Queue, log, stats) -> list[str]:
     requests. A pickup that fails as a whole (maildrop/ not a directory…) is logged: what is
     queued already is delivered all the same."""
     try:
-        result = empty_maildrop(queue, lambda fields, data, out: accept(config, fields, data, out))
+        result = empty_maildrop(queue, lambda fields, data, out, uid: accept(config, fields, data, out, uid))
     except OSError as exc:
         log.error(PICKUP, f"maildrop not picked up: {exc}")
         return []
@@ -230,9 +231,9 @@ def note_refusal(queue: Queue, name: str, reason: str) -> None:
 def empty_maildrop(queue: Queue, accept: Callable[[dict, BinaryIO, BinaryIO], Envelope]) -> PickupResult:
     """Move valid maildrop files into queue/, refused ones into corrupt/.
 
-    ``accept(fields, data, out)`` gets the dropped trailer's fields and the dropped message
-    (a stream of exactly the declared size); it writes the message to trust to `out` and
-    returns its envelope, or raises ShimError to refuse it.
+    ``accept(fields, data, out, uid)`` gets the dropped trailer's fields, the dropped message (a
+    stream of exactly the declared size) and the submitting user; it writes the message to
+    trust to `out` and returns its envelope, or raises ShimError to refuse it.
     """
     result = PickupResult()
     try:
@@ -304,7 +305,7 @@ def _queue_drop(queue: Queue, maildrop: int, name: str, msg_id: str, source: Bin
         # a pickup that died half-way (we hold the pickup lock: nobody else writes it)
         fsio.rmtree(os.path.join(queue.tmp, msg_id))
         with Spool(queue, False, msg_id) as spool:
-            envelope = accept(fields, _Bounded(source, size), spool.file)
+            envelope = accept(fields, _Bounded(source, size), spool.file, uid)
             spool.commit(envelope, uid=uid, arrival=_arrival(st), drop=name)
         return spool.message
     except CantCreate:

@@ -4,8 +4,8 @@ queue, as functions of a `queue.Queue` (admin.py and runner.py call them).
 The administrator lists the queue (`listing`, ``-bp``/mailq), shows and deletes messages of
 queue/ and failed/ and entries of corrupt/ by the id the log printed (`locate`, `show`,
 `delete`), or all of it at once (`delete_all`, Postfix's ``postsuper -d ALL``), makes messages
-due now (`retry_now`) and moves failed ones back (`requeue`). failed/ and corrupt/ are kept for
-SENDMAIL_SHIM_FAILED_AGE (`expire_kept`; `expire`, with its log lines, on every queue run).
+due now (`retry_now`) and moves those of failed/ back (`requeue`). failed/ and corrupt/ are kept for
+SENDMAIL_SHIM_FAILED_AGE (`purge_kept`; `purge`, with its log lines, on every queue run).
 
 A message is removed only under its lock, by one rename into tmp/ (a crash leaves only tmp/
 garbage); corrupt/ entries are looked at with lstat and opened, if at all, without following a
@@ -20,10 +20,10 @@ import time
 from contextlib import suppress
 from typing import Callable, NamedTuple
 
-from . import fsio
+from . import clock, fsio
 from .errors import DataError, TempFail, UsageError
 from .i18n import _
-from .log import POSTSUPER, one_line, token
+from .log import POSTSUPER, ctime, duration, one_line, token
 from .pickup import MAX_REASON
 from .queue import ID_PATTERN, TMP_GRACE, Queue, QueuedMessage, Recipient, checked_id
 
@@ -103,7 +103,7 @@ def delete_all(queue: Queue, removed: Callable[[str], None]) -> list[str]:
     return busy
 
 
-def expire_kept(queue: Queue, max_age: float, removed: Callable[[str, str, float], None],
+def purge_kept(queue: Queue, max_age: float, removed: Callable[[str, str, float], None],
                 now: float | None = None) -> None:
     """Remove what failed/ and corrupt/ have kept for longer than `max_age` seconds
     (SENDMAIL_SHIM_FAILED_AGE): a failed message counts from when it failed (its
@@ -120,25 +120,17 @@ def expire_kept(queue: Queue, max_age: float, removed: Callable[[str, str, float
     _forget_stray_reasons(queue)
 
 
-def expire(config, queue: Queue, log) -> None:
-    """The queue run's `expire_kept`: remove what failed/ and corrupt/ have kept for longer than
+def purge(config, queue: Queue, log) -> None:
+    """The queue run's `purge_kept`: remove what failed/ and corrupt/ have kept for longer than
     SENDMAIL_SHIM_FAILED_AGE, one postsuper line each; a problem is logged and stops no delivery."""
     def removed(where: str, item_id: str, age: float) -> None:
         log.removed(item_id, program=POSTSUPER,
                     why=f"kept in {where}/ for {duration(age)}, longer than SENDMAIL_SHIM_FAILED_AGE")
 
     try:
-        expire_kept(queue, config.failed_age, removed)
+        purge_kept(queue, config.failed_age, removed)
     except OSError as exc:
-        log.error(POSTSUPER, f"failed/ and corrupt/ not expired: {exc}")
-
-
-def duration(seconds: float) -> str:
-    """`seconds` as the log says an age: 1.5d, 2.0h, 3.0m, 42s."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
+        log.error(POSTSUPER, f"failed/ and corrupt/ not purged: {exc}")
 
 
 def _failed_since(queue: Queue, msg_id: str) -> float | None:
@@ -207,9 +199,18 @@ def _trash(queue: Queue, directory: str, name: str) -> bool:
     return True
 
 
+def find(queue: Queue, msg_id: str) -> QueuedMessage:
+    """`Queue.load` for administration: an unknown id is the user's error."""
+    queue.check_access()
+    message = queue.load(msg_id)
+    if message is None:
+        raise UsageError(_("no message {id} in {path}").format(id=msg_id, path=queue.root))
+    return message
+
+
 def retry_now(queue: Queue, msg_id: str | None = None) -> list[str]:
     """Make one message (or all) due now; returns the ids changed (busy ones are skipped)."""
-    ids = [queue.find(msg_id).id] if msg_id else queue.ids()
+    ids = [find(queue, msg_id).id] if msg_id else queue.ids()
     changed = []
     for one in ids:
         with queue.lock(one) as message:
@@ -222,7 +223,7 @@ def retry_now(queue: Queue, msg_id: str | None = None) -> list[str]:
 
 
 def requeue(queue: Queue, msg_id: str) -> QueuedMessage:
-    """failed/<id> → queue/<id>: failed recipients become pending, the clock restarts."""
+    """failed/<id> → queue/<id>: bounced recipients are deferred again, the clock restarts."""
     queue.check_access()
     path = os.path.join(queue.failed, checked_id(msg_id))
     message = queue.read(path)
@@ -232,8 +233,8 @@ def requeue(queue: Queue, msg_id: str) -> QueuedMessage:
         if not ok:
             raise TempFail(_("{id} is in use; try again").format(id=msg_id))
         for rcpt in message.recipients:
-            if rcpt.state == "failed":
-                rcpt.state, rcpt.attempts = "pending", 0
+            if rcpt.state == "bounced":
+                rcpt.state, rcpt.attempts = "deferred", 0
         message.failure, message.attempts = None, 0
         message.arrival = message.next_attempt = time.time()
         queue.save(message)
@@ -244,14 +245,15 @@ def requeue(queue: Queue, msg_id: str) -> QueuedMessage:
     return message
 
 
-def listing(queue: Queue, now: float | None = None) -> str:
-    """`-bp` / mailq text: queue/, failed/ and corrupt/, and how many wait in maildrop/."""
+def listing(queue: Queue, now: float | None = None, notes: list[str] = ()) -> str:
+    """`-bp` / mailq text: `notes` (an account's pause), queue/, failed/ and corrupt/, and how
+    many wait in maildrop/."""
     queue.check_access()
     messages = [m for m in map(queue.load, queue.ids()) if m is not None]
     failed = [m for m in (queue.read(os.path.join(queue.failed, i)) for i in queue.failed_ids()) if m]
     busy = {m.id for m in messages if fsio.is_locked(m.data_path)}
-    return format_listing(messages, failed, busy, time.time() if now is None else now,
-                          corrupt=corrupt_items(queue), waiting=waiting(queue))
+    return format_listing(messages, failed, busy, clock.now() if now is None else now,
+                          corrupt=corrupt_items(queue), waiting=waiting(queue), notes=notes)
 
 
 def waiting(queue: Queue) -> int:
@@ -326,7 +328,7 @@ def _corrupt_head(queue: Queue, name: str) -> bytes | None:
 
 
 def format_listing(messages: list[QueuedMessage], failed: list[QueuedMessage], busy: set[str],
-                   now: float, corrupt: list[CorruptItem] = (), waiting: int = 0) -> str:
+                   now: float, corrupt: list[CorruptItem] = (), waiting: int = 0, notes: list[str] = ()) -> str:
     """Postfix's mailq layout; ``*`` marks a message being delivered, ``!`` one in failed/, ``#``
     an entry of corrupt/ (never delivered); the last line also counts the entries of maildrop/
     waiting for the pickup.
@@ -336,24 +338,24 @@ def format_listing(messages: list[QueuedMessage], failed: list[QueuedMessage], b
     corrupt/: why the pickup refused it, as far as it is known.
     """
     if not messages and not failed and not corrupt and not waiting:
-        return "Mail queue is empty\n"
+        return "".join(f"{note}\n" for note in notes) + "Mail queue is empty\n"
     indent = " " * 48  # where the sender column starts
-    lines = [f"{'-Queue ID-':17} --Size-- ----Arrival Time---- -Sender/Recipient-------"]
+    lines = [*notes, f"{'-Queue ID-':17} --Size-- ----Arrival Time---- -Sender/Recipient-------"]
     entries = [(m, "*" if m.id in busy else " ") for m in messages] + [(m, "!") for m in failed]
     for message, mark in entries:
-        lines.append(f"{message.id}{mark} {message.size:8d} {_ctime(message.arrival)}  {message.envelope.sender}")
+        lines.append(f"{message.id}{mark} {message.size:8d} {ctime(message.arrival)}  {message.envelope.sender}")
         undelivered = [r for r in message.recipients if r.state != "sent"]
         for reply, group in _by_reply(undelivered):
             if mark == "!":
                 lines.append(f"(failed: {reply or message.failure})")
             elif reply:
-                due = "now" if message.next_attempt <= now else _ctime(message.next_attempt)
+                due = "now" if message.next_attempt <= now else ctime(message.next_attempt)
                 lines.append(f"({reply}; next try {due})")
             lines.extend(indent + r.address for r in group)
         lines.append("")
     for item in corrupt:
         label = token(item.id)
-        lines.append(f"{label:16}# {item.size:8d} {_ctime(item.mtime)}  corrupt/{token(item.name)}")
+        lines.append(f"{label:16}# {item.size:8d} {ctime(item.mtime)}  corrupt/{token(item.name)}")
         lines.append(f"({_refusal_note(item)})")
         lines.append("")
     total = sum(m.size for m in messages)
@@ -382,8 +384,8 @@ def describe_corrupt(item: CorruptItem, head: bytes | None) -> str:
         f"Name: corrupt/{token(item.name)}",
         f"Type: {item.kind}",
         f"Size: {item.size}",
-        f"Modified: {_ctime(item.mtime)}",
-        f"Refused: {_ctime(item.refused)}",
+        f"Modified: {ctime(item.mtime)}",
+        f"Refused: {ctime(item.refused)}",
         f"Reason: {_refusal_note(item)}",
     ]
     if head is None:
@@ -399,14 +401,14 @@ def describe(message: QueuedMessage) -> str:
     where = os.path.basename(os.path.dirname(message.path))
     lines = [
         f"Queue-ID: {message.id} ({where})",
-        f"Arrival: {_ctime(message.arrival)}",
+        f"Arrival: {ctime(message.arrival)}",
         f"Sender: {env.sender}" + (f" (requested {env.requested_sender})" if env.requested_sender else ""),
         f"Message-ID: {env.message_id or '-'}",
         f"Size: {env.size}",
         f"Attempts: {message.attempts}",
     ]
     if where == "queue":
-        lines.append(f"Next-Attempt: {_ctime(message.next_attempt)}")
+        lines.append(f"Next-Attempt: {ctime(message.next_attempt)}")
     if message.failure:
         lines.append(f"Failure: {message.failure}")
     if message.bounce:
@@ -422,10 +424,6 @@ def _by_reply(recipients: list[Recipient]) -> list[tuple[str, list[Recipient]]]:
     for rcpt in recipients:
         groups.setdefault(rcpt.reply, []).append(rcpt)
     return list(groups.items())
-
-
-def _ctime(when: float) -> str:
-    return time.strftime("%a %b %d %H:%M:%S", time.localtime(when))
 
 
 # -- corrupt/ entries ---------------------------------------------------------------------------

@@ -59,7 +59,8 @@ MAX_DROP_SIZE = 64 << 20  # larger than any provider accepts
 MAX_TRAILER = 64 << 10
 SENT_MARK = re.compile(r"sent\.(\d{1,6})\Z")  # see `Queue.mark_sent`
 TMP_GRACE = 60.0  # seconds an unlocked temporary entry is left alone (its writer may be starting)
-MIN_BACKOFF, MAX_BACKOFF = 60.0, 3600.0
+STATES = ("deferred", "sent", "bounced")  # a recipient's (HACKING.md, "Words")
+OLD_STATES = {"pending": "deferred", "failed": "bounced"}  # as older versions wrote envelope.json
 
 
 def crash_point(step: str) -> None:
@@ -79,17 +80,12 @@ def new_id(now: float | None = None) -> str:
     return f"{ms:011X}{int.from_bytes(os.urandom(3), 'big') >> 4:05X}"
 
 
-def next_attempt_after(attempts: int, now: float) -> float:
-    """Exponential backoff: 1 min after the first failed attempt, doubling, at most 1 h."""
-    return now + min(MIN_BACKOFF * 2 ** max(attempts - 1, 0), MAX_BACKOFF)
-
-
 class Recipient(SimpleNamespace):
-    """One recipient's delivery state: ``state`` is pending, sent or failed; ``reply`` the last
-    reply (or reason) for it."""
+    """One recipient's delivery state: ``state`` is one of `STATES` (deferred until it is tried:
+    ``attempts`` tells a never-tried one); ``reply`` the last reply (or reason) for it."""
 
-    def __init__(self, address: str, state: str = "pending", attempts: int = 0, reply: str = ""):
-        super().__init__(address=address, state=state, attempts=attempts, reply=reply)
+    def __init__(self, address: str, state: str = "deferred", attempts: int = 0, reply: str = ""):
+        super().__init__(address=address, state=OLD_STATES.get(state, state), attempts=attempts, reply=reply)
 
 
 class QueuedMessage(SimpleNamespace):
@@ -114,8 +110,9 @@ class QueuedMessage(SimpleNamespace):
         return os.path.join(self.path, "data")
 
     @property
-    def pending(self) -> list[Recipient]:
-        return [r for r in self.recipients if r.state == "pending"]
+    def deferred(self) -> list[Recipient]:
+        """The recipients still to be tried."""
+        return [r for r in self.recipients if r.state == "deferred"]
 
     @property
     def size(self) -> int:
@@ -214,14 +211,6 @@ class Queue:
             if message is not None:
                 return message
         return None
-
-    def find(self, msg_id: str) -> QueuedMessage:
-        """`load` for administration: an unknown id is the user's error."""
-        self.check_access()
-        message = self.load(msg_id)
-        if message is None:
-            raise UsageError(_("no message {id} in {path}").format(id=msg_id, path=self.root))
-        return message
 
     def read(self, path: str) -> QueuedMessage | None:
         """The message in directory `path`, with the recipients `mark_sent` recorded; a link in
@@ -408,14 +397,12 @@ class Spool:
     def _durable(self, commit: Callable[[], None], trailer: bytes = b"") -> str:
         """Write `trailer`, fsync the file, then `commit` (rename it into place)."""
         crash_point("spool-written")
-        try:
+        with _write_errors():
             self.file.write(trailer)
             self.file.flush()
             os.fsync(self.file.fileno())
             crash_point("spool-synced")
             commit()
-        except OSError as exc:
-            raise CantCreate(_("cannot write to the queue: {reason}").format(reason=exc.strerror)) from None
         self.committed = True
         crash_point("spool-committed")
         return self.id
@@ -460,16 +447,21 @@ class _SpoolFile(io.BufferedWriter):
     reports with exit 73, not a crash."""
 
     def write(self, data) -> int:
-        try:
+        with _write_errors():
             return super().write(data)
-        except OSError as exc:
-            raise CantCreate(_("cannot write to the queue: {reason}").format(reason=exc.strerror)) from None
 
     def flush(self) -> None:
-        try:
+        with _write_errors():
             super().flush()
-        except OSError as exc:
-            raise CantCreate(_("cannot write to the queue: {reason}").format(reason=exc.strerror)) from None
+
+
+@contextmanager
+def _write_errors():
+    """An OSError while writing the spool is the queue's CantCreate (exit 73)."""
+    try:
+        yield
+    except OSError as exc:
+        raise CantCreate(_("cannot write to the queue: {reason}").format(reason=exc.strerror)) from None
 
 
 def _apply_marks(message: QueuedMessage, names: list[str]) -> None:

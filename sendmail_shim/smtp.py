@@ -2,12 +2,12 @@
 (pipelined) MAIL/RCPT, streamed DATA, a redacted transcript, and every failure mapped to a
 `sendmail_shim.errors` exception.
 
-Built on `smtplib.SMTP` for reply parsing, EHLO features and the AUTH exchange; `connection` owns
-the socket (bounded name resolution, TCP_NODELAY, certificate checks) and the clock: each
-operation gets ``min(SMTP_TIMEOUT, time left before SMTP_DEADLINE)``.
+Built on `smtplib.SMTP` for reply parsing, EHLO features and the AUTH exchange; `auth` chooses
+the mechanism and answers the relay (password or OAuth2 token); `connection` owns the socket
+(bounded name resolution, TCP_NODELAY, certificate checks, `Wire`) and the clock: each operation
+gets ``min(SMTP_TIMEOUT, time left before SMTP_DEADLINE)``.
 """
 
-import hmac
 import smtplib
 import socket
 import ssl
@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
+from . import auth
 from .connection import (
-    Clock, OutOfTime, await_greeting, connect, handshake, helo_name, tls_context, transport_error,
+    Clock, OutOfTime, Wire, await_greeting, connect, handshake, helo_name, tls_context, transport_error,
 )
 from .replies import STAGES, classify, missing_setup
 from .errors import ConfigError, DataError, ProtocolError, ShimError, SMTPFailure, TempFail, Unavailable
@@ -24,11 +25,6 @@ from .i18n import _
 from .secret import Secret
 
 CHUNK_SIZE = 64 * 1024
-
-# Preferred AUTH mechanisms. Under TLS the password is protected anyway and PLAIN is one round
-# trip; on a plaintext connection (SMTP_ALLOW_PLAINTEXT_AUTH=yes) CRAM-MD5 at least hides it.
-_MECHANISMS_TLS = ("PLAIN", "LOGIN", "CRAM-MD5")
-_MECHANISMS_PLAIN = ("CRAM-MD5", "PLAIN", "LOGIN")
 
 
 class SendResult(NamedTuple):
@@ -74,58 +70,6 @@ def xtext(text: str) -> str:
     return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in text)
 
 
-class _Wire(smtplib.SMTP):
-    """smtplib on our socket: each read and write is bounded by the clock, and written to the
-    transcript, with every client line of an AUTH exchange shown as ``***``."""
-
-    ehlo_msg = "EHLO"
-
-    def __init__(self, sock: socket.socket, clock: Clock, transcript: Callable[[str], None] | None):
-        super().__init__(local_hostname="localhost")  # anything but None: None means getfqdn()
-        self.sock, self.file = sock, None
-        self.clock, self.transcript = clock, transcript
-        self.redact = False
-
-    def send(self, s):
-        if self.sock:
-            self.sock.settimeout(self.clock.budget())
-        super().send(s)
-
-    def putcmd(self, cmd, args=""):
-        self._note("C: " + self._shown(f"{cmd} {args}".rstrip()))
-        super().putcmd(cmd, args)
-
-    def putcmds(self, lines: list[str]) -> None:
-        """Several commands in one write (PIPELINING)."""
-        for line in lines:
-            self._note("C: " + line)
-        self.send("".join(line + "\r\n" for line in lines))
-
-    def getreply(self):
-        if self.sock:
-            self.sock.settimeout(self.clock.budget())
-        code, text = super().getreply()
-        if code == -1:  # smtplib has already cut the line; there is nothing useful to show
-            self._note("S: <not an SMTP reply>")
-            raise smtplib.SMTPResponseException(-1, text)
-        lines = text.decode("utf-8", "replace").split("\n")
-        for number, line in enumerate(lines, 1):
-            self._note(f"S: {code}{' ' if number == len(lines) else '-'}{line}".rstrip())
-        return code, text
-
-    def _shown(self, line: str) -> str:
-        if not self.redact:
-            return line
-        words = line.split(" ")
-        if words[0].upper() != "AUTH":
-            return "***"
-        return " ".join(words[:2]) + (" ***" if len(words) > 2 else "")
-
-    def _note(self, line: str) -> None:
-        if self.transcript:
-            self.transcript(line)
-
-
 class Relay:
     """One connection to the configured relay; `open()` (or ``with``) before `send()`.
 
@@ -143,7 +87,7 @@ class Relay:
         self._password = password
         self._transcript = transcript
         self._warn = warn or (lambda text: None)
-        self._wire: _Wire | None = None
+        self._wire: Wire | None = None
         self._clock: Clock | None = None
         self._broken = False  # not reused, no QUIT on close
         self._lost: Exception | None = None  # the transport failure, non-SMTP reply or deadline that broke it
@@ -166,12 +110,7 @@ class Relay:
         config = self.config
         if not config.host:
             raise ConfigError(_("SMTP_HOST is not set"))
-        if config.user and config.security == "none" and not config.allow_plaintext_auth:
-            raise ConfigError(
-                _("refusing to send the password for {user} unencrypted to {where}").format(
-                    user=config.user, where=self.where),
-                hint=_("set SMTP_SECURITY=tls or starttls, or SMTP_ALLOW_PLAINTEXT_AUTH=yes on a trusted network"),
-            )
+        auth.check_transport(config, self.where)
         context = tls_context(config) if config.security != "none" else None
         self._clock = Clock(config.timeout, config.deadline)
         self._broken = self._dirty = False
@@ -186,7 +125,7 @@ class Relay:
             if config.security == "tls":
                 with self._at("tls"):
                     sock = self._handshake(sock, context)
-            self._wire = _Wire(sock, self._clock, self._transcript)
+            self._wire = Wire(sock, self._clock, self._transcript)
             with self._at("greeting"):
                 if config.security != "tls":
                     await_greeting(sock, config, self._clock, self.where, self._note)
@@ -254,26 +193,29 @@ class Relay:
         self._ehlo()
 
     def _authenticate(self) -> None:
-        offered = self.features.get("auth", "").upper().split()
+        """One AUTH exchange (`auth`); the password or token is fetched only now, with TLS up and
+        AUTH certain."""
+        offered = self.features.get("auth", "")
         if not offered:
             raise ConfigError(_("{where} does not offer AUTH, but SMTP_USER is set").format(where=self.where),
                               hint=_("for a relay without login, unset SMTP_USER and set SMTP_FROM"))
-        preference = _MECHANISMS_TLS if self.tls_version else _MECHANISMS_PLAIN
-        mechanism = next((m for m in preference if m in offered), None)
-        if mechanism is None:
-            raise Unavailable(_("{where} offers AUTH {offered}; sendmail-shim speaks {supported}").format(
-                where=self.where, offered=" ".join(offered), supported=", ".join(_MECHANISMS_TLS)))
+        mechanism = auth.choose(self.config.auth, offered, tls=bool(self.tls_version), where=self.where)
         if self._password is None:
             raise ConfigError(_("SMTP_USER is set but there is no password to log in with"))
-        secret = self._password()  # only now: TLS is up and AUTH is certain
-        responder = _responder(mechanism, self.config.user, secret)
+        exchange = auth.Exchange(mechanism, self.config.user, self._password())
         with self._at("auth"):
             self._wire.redact = True
             try:
-                self._wire.auth(mechanism, responder, initial_response_ok=mechanism == "PLAIN")
+                self._wire.auth(mechanism, exchange, initial_response_ok=exchange.initial_response)
             except UnicodeEncodeError:
                 raise ConfigError(_("the login or password has non-ASCII characters, which SMTP AUTH "
                                     "through smtplib cannot send")) from None
+            except smtplib.SMTPResponseException as exc:
+                if exc.smtp_code == -1:
+                    raise
+                reply = _text(exc.smtp_error)
+                hint = auth.refusal_hint(self.config.auth, reply, exchange.problem, self.config.user)
+                raise self._failure(exc.smtp_code, reply, "auth", hint) from None
             finally:
                 self._wire.redact = False
         self.auth_mechanism = mechanism
@@ -503,7 +445,7 @@ class Relay:
                 where=self.where, stage=stage.upper()))
         return transport_error(self._lost, stage, self.config, self.where, self._clock.cut_by_deadline)
 
-    def _failure(self, code: int, text, stage: str) -> ShimError:
+    def _failure(self, code: int, text, stage: str, hint: str | None = None) -> ShimError:
         reply = _text(text)
         missing = missing_setup(stage, code, reply, authenticated=bool(self.auth_mechanism))
         if missing:
@@ -514,22 +456,12 @@ class Relay:
             return ConfigError(
                 _("{where} requires AUTH: {code} {reply}").format(where=self.where, code=code, reply=reply),
                 hint=_("set SMTP_USER and store the password with sendmail-shim --set-password"))
-        return SMTPFailure(code, reply, stage, hint=classify(stage, code, None, reply, self.config.provider).hint)
+        return SMTPFailure(code, reply, stage, provider=self.config.provider,
+                           hint=hint or classify(stage, code, None, reply, self.config.provider).hint)
 
     def _note(self, line: str) -> None:
         if self._transcript:
             self._transcript(line)
-
-
-def _responder(mechanism: str, user: str, secret: Secret) -> Callable[..., str | None]:
-    """smtplib's ``authobject`` for one mechanism; the password stays inside the Secret."""
-    if mechanism == "PLAIN":
-        return lambda challenge=None: f"\0{user}\0{secret.reveal()}"
-    if mechanism == "CRAM-MD5":
-        return lambda challenge=None: None if challenge is None else (
-            user + " " + hmac.new(secret.reveal().encode("utf-8"), challenge, "md5").hexdigest())
-    answers = iter((lambda: user, secret.reveal))  # LOGIN: first the user, then the password
-    return lambda challenge=None: next(answers, lambda: "")()
 
 
 def _text(text) -> str:

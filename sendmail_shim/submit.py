@@ -83,20 +83,18 @@ def accept(reader, opts, config, stderr, environ) -> str:
 
     Returns only once the message is durably queued or delivered; raises a ShimError otherwise.
     """
-    from . import message
+    from . import accounts
     from .log import MessageLog
     from .queue import Queue
 
     started = time.time()
-    policy = message.HeaderPolicy.from_config(config, opts.full_name)
     with _draining(reader):
         header_block = reader.read_header_block()
-        headers, envelope = message.prepare(
-            header_block,
+        config, headers, envelope = accounts.prepare(
+            config, os.getuid(), header_block, opts.full_name,
             extract_recipients=opts.extract_recipients,
             argv_recipients=opts.recipients,
             requested_sender=opts.requested_sender,
-            policy=policy,
         )
     envelope = envelope._replace(dsn_notify=opts.dsn_notify, dsn_ret=opts.dsn_ret, envid=opts.envid)
     mode = opts.delivery or config.delivery

@@ -53,9 +53,11 @@ GUIDANCE = {
         "Security → App passwords). Google refuses the normal password."
     ),
     "outlook": _(
-        "{provider}: Authenticated SMTP must be allowed for the mailbox (Microsoft 365 admin "
-        "center → the user → Mail → Manage email apps); with multi-factor authentication use an "
-        "app password."
+        "{provider}: Microsoft switches password SMTP logins off (Outlook.com since September 2024, "
+        "Microsoft 365 by the end of December 2026), so this preset logs in with OAuth2: register an "
+        "application (Microsoft Entra admin center → App registrations) with the SMTP.Send permission, "
+        "set SMTP_OAUTH2_CLIENT_ID, then run sendmail-shim --oauth2-login. Authenticated SMTP must be "
+        "allowed for the mailbox (Microsoft 365 admin center → the user → Mail → Manage email apps)."
     ),
 }
 

@@ -7,6 +7,7 @@ from sendmail_shim.errors import ShimError
 from tests.faults import COUNTS, listeners, raw_fault
 from tests.relay import *
 from tests.relay import RELAY_LOGIN, RELAY_PASSWORD
+from tests.provider_relay import clock_file  # noqa: F401 (a fixture)
 from tests.shim import *
 from tests.shim import OUTPUTS, assert_no_secret, secret_forms
 

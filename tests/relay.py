@@ -322,7 +322,8 @@ class RelayServer(pytest_localserver.smtp.Server):
     Options: ``cert`` (see `Certificates.server_context`), ``users``, ``auth_required``
     (otherwise MAIL gets 530), ``mechanisms`` offered, ``sender_rule`` (163's 553),
     ``offer_starttls=False`` (a starttls relay that hides STARTTLS and offers AUTH in the clear,
-    as a downgrading attacker would), ``pipelining``, ``dsn``, ``smtputf8``, ``eightbitmime``.
+    as a downgrading attacker would), ``pipelining``, ``dsn``, ``smtputf8``, ``eightbitmime``,
+    ``handler_class`` (a `RelayHandler` subclass: tests/provider_relay.py's plays a provider's limits).
     """
 
     host = "127.0.0.1"
@@ -331,7 +332,7 @@ class RelayServer(pytest_localserver.smtp.Server):
                  users: dict[str, str], auth_required: bool | None = None,
                  mechanisms=MECHANISMS, sender_rule: bool = True, offer_starttls: bool = True,
                  pipelining: bool = False, dsn: bool = False, smtputf8: bool = True,
-                 eightbitmime: bool = True):
+                 eightbitmime: bool = True, handler_class: type = None):
         assert security in ("tls", "starttls", "none") and cert in CERTS
         self.security = security
         self.ca_file = certificates.ca_file
@@ -341,8 +342,8 @@ class RelayServer(pytest_localserver.smtp.Server):
         offer = (["PIPELINING"] if pipelining else []) + (["DSN"] if dsn else [])
         if not offer_starttls:
             withhold.add("STARTTLS")
-        handler = RelayHandler(users, require_auth=self.auth_required, sender_rule=sender_rule,
-                               withhold=withhold, offer=offer)
+        handler = (handler_class or RelayHandler)(users, require_auth=self.auth_required, sender_rule=sender_rule,
+                                                  withhold=withhold, offer=offer)
         context, self.fingerprint = certificates.server_context(cert) if security != "none" else (None, None)
         aiosmtpd.controller.Controller.__init__(  # Server.__init__ takes only host and port
             self, handler, hostname=self.host, port=0,
@@ -456,3 +457,55 @@ def starttls_relay(relay_factory) -> RelayServer:
 def plain_relay(relay_factory) -> RelayServer:
     """A LAN relay: no TLS, no AUTH required (AUTH offered in the clear)."""
     return relay_factory(security="none")
+
+
+@dataclass
+class TokenRelayHandler(RelayHandler):
+    """A relay that takes only XOAUTH2 and OAUTHBEARER (RFC 7628), as Microsoft 365 and Gmail do
+    once passwords are off: the bearer token must be live at ``idp`` (tests/idp.py), carry
+    ``scope``, and be the login's own or app-only. A refused token gets the error JSON in a 334
+    challenge, then 535 after the client's empty (XOAUTH2) or ^A (OAUTHBEARER) answer.
+    Use ``relay_factory(handler_class=functools.partial(TokenRelayHandler, idp=idp), mechanisms=())``."""
+
+    idp: object = None
+    scope: str = "https://mail.test/smtp"
+    tokens: list[str] = field(default_factory=list)  # every token presented
+    refused: int = 0  # tokens refused
+    session_limit: int | None = None  # messages per session; then MAIL gets 421 and the session ends
+    data_seconds: float = 0.0  # how long each message's final reply takes (a slow relay: a run's lower bound)
+
+    async def handle_DATA(self, server, session, envelope):
+        await asyncio.sleep(self.data_seconds)
+        return await super().handle_DATA(server, session, envelope)
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.session_limit is not None and getattr(session, "messages", 0) >= self.session_limit:
+            server.transport.close()
+            return "421 4.7.0 too many messages in this session"
+        session.messages = getattr(session, "messages", 0) + 1
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+    async def auth_XOAUTH2(self, server, args):
+        return await self._bearer(server, args, "user=")
+
+    async def auth_OAUTHBEARER(self, server, args):
+        return await self._bearer(server, args, "n,a=")
+
+    async def _bearer(self, server, args, login_prefix: str):
+        import base64
+        import json
+
+        response = base64.b64decode(args[1]) if len(args) > 1 else await server.challenge_auth("")
+        if response is MISSING:
+            return AuthResult(success=False, handled=True)
+        fields = response.decode(errors="replace").split("\x01")
+        login = fields[0].removeprefix(login_prefix).rstrip(",").replace("=2C", ",").replace("=3D", "=")
+        token = next((f.removeprefix("auth=Bearer ") for f in fields if f.startswith("auth=Bearer ")), "")
+        self.tokens.append(token)
+        grant = self.idp.check(token)
+        if grant and self.scope in grant.scopes and grant.user in (None, login) and login in self.users:
+            return AuthResult(success=True, auth_data=LoginPassword(login.encode(), b""))
+        self.refused += 1
+        status = "invalid_token" if grant is None else "insufficient_scope"
+        await server.challenge_auth(json.dumps({"status": status, "schemes": "bearer", "scope": self.scope}))
+        return AuthResult(success=False, handled=False, message="535 5.7.8 Username and Password not accepted")

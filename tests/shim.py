@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "bin" / "sendmail-shim"
 SHIM_PYTHON = os.environ.get("SHIM_PYTHON") or sys.executable
 
-__all__ = ["Result", "Shim", "shim", "shim_factory", "secret_forms", "assert_no_secret", "wait_for", "OUTPUTS"]
+__all__ = ["Result", "Shim", "shim", "shim_factory", "secret_forms", "assert_no_secret", "wait_for", "OUTPUTS",
+           "TOKENS"]
 
 
 def readable_by_others(path: Path = ROOT) -> bool:
@@ -28,6 +29,8 @@ def readable_by_others(path: Path = ROOT) -> bool:
     return bool(path.stat().st_mode & 0o004) and all(p.stat().st_mode & 0o001 for p in (path, *path.parents))
 
 OUTPUTS: list[str] = []  # everything any shim run printed or logged, for the session-wide scan
+# OAuth2 secrets the test IdP (tests/idp.py) knows of: client secrets, access and refresh tokens
+TOKENS: set[str] = set()
 
 
 @dataclass
@@ -43,8 +46,14 @@ def _b64(text: str) -> str:
 
 def secret_forms(user: str, password: str) -> list[str]:
     """The password as it could leak: plain, AUTH PLAIN's base64 (with the login), AUTH LOGIN's
-    base64 of the password and of the login (the transcript hides both of AUTH LOGIN's lines)."""
-    return [password, _b64(f"\0{user}\0{password}"), _b64(password), _b64(user)]
+    base64 of the password and of the login (the transcript hides both of AUTH LOGIN's lines);
+    and every OAuth2 secret in `TOKENS`, plain, base64, and as XOAUTH2's and OAUTHBEARER's SASL
+    strings (base64, with the login)."""
+    forms = [password, _b64(f"\0{user}\0{password}"), _b64(password), _b64(user)]
+    for token in sorted(TOKENS):
+        forms += [token, _b64(token), _b64(f"user={user}\x01auth=Bearer {token}\x01\x01"),
+                  _b64(f"n,a={user},\x01auth=Bearer {token}\x01\x01")]
+    return forms
 
 
 def wait_for(condition, timeout: float = 30.0, what: str = "the expected event") -> None:

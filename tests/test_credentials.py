@@ -95,6 +95,17 @@ def test_set_get_delete_round_trip(cfg, cred_file):
     assert "--set-password" in str(error)
 
 
+def test_the_oauth2_refresh_token_has_its_own_entry_beside_the_client_secret(cred_file):
+    cfg = make_config(cred_file, SMTP_AUTH="xoauth2", SMTP_OAUTH2_FLOW="client_credentials")
+    error = config_error(credentials.get_refresh_token, cfg)
+    assert "--oauth2-login" in str(error) and str(cred_file) in str(error)
+    credentials.set_password(cfg, Secret(PASSWORD))  # --set-password: the client secret
+    assert credentials.set_refresh_token(cfg, Secret("refresh-1")) == str(cred_file)
+    credentials.set_refresh_token(cfg, Secret("refresh-2"))  # rotated: replaced
+    assert credentials.get_refresh_token(cfg).reveal() == "refresh-2"
+    assert credentials.get_secret(cfg).reveal() == PASSWORD and mode_of(cred_file) == 0o600
+
+
 def test_entries_are_per_user_and_survive_other_changes(cred_file):
     alice, bob = make_config(cred_file), make_config(cred_file, SMTP_USER="bob@example.com")
     credentials.set_password(alice, Secret(PASSWORD))

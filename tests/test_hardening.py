@@ -601,7 +601,7 @@ def test_a_hostile_maildrop_file_never_crashes_the_runner_or_changes_the_sender(
         stream.write(content)
     config = config_module.build(
         {"SMTP_USER": LOGIN, "SMTP_HOST": "127.0.0.1", "SMTP_ALIASES": "root:admin@example.org"}, {})
-    result = empty_maildrop(queue, lambda fields, data, out: accept_drop(config, fields, data, out))
+    result = empty_maildrop(queue, lambda fields, data, out, uid: accept_drop(config, fields, data, out, uid))
     assert len(result.accepted) + len(result.rejected) == 1 and os.listdir(queue.maildrop) == []
     for message in result.accepted:
         assert message.envelope.sender == LOGIN

@@ -32,7 +32,7 @@ class Fault:
     reply: str = ""
     exit: int = EX_TEMPFAIL  # direct mode's exit status (and -odi's, for a refused message)
     text: str = ""  # in the stderr line
-    outcome: str = "kept"  # in the queue: kept (retried) | failed (failed/ + report) | partial
+    outcome: str = "kept"  # in the queue: kept (retried) | bounced (failed/ + report) | partial
     logged: str = "deferred"  # log status of the attempt in the queue modes (ambiguous: deferred, may come twice)
     stored: bool = False  # the relay took the message although the client heard no 250
 
@@ -72,28 +72,28 @@ FAULTS = [
     Fault("mail", "reply", "421 4.4.2 closing", text="MAIL refused: 421"),
     Fault("mail", "reply", "451 4.3.0 try later", text="MAIL refused: 451"),
     Fault("mail", "reply", "550 5.7.1 sender blocked", exit=EX_UNAVAILABLE, text="MAIL refused: 550",
-          outcome="failed", logged="bounced"),
+          outcome="bounced", logged="bounced"),
     Fault("mail", "reply", "553 Mail from must equal authorized user", exit=EX_NOPERM, text="MAIL refused: 553",
-          outcome="failed", logged="bounced"),
+          outcome="bounced", logged="bounced"),
     Fault("mail", "hang", text="(at MAIL)"),
     Fault("mail", "drop", text="closed the connection (at MAIL)"),
     Fault("rcpt", "reply", "452 4.5.3 too many recipients", text="RCPT refused: 452"),
     Fault("rcpt", "reply", "550 5.1.1 no such user", exit=EX_NOUSER, text="RCPT refused: 550",
-          outcome="failed", logged="bounced"),
+          outcome="bounced", logged="bounced"),
     Fault("rcpt", "partial", "550 5.1.1 no such user", exit=EX_NOUSER, text="RCPT refused: 550",
           outcome="partial", logged="bounced"),
     Fault("rcpt", "hang", text="(at RCPT)"),
     Fault("rcpt", "drop", text="closed the connection (at RCPT)"),
     Fault("data", "reply", "451 4.3.0 local error", text="DATA refused: 451"),
     Fault("data", "reply", "554 5.7.1 no data", exit=EX_UNAVAILABLE, text="DATA refused: 554",
-          outcome="failed", logged="bounced"),
+          outcome="bounced", logged="bounced"),
     Fault("data", "hang", text="(at DATA)"),
     Fault("data", "drop", text="closed the connection (at DATA)"),
     Fault("dot", "reply", "451 4.7.1 greylisted", text="DOT refused: 451"),
     Fault("dot", "reply", "552 5.3.4 message too big", exit=EX_UNAVAILABLE, text="DOT refused: 552",
-          outcome="failed", logged="bounced"),
+          outcome="bounced", logged="bounced"),
     Fault("dot", "reply", "554 5.7.1 spam", exit=EX_UNAVAILABLE, text="DOT refused: 554",
-          outcome="failed", logged="bounced"),
+          outcome="bounced", logged="bounced"),
     Fault("dot", "hang", text="twice", logged="ambiguous"),
     Fault("dot", "drop", text="twice", logged="ambiguous"),
     Fault("accepted", "hang", text="twice", logged="ambiguous", stored=True),
@@ -218,7 +218,7 @@ def test_fault(fault, mode, relay_factory, raw_fault, shim_factory, relay_passwo
         shim.write_config({**shim.settings, "SMTP_PORT": str(relay.port)})
         shim.run(f"-qI{msg_id}")
         assert queue_ids(shim, "queue") == []
-    expected_copies = {"kept": 1 + fault.stored, "failed": 0, "partial": 1}[fault.outcome]
+    expected_copies = {"kept": 1 + fault.stored, "bounced": 0, "partial": 1}[fault.outcome]
     assert copies(relay, message_id) == expected_copies
     if fault.stored:
         assert log_status(shim, msg_id, "ambiguous") and log_status(shim, msg_id, "sent")

@@ -66,7 +66,7 @@ def test_q_due_delivers_what_is_due_and_q_v_sums_up(shim, relay):
     relay.reply_at["mail"] = "451 4.3.0 try later"
     result = shim.run("-q", "-v")  # exit 0: the run itself worked
     assert result.stderr.rstrip().splitlines()[-1] == (
-        "sendmail-shim: 0 sent, 1 deferred, 0 failed, 0 bounces, 0 picked up, 0 busy")
+        "sendmail-shim: 0 sent, 1 deferred, 0 bounced, 0 expired, 0 bounces, 0 picked up, 0 refused at pickup, 0 busy")
     relay.reply_at.pop("mail")
     result = shim.run("-q", "-v")  # deferred a moment ago: -q tries it anyway
     assert result.stderr.rstrip().splitlines()[-1].startswith("sendmail-shim: 1 sent, 0 deferred")

@@ -16,9 +16,7 @@ import pytest
 from sendmail_shim import bounce, config as config_module, postsuper
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.errors import CantCreate, DataError, UsageError
-from sendmail_shim.queue import (
-    DROP_PATTERN, Queue, QueuedMessage, Recipient, new_id, next_attempt_after,
-)
+from sendmail_shim.queue import DROP_PATTERN, Queue, QueuedMessage, Recipient, new_id
 from sendmail_shim.pickup import accept as accept_drop, empty_maildrop
 from sendmail_shim.postsuper import CorruptItem, format_listing
 
@@ -89,7 +87,7 @@ def test_commit_makes_one_complete_message_with_private_modes(queue, tmp_path):
     assert (root / "queue" / msg_id / "data").read_bytes() == MESSAGE
     message = queue.load(msg_id)
     assert message.envelope.recipients == ["bob@example.org"]
-    assert [(r.address, r.state) for r in message.recipients] == [("bob@example.org", "pending")]
+    assert [(r.address, r.state) for r in message.recipients] == [("bob@example.org", "deferred")]
     assert message.uid == os.getuid() and message.attempts == 0 and not message.bounce
     assert message.next_attempt == message.arrival
 
@@ -120,9 +118,20 @@ def test_ids_are_unique_and_sort_by_arrival():
     assert all(len(i) == 16 for i in ids)
 
 
-@pytest.mark.parametrize("attempts, delay", [(1, 60), (2, 120), (3, 240), (6, 1920), (7, 3600), (30, 3600)])
-def test_backoff_doubles_from_one_minute_to_one_hour(attempts, delay):
-    assert next_attempt_after(attempts, 1000.0) == 1000.0 + delay
+def test_an_envelope_written_by_an_older_version_loads_in_todays_words(queue):
+    """Older versions said pending and failed; the queue says deferred and bounced (HACKING.md, "Words")."""
+    msg_id = enqueue(queue, MESSAGE, "bob@example.org", "carol@example.org", "dave@example.org")
+    path = Path(queue.queue, msg_id, "envelope.json")
+    stored = json.loads(path.read_text())
+    for rcpt, old in zip(stored["recipients"], ("pending", "failed", "sent"), strict=True):
+        rcpt["state"] = old
+    path.write_text(json.dumps(stored))
+    message = queue.load(msg_id)
+    assert [r.state for r in message.recipients] == ["deferred", "bounced", "sent"]
+    assert [r.address for r in message.deferred] == ["bob@example.org"]
+    with queue.lock(msg_id) as locked:
+        queue.save(locked)
+    assert [r["state"] for r in json.loads(path.read_text())["recipients"]] == ["deferred", "bounced", "sent"]
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["queue", "maildrop"])
@@ -199,7 +208,7 @@ def drop(queue: Queue, data: bytes = MESSAGE, *recipients, **fields) -> str:
 
 def pickup(queue: Queue):
     cfg = config_module.build({"SMTP_HOST": "127.0.0.1", "SMTP_USER": LOGIN}, os.environ)
-    return empty_maildrop(queue, lambda fields, data, out: accept_drop(cfg, fields, data, out))
+    return empty_maildrop(queue, lambda fields, data, out, uid: accept_drop(cfg, fields, data, out, uid))
 
 
 def test_a_dropped_message_is_one_file_then_picked_up_under_its_id(queue):
@@ -311,7 +320,7 @@ def test_listing_has_the_postfix_layout(queue):
 def test_failed_messages_are_listed_with_a_mark_and_requeued(queue):
     msg_id = enqueue(queue)
     with queue.lock(msg_id) as message:
-        message.recipients[0].state, message.recipients[0].reply = "failed", "550 5.1.1 no such user"
+        message.recipients[0].state, message.recipients[0].reply = "bounced", "550 5.1.1 no such user"
         queue.fail(message, "550 5.1.1 no such user")
     assert queue.ids() == [] and queue.failed_ids() == [msg_id]
     text = postsuper.listing(queue)
@@ -319,7 +328,7 @@ def test_failed_messages_are_listed_with_a_mark_and_requeued(queue):
     assert "0 Requests. 1 failed" in text
     requeued = postsuper.requeue(queue, msg_id)
     assert queue.ids() == [msg_id] and queue.failed_ids() == []
-    assert [(r.state, r.attempts) for r in requeued.recipients] == [("pending", 0)]
+    assert [(r.state, r.attempts) for r in requeued.recipients] == [("deferred", 0)]
     assert queue.load(msg_id).failure is None
 
 
@@ -327,7 +336,7 @@ def test_show_delete_and_retry_now(queue):
     msg_id = enqueue(queue)
     shown = postsuper.show(queue, msg_id)
     assert shown.startswith(f"Queue-ID: {msg_id} (queue)".encode()) and shown.endswith(MESSAGE)
-    assert b"Recipient: bob@example.org pending attempts=0" in shown
+    assert b"Recipient: bob@example.org deferred attempts=0" in shown
     with queue.lock(msg_id) as message:
         message.next_attempt = time.time() + 3600
         queue.save(message)
@@ -369,11 +378,11 @@ def test_a_refusal_is_recorded_for_mailq_and_forgotten_with_its_entry(queue):
     assert (item.name, item.kind, item.reason, item.dropped) == (name, "file", "no trailer", True)
     assert "(refused at pickup: no trailer)" in postsuper.listing(queue)
     os.unlink(Path(queue.corrupt, name))  # removed by hand: its reason goes after a grace time
-    postsuper.expire_kept(queue, 86400, lambda *removed: pytest.fail(f"nothing expires: {removed}"))
+    postsuper.purge_kept(queue, 86400, lambda *removed: pytest.fail(f"nothing is purged: {removed}"))
     assert os.listdir(queue.reasons) == [name]
     old = time.time() - 120
     os.utime(Path(queue.reasons, name), (old, old))
-    postsuper.expire_kept(queue, 86400, lambda *removed: pytest.fail(f"nothing expires: {removed}"))
+    postsuper.purge_kept(queue, 86400, lambda *removed: pytest.fail(f"nothing is purged: {removed}"))
     assert os.listdir(queue.reasons) == [] and postsuper.listing(queue) == "Mail queue is empty\n"
 
 

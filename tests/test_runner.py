@@ -18,6 +18,7 @@ import pytest
 
 from sendmail_shim import config as config_module, postsuper
 from sendmail_shim.envelope import Envelope
+from sendmail_shim.attempt import next_attempt_after
 from sendmail_shim.errors import SMTPFailure
 from sendmail_shim.log import MessageLog
 from sendmail_shim.queue import Queue
@@ -217,7 +218,7 @@ def test_parallel_connections_deliver_each_message_once(relay_factory, site_fact
     ids = [site.submit(f"r{i}@example.org")[1] for i in range(30)]
     calls = []
     stats = site.run(progress=lambda done, total, line: calls.append((done, total, line)))
-    assert (stats.sent, stats.deferred, stats.failed, stats.busy) == (30, 0, 0, 0)
+    assert (stats.sent, stats.deferred, stats.bounced, stats.busy) == (30, 0, 0, 0)
     assert received(relay) == dict.fromkeys(ids, 1) and site.queue.ids() == []
     assert relay.verbs().count("EHLO") >= 2  # one per connection (implicit TLS: no second EHLO)
     assert relay.verbs().count("EHLO") == relay.verbs().count("AUTH") <= 3
@@ -235,7 +236,7 @@ def test_parallel_run_settles_each_failure_like_a_serial_one(relay_factory, site
     bad, _ = site.submit("bad@example.org")
     later, _ = site.submit("later@example.org")
     stats = site.run()
-    assert (stats.sent, stats.failed, stats.deferred, stats.bounces) == (7, 1, 1, 1)  # 6 + the report
+    assert (stats.sent, stats.bounced, stats.deferred, stats.bounces) == (7, 1, 1, 1)  # 6 + the report
     assert site.queue.failed_ids() == [bad] and site.queue.ids() == [later]
     assert len(relay.messages) == 7 and all(received(relay)[message_id] == 1 for _, message_id in good)
     (report,) = [m for m in relay.messages if m.rcpt_tos == [RELAY_LOGIN]]
@@ -281,7 +282,7 @@ def test_refused_data_fails_only_that_message(relay_factory, site_factory):
     (before, before_mid), (spam, _), (after, after_mid) = submit_in_order(
         site, "a@example.org", "spam@example.org", "c@example.org")
     stats = site.run()
-    assert (stats.sent, stats.failed, stats.bounces, stats.deferred) == (3, 1, 1, 0)  # 2 + the report
+    assert (stats.sent, stats.bounced, stats.bounces, stats.deferred) == (3, 1, 1, 0)  # 2 + the report
     assert received(relay)[before_mid] == 1 and received(relay)[after_mid] == 1 and len(relay.messages) == 3
     assert site.queue.ids() == [] and site.queue.failed_ids() == [spam]
     assert ", dsn=5.7.1, status=bounced (554 5.7.1 looks like spam)" in delivery_lines(site, spam)[0]
@@ -296,7 +297,7 @@ def test_refused_recipient_of_the_next_message_leaves_the_previous_one_sent(rela
     site = site_factory(relay, SENDMAIL_SHIM_QUEUE_CONNECTIONS="1")
     (good, good_mid), (bad, _) = submit_in_order(site, "a@example.org", "bad@example.org")
     stats = site.run()
-    assert (stats.sent, stats.failed, stats.bounces) == (2, 1, 1)  # the good one and the report
+    assert (stats.sent, stats.bounced, stats.bounces) == (2, 1, 1)  # the good one and the report
     assert received(relay)[good_mid] == 1 and site.queue.failed_ids() == [bad]
     assert "status=sent" in delivery_lines(site, good)[0] and "status=bounced (550" in delivery_lines(site, bad)[0]
     commands = relay.verbs()  # RSET only after the aborted transaction, in the report's group
@@ -318,7 +319,7 @@ def test_connection_lost_after_the_data_leaves_the_next_message_untouched(relay_
     assert ambiguous.endswith(" -- message may be sent more than once)")
     [untouched] = delivery_lines(site, second)
     assert "status=deferred" in untouched and "more than once" not in untouched and "twice" not in untouched
-    assert [r.state for r in site.queue.load(second).recipients] == ["pending"]
+    assert [r.state for r in site.queue.load(second).recipients] == ["deferred"]
     relay.close_at.clear()
     postsuper.retry_now(site.queue)
     assert site.run().sent == 2
@@ -333,7 +334,7 @@ def test_connections_beyond_the_relay_limit_cost_nothing(relay_factory, site_fac
     ids = [site.submit(f"r{i}@example.org")[1] for i in range(30)]
     stats = site.run()
     assert relay.refused_sessions >= 1
-    assert (stats.sent, stats.deferred, stats.failed) == (30, 0, 0)
+    assert (stats.sent, stats.deferred, stats.bounced) == (30, 0, 0)
     assert received(relay) == dict.fromkeys(ids, 1) and site.queue.ids() == []
     log = site.log_text().splitlines()  # no line for a refused connection, no message deferred
     deliveries = [line for line in log if "/smtp[" in line]
@@ -359,7 +360,7 @@ def test_temporary_failure_then_success(site, relay):
     assert site.run().deferred == 1
     queued = site.queue.load(msg_id)
     assert queued.last_reply == "451 4.3.0 try again later"
-    assert [(r.state, r.attempts) for r in queued.recipients] == [("pending", 1)]
+    assert [(r.state, r.attempts) for r in queued.recipients] == [("deferred", 1)]
     assert "(451 4.3.0 try again later; next try " in postsuper.listing(site.queue)
     del relay.reply_at["mail"]
     postsuper.retry_now(site.queue, msg_id)
@@ -373,7 +374,7 @@ def test_permanent_refusal_fails_and_bounces_to_the_sender(site, relay):
     relay.refuse["bob@example.org"] = "550 5.1.1 <bob@example.org>: no such user"
     msg_id, message_id = site.submit("bob@example.org", requested="webmaster@example.org")
     stats = site.run()
-    assert (stats.failed, stats.bounces, stats.sent) == (1, 1, 1)  # the report went out in the same run
+    assert (stats.bounced, stats.bounces, stats.sent) == (1, 1, 1)  # the report went out in the same run
     assert site.queue.ids() == [] and site.queue.failed_ids() == [msg_id]
     failed = site.queue.load(msg_id)
     assert failed.failure == "550 5.1.1 <bob@example.org>: no such user"
@@ -400,14 +401,14 @@ def test_partial_refusal_is_handled_per_recipient(site, relay):
     assert "bob@example.org" in report.data.decode() and "carol@example.org" not in report.data.decode()
     queued = site.queue.load(msg_id)
     assert {r.address: r.state for r in queued.recipients} == {
-        "dave@example.org": "sent", "bob@example.org": "failed", "carol@example.org": "pending"}
+        "dave@example.org": "sent", "bob@example.org": "bounced", "carol@example.org": "deferred"}
     listing = postsuper.listing(site.queue)
     assert "carol@example.org" in listing and "dave@example.org" not in listing
 
     del relay.refuse["carol@example.org"]
     postsuper.retry_now(site.queue)
     site.run()
-    assert relay.messages[2].rcpt_tos == ["carol@example.org"]  # only the one still pending
+    assert relay.messages[2].rcpt_tos == ["carol@example.org"]  # only the one still deferred
     assert received(relay)[message_id] == 2 and len(relay.messages) == 3  # no second report
     assert site.queue.ids() == [] and site.queue.failed_ids() == [msg_id]
 
@@ -416,7 +417,7 @@ def test_whole_message_refusal_fails_and_a_failing_bounce_is_never_bounced(site,
     relay.reply_at["data"] = "554 5.7.1 rejected as spam"
     msg_id, _ = site.submit()
     stats = site.run()
-    assert stats.failed == 2 and stats.bounces == 1  # the message, then its report (same 554)
+    assert stats.bounced == 2 and stats.bounces == 1  # the message, then its report (same 554)
     assert relay.messages == [] and site.queue.ids() == []
     original, report = (site.queue.load(i) for i in site.queue.failed_ids())
     assert original.id == msg_id and original.failure == "554 5.7.1 rejected as spam"
@@ -424,10 +425,15 @@ def test_whole_message_refusal_fails_and_a_failing_bounce_is_never_bounced(site,
     assert site.run().bounces == 0 and len(site.queue.failed_ids()) == 2
 
 
+@pytest.mark.parametrize("attempts, delay", [(1, 60), (2, 120), (3, 240), (6, 1920), (7, 3600), (30, 3600)])
+def test_backoff_doubles_from_one_minute_to_one_hour(attempts, delay):
+    assert next_attempt_after(attempts, 1000.0) == 1000.0 + delay
+
+
 def test_too_old_goes_to_failed_with_a_report(site, relay):
     msg_id, message_id = site.submit(arrival=time.time() - 6 * 86400)
     stats = site.run()
-    assert stats.failed == 1 and site.queue.failed_ids() == [msg_id]
+    assert (stats.expired, stats.bounced) == (1, 0) and site.queue.failed_ids() == [msg_id]
     assert site.queue.load(msg_id).failure.startswith("expired after 6.0d")
     (report,) = relay.messages  # the message itself was not tried any more
     status = email.message_from_bytes(report.data).get_payload()[1].get_payload()[1]
@@ -489,7 +495,7 @@ def test_interactive_outcomes(site, relay):
     relay.reply_at["dot"] = "554 5.7.1 rejected as spam"
     msg_id, _ = site.submit()
     outcome = deliver_now(site.config, site.queue, msg_id, log=site.log)
-    assert outcome.status == "failed" and not outcome.kept
+    assert outcome.status == "bounced" and not outcome.kept
     assert isinstance(outcome.error, SMTPFailure) and outcome.error.exit_code == 69
     assert site.queue.ids() == [] and site.queue.failed_ids() == []  # not kept, no report
     assert len(relay.messages) == 1

@@ -298,7 +298,7 @@ def test_a_full_disk_after_a_partial_acceptance_never_sends_a_second_copy(relay,
     proc = site.helper("run")  # dave takes it, the others are deferred, the state cannot be written
     assert proc.returncode == 0, proc.stderr.decode()
     assert per_recipient(relay) == {"dave@example.org": 1, "erin@example.org": 1}
-    assert [r.state for r in site.queue.load(msg_id).recipients] == ["sent", "pending", "pending"]
+    assert [r.state for r in site.queue.load(msg_id).recipients] == ["sent", "deferred", "deferred"]
     assert f"{msg_id}: " in site.log_text() and "No space left on device" in site.log_text()
 
     relay.refuse["bob@example.org"] = "550 5.1.1 no such user"  # now its report cannot be queued either
