@@ -8,9 +8,10 @@ to bench/results/ (with a PNG chart when matplotlib, the optional ``bench`` extr
 The shim runs as the Debian package runs it: /usr/bin/python3 (with python3-dotenv) and the
 package's code, here from this checkout; ``--python`` picks another interpreter.
 
-    python bench/run.py            # the full run (about 5 minutes)
+    python bench/run.py            # the full run (about 9 minutes)
     python bench/run.py --smoke    # tiny counts: proves the script works (CI)
     python bench/run.py --only backlog --backlog 100 --msmtp-sample 3 --out /tmp/b   # one measurement
+    python bench/run.py --only provider --out /tmp/b   # 1,000 through 163's limits: about 4 minutes
 """
 
 import argparse
@@ -24,15 +25,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import repeat
 from pathlib import Path
+from typing import Iterable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHIM = ROOT / "bin" / "sendmail-shim"
 RESULTS = ROOT / "bench" / "results"
 GNU_TIME = "/usr/bin/time"
-STEPS = ("startup", "background", "service", "interactive", "memory", "backlog", "hostile", "imports")
+STEPS = ("startup", "background", "service", "interactive", "memory", "backlog", "hostile", "provider", "oauth2",
+         "imports")
 _LINE = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd\n"
 
 
@@ -85,6 +89,24 @@ class Servers:
     def clear(self) -> None:
         self._ask("clear")
 
+    def limited(self, **changes) -> int:
+        """The port of a new relay playing 163's limits with `changes` (fields of
+        tests/provider_relay.py's `Limits`), on the real clock."""
+        return int(self._ask("limited " + json.dumps(changes)))
+
+    def stats(self, port: int) -> dict:
+        """What the limited relay on `port` took and refused (bench/servers.py's `limited_stats`)."""
+        return json.loads(self._ask(f"stats {port}"))
+
+    def oauth2(self) -> dict:
+        """A new identity provider and a relay taking only its tokens (bench/servers.py's
+        `serve_oauth2`): the relay's port, the token endpoint, the client id and the scope."""
+        return json.loads(self._ask("oauth2"))
+
+    def idp_requests(self) -> int:
+        """The token requests that identity provider answered so far."""
+        return int(self._ask("idp_requests"))
+
     def wait_for(self, expected: int, timeout: float = 300) -> None:
         """Until the relay holds `expected` messages (a background delivery has finished)."""
         end = time.monotonic() + timeout
@@ -99,9 +121,9 @@ class Servers:
 
 
 class Shim:
-    """One configuration of the shim (one relay port, its own queue)."""
+    """One configuration of the shim (one relay port, its own queue, more `settings`)."""
 
-    def __init__(self, python: str, home: Path, servers: Servers, port: int, connections: int | None = None):
+    def __init__(self, python: str, home: Path, servers: Servers, port: int, settings: dict[str, str] | None = None):
         info = servers.info
         home.mkdir(parents=True)
         self.python, self.home = python, home
@@ -112,7 +134,7 @@ class Shim:
             f"SMTP_USER={info['login']}\nSENDMAIL_SHIM_QUEUE_DIR={self.queue_dir}\n"
             f"SENDMAIL_SHIM_CREDENTIALS_FILE={home / 'credentials'}\nSENDMAIL_SHIM_LOG_FILE={home / 'mail.log'}\n"
             "SENDMAIL_SHIM_SYSLOG=no\nSMTP_TIMEOUT=60\n"
-            + (f"SENDMAIL_SHIM_QUEUE_CONNECTIONS={connections}\n" if connections else ""))
+            + "".join(f"{key}={value}\n" for key, value in (settings or {}).items()))
         self.env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
                     "SENDMAIL_SHIM_CONFIG": str(config)}
         subprocess.run(self.command("--set-password"), input=info["password"].encode() + b"\n",
@@ -121,12 +143,12 @@ class Shim:
     def command(self, *args) -> list[str]:
         return [self.python, str(SHIM), *args]
 
-    def queue_in_process(self, message: bytes, count: int) -> None:
-        """`count` messages into the queue through the real front end (``-odq``), in this process:
-        what 1,000 callers would have left behind while the relay was unreachable."""
+    def queue_in_process(self, messages: Iterable[bytes]) -> None:
+        """`messages` into the queue through the real front end (``-odq``), in this process: what
+        1,000 callers would have left behind while the relay was unreachable."""
         from sendmail_shim import cli
 
-        for _ in range(count):
+        for message in messages:
             err = io.StringIO()
             if cli.main(["sendmail-shim", "-odq", "-t", "-i"], stdin=io.BytesIO(message), stderr=err,
                         environ=self.env) != 0:
@@ -202,9 +224,10 @@ def peak_rss(command: list[str], env: dict, message_file: Path) -> tuple[float, 
         return float(report.read().split()[-1]), elapsed
 
 
-def make_message(login: str, size: int) -> bytes:
+def make_message(login: str, size: int, message_id: str | None = None) -> bytes:
     """A plain-text message of about `size` bytes: 76-character lines, as base64 bodies have."""
-    header = f"From: {login}\nTo: bob@example.org\nSubject: sendmail-shim benchmark\n\n".encode()
+    header = (f"From: {login}\nTo: bob@example.org\nSubject: sendmail-shim benchmark\n"
+              + (f"Message-ID: {message_id}\n" if message_id else "") + "\n").encode()
     return header + _LINE * max(1, (size - len(header)) // len(_LINE))
 
 
@@ -397,7 +420,7 @@ def bench_memory(args, servers, shim, msmtp, workdir: Path) -> list[Row]:
 def bench_backlog(args, servers, delayed_shim, delayed_msmtp, message) -> Row:
     """(4) N queued messages flushed by one -q through the 200 ms relay, against N msmtp calls
     (msmtp measured on a sample of calls and extrapolated linearly to N)."""
-    delayed_shim.queue_in_process(message, args.backlog)
+    delayed_shim.queue_in_process(repeat(message, args.backlog))
     before = servers.count()
     start = time.perf_counter()
     subprocess.run(delayed_shim.command("-q"), env=delayed_shim.env, check=True, capture_output=True)
@@ -416,6 +439,101 @@ def bench_backlog(args, servers, delayed_shim, delayed_msmtp, message) -> Row:
     return Row(name, f"{shim.median:.1f} s ({shim_total / args.backlog * 1000:.0f} ms/message)", msmtp_text,
                f"{speedup:.1f}× faster", "≥ 50× faster", speedup >= 50,
                (shim_total * 1000, extrapolated.median * 1000))
+
+
+def msmtp_each(msmtp: Msmtp, messages: list[bytes]) -> tuple[float, int]:
+    """msmtp called once per message, one after the other: the seconds it all took and how many
+    calls failed (msmtp does not retry: those messages are lost)."""
+    start, failed = time.perf_counter(), 0
+    for message in messages:
+        failed += subprocess.run(msmtp.command("-t", "-i"), input=message, env=msmtp.env,
+                                 capture_output=True).returncode != 0
+    return time.perf_counter() - start, failed
+
+
+def _over(stats: dict) -> str:
+    """How often a client went beyond each limit of the relay (bench/servers.py's `limited_stats`)."""
+    return ", ".join(f"{limit} {times}×" for limit, times in stats["over"].items()) or "none"
+
+
+def bench_provider(args, servers, python, msmtp_binary, work: Path) -> Row:
+    """(7) A backlog drained in real time through a relay playing 163's limits scaled to about a
+    minute (tests/provider_relay.py: `--provider-per-minute` a minute over a sliding window, 10 a
+    connection, 1 connection): one shim `-q` with the 163 preset and that per-minute budget, against
+    the least time the limits allow, and msmtp called once per message, which does not retry: a
+    message the relay refuses is lost.
+
+    The least time: message k + P (P a minute) may go a minute after message k. As long as P
+    messages take less than a minute, the backlog of N goes in (N - 1) // P full minutes plus the
+    time the remaining N - (N - 1) // P * P take at the unthrottled pace — measured: one `-q`
+    draining that many through the same relay without the per-minute limit (start-up included)."""
+    count, per_minute = args.provider_backlog, args.provider_per_minute
+    settings = {"SMTP_PROVIDER": "163", "SMTP_MESSAGES_PER_MINUTE": str(per_minute)}
+    messages = [make_message(servers.info["login"], 2048, f"<bench{n}@163.test>") for n in range(count)]
+    minutes = (count - 1) // per_minute
+    rest = count - minutes * per_minute
+
+    def drain(name: str, port: int, backlog: list[bytes]) -> float:
+        shim = Shim(python, work / name, servers, port, settings)
+        shim.queue_in_process(backlog)
+        return timed_popen(shim.command("-q"), shim.env, b"")
+
+    pace = drain("shim-163-pace", servers.limited(per_minute=None), messages[:rest])
+    minimum = max(minutes * 60 + pace, pace * count / rest)  # the second: should P take over a minute
+    port = servers.limited(per_minute=per_minute)
+    elapsed = drain("shim-163", port, messages)
+    got = servers.stats(port)
+    limits = f"10/connection, {per_minute}/minute, 1 connection"
+    name = (f"7. backlog of {count} × 2 KB through a relay with 163's limits scaled ({limits}), real time: "
+            f"one shim `-q` (163 preset) vs {count} msmtp calls")
+    shim_text = (f"{elapsed:.1f} s; least the limits allow {minimum:.1f} s ({minutes} × 60 s + {pace:.1f} s for "
+                 f"{rest} unthrottled); relay: {got['received']} received ({got['distinct']} distinct), over a "
+                 f"limit: {_over(got)}, {got['most_sessions']} connection at most; "
+                 f"{count - got['received']} left in the queue")
+    target = "≤ 1.10× the least time; 0 over a limit; each message once"
+    ratio = elapsed / minimum
+    met = ratio <= 1.10 and not got["over"] and got["received"] == got["distinct"] == count
+    if not msmtp_binary:
+        return Row(name, shim_text, "n/a", f"{ratio:.2f}× the least time", target, None if args.smoke else met)
+    port = servers.limited(per_minute=per_minute)
+    msmtp_elapsed, lost = msmtp_each(Msmtp(msmtp_binary, work / "msmtp-163", servers, port), messages)
+    msmtp_got = servers.stats(port)
+    msmtp_text = (f"{msmtp_elapsed:.1f} s; {lost} of {count} lost (refused by the relay: {_over(msmtp_got)}); "
+                  f"relay: {msmtp_got['received']} received")
+    return Row(name, shim_text, msmtp_text, f"{ratio:.2f}× the least time", target, None if args.smoke else met,
+               (elapsed * 1000, msmtp_elapsed * 1000))
+
+
+def bench_oauth2(args, servers, python, shim, work: Path, message: bytes) -> list[Row]:
+    """(8) `-odi` logging in with an OAuth2 token (SMTP_AUTH=xoauth2, client credentials, the
+    test identity provider on loopback HTTPS): with the token cached, against `shim`'s password
+    send on the same kind of relay, alternating; then the first send with a cold cache (the
+    spool's tokens/ removed before each), alternating with a cached one, counting the identity
+    provider's token requests."""
+    idp = servers.oauth2()
+    oauth = Shim(python, work / "shim-oauth2", servers, idp["port"], {
+        "SMTP_AUTH": "xoauth2", "SMTP_OAUTH2_FLOW": "client_credentials", "SMTP_OAUTH2_CLIENT_ID": idp["client_id"],
+        "SMTP_OAUTH2_TOKEN_URL": idp["token_url"], "SMTP_OAUTH2_SCOPE": idp["scope"],
+        "SMTP_OAUTH2_CA_FILE": servers.info["ca_file"]})
+    send = lambda who: timed_popen(who.command("-odi", "-t", "-i"), who.env, message)  # noqa: E731
+
+    def cold() -> float:
+        shutil.rmtree(oauth.queue_dir / "tokens", ignore_errors=True)
+        return send(oauth)
+
+    send(oauth)  # the token cached
+    cached, password = alternate(args.short_runs, lambda: send(oauth), lambda: send(shim))
+    before = servers.idp_requests()
+    first, warm = alternate(args.short_runs, cold, lambda: send(oauth))
+    per_send = (servers.idp_requests() - before) / args.short_runs
+    cached_row = ratio_row("8. interactive send, 2 KB, loopback TLS, OAuth2 token cached: shim `-odi` (xoauth2) "
+                           "vs shim `-odi` (password) in the msmtp column", cached, password,
+                           "≤ 1.1× the password send", 1.1)
+    extra = (first.median - warm.median) * 1000
+    cold_row = Row("8. the same, first send with a cold token cache (the identity provider asked)",
+                   first.spread(1000, "ms"), "n/a", f"+{extra:.0f} ms; {per_send:g} token request(s) a send",
+                   "one identity provider round trip more: 1 token request a send", per_send == 1)
+    return [replace(cached_row, chart=None), cold_row]
 
 
 # What `bench_hostile` times, in the shim's interpreter: the header policy as the pickup runs it
@@ -617,6 +735,10 @@ def main() -> int:
     parser.add_argument("--short-runs", type=int, default=15, help="runs of the short measurements")
     parser.add_argument("--backlog", type=int, default=1000, help="queued messages for the -q measurement")
     parser.add_argument("--msmtp-sample", type=int, default=15, help="msmtp calls measured for the backlog")
+    parser.add_argument("--provider-backlog", type=int, default=1000,
+                        help="queued messages for the 163-limits measurement")
+    parser.add_argument("--provider-per-minute", type=int, default=600,
+                        help="messages a minute the 163-like relay allows (and the shim is told)")
     parser.add_argument("--big-mb", type=int, default=50, help="size of the big message")
     parser.add_argument("--hostile-runs", type=int, default=3, help="runs of each hostile-header shape")
     parser.add_argument("--delay", type=float, default=0.2, help="seconds added to every relay reply")
@@ -628,6 +750,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.runs, args.short_runs, args.backlog, args.msmtp_sample, args.big_mb = 2, 3, 5, 2, 2
+        args.provider_backlog, args.provider_per_minute = 30, 100  # never waits a minute
         args.hostile_runs = 1
         if args.out == RESULTS:
             args.out = Path(tempfile.gettempdir()) / "sendmail-shim-bench-smoke"
@@ -651,7 +774,8 @@ def main() -> int:
             info = servers.info
             near, far = info["port"], info["delayed_port"]
             shim_near = Shim(python, work / "shim-near", servers, near)
-            shim_far = Shim(python, work / "shim-far", servers, far, args.queue_connections)
+            shim_far = Shim(python, work / "shim-far", servers, far, {"SENDMAIL_SHIM_QUEUE_CONNECTIONS": str(
+                args.queue_connections)} if args.queue_connections else None)
             msmtp_near = Msmtp(msmtp_binary, work / "msmtp-near", servers, near) if msmtp_binary else None
             msmtp_far = Msmtp(msmtp_binary, work / "msmtp-far", servers, far) if msmtp_binary else None
             rows = []
@@ -669,6 +793,10 @@ def main() -> int:
                  lambda: [bench_backlog(args, servers, shim_far, msmtp_far, message)]),
                 ("hostile", "6. header policy, hostile shapes at the caps",
                  lambda: bench_hostile(args, shim_near, message)),
+                ("provider", f"7. backlog of {args.provider_backlog} through 163's limits, real time",
+                 lambda: [bench_provider(args, servers, python, msmtp_binary, work)]),
+                ("oauth2", "8. -odi with an OAuth2 token, cached and cold",
+                 lambda: bench_oauth2(args, servers, python, shim_near, work, message)),
             ):
                 if key in selected:
                     print(f"bench: {title} …", flush=True)

@@ -5,13 +5,19 @@ A loopback implicit-TLS relay with AUTH and PIPELINING (the test relay, `tests.r
 proxy in front of it that holds every server→client chunk for `--delay` seconds, as an internet
 relay's round trip would. Prints one JSON line (ports, CA file, login, password), then answers
 commands on stdin: ``count`` → messages received so far, ``clear`` → forget them (a 50 MB message
-is not kept longer than needed). EOF stops everything.
+is not kept longer than needed), ``limited {"per_minute": 600}`` → the port of a new relay playing
+163's limits (tests/provider_relay.py) with those fields of `Limits` changed, on the real clock,
+``stats PORT`` → what that relay took and refused, as JSON (`limited_stats`), ``oauth2`` → an
+OAuth2 identity provider and a relay that takes only its tokens (`serve_oauth2`), as JSON,
+``idp_requests`` → the token requests that provider answered so far. EOF stops everything.
 
     python bench/servers.py WORKDIR [--delay 0.2]
 """
 
 import argparse
 import asyncio
+import email.parser
+import functools
 import json
 import os
 import pathlib
@@ -21,7 +27,10 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
+from tests.provider_relay import PROVIDERS, limited_relay
 from tests.relay import RELAY_LOGIN, RELAY_PASSWORD, Certificates, RelayServer
+
+_USERS = {RELAY_LOGIN: RELAY_PASSWORD}
 
 
 async def _pipe(reader, writer, delay: float) -> None:
@@ -73,6 +82,43 @@ async def _proxy(upstream_port: int, delay: float, ready: list) -> None:
         await server.serve_forever()
 
 
+def _started(certificates: Certificates, **options) -> RelayServer:
+    server = RelayServer(certificates, **options)
+    server.start()
+    return server
+
+
+def serve_limited(certificates: Certificates, changes: dict) -> RelayServer:
+    """A started relay (implicit TLS, AUTH, PIPELINING) playing 163's limits with `changes`; no
+    clock file: the relay counts on the real time."""
+    return limited_relay(functools.partial(_started, certificates), PROVIDERS["163"]._replace(**changes), "",
+                         security="tls", pipelining=True, users=_USERS)
+
+
+def serve_oauth2(certificates: Certificates):
+    """The test identity provider (tests/idp.py, HTTPS on loopback; its client's secret is the
+    relay password, which the bench's shims store with --set-password) and a relay (implicit TLS,
+    PIPELINING) that takes only XOAUTH2/OAUTHBEARER with its live tokens."""
+    from tests.idp import CLIENT_ID, IdP
+    from tests.relay import TokenRelayHandler
+
+    idp = IdP(certificates)
+    idp.clients[CLIENT_ID] = RELAY_PASSWORD
+    idp.start()
+    relay = _started(certificates, security="tls", pipelining=True, users=_USERS, mechanisms=(),
+                     handler_class=functools.partial(TokenRelayHandler, idp=idp))
+    return idp, relay
+
+
+def limited_stats(relay: RelayServer) -> dict:
+    """Messages received, distinct Message-IDs among them, how often a client went beyond each
+    limit, the most connections open at once."""
+    parser = email.parser.BytesHeaderParser()
+    ids = {parser.parsebytes(m.data)["Message-ID"] for m in relay.messages}
+    return {"received": len(relay.messages), "distinct": len(ids), "over": dict(relay.handler.over),
+            "most_sessions": relay.handler.most_sessions}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir", type=pathlib.Path)
@@ -81,8 +127,8 @@ def main() -> None:
     # aiosmtpd's AUTH code logs a warning about its own deprecated login_data on every login
     logging.getLogger("mail.log").setLevel(logging.ERROR)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    relay = RelayServer(Certificates(args.workdir), security="tls", pipelining=True,
-                        users={RELAY_LOGIN: RELAY_PASSWORD})
+    certificates = Certificates(args.workdir)
+    relay = RelayServer(certificates, security="tls", pipelining=True, users=_USERS)
     relay.SMTP_kwargs["data_size_limit"] = None  # the 50 MB message must get through
     relay.start()
     ports: list = []
@@ -91,6 +137,8 @@ def main() -> None:
         threading.Event().wait(0.01)
     print(json.dumps({"port": relay.port, "delayed_port": ports[0], "ca_file": relay.ca_file,
                       "login": RELAY_LOGIN, "password": RELAY_PASSWORD}), flush=True)
+    limited: dict[int, RelayServer] = {}
+    idp = None
     for line in sys.stdin:
         command = line.strip()
         if command == "count":
@@ -98,7 +146,23 @@ def main() -> None:
         elif command == "clear":
             relay.messages.clear()
             print("ok", flush=True)
-    relay.stop()
+        elif command.startswith("limited "):
+            server = serve_limited(certificates, json.loads(command.split(" ", 1)[1]))
+            limited[server.port] = server
+            print(server.port, flush=True)
+        elif command.startswith("stats "):
+            print(json.dumps(limited_stats(limited[int(command.split()[1])])), flush=True)
+        elif command == "oauth2":
+            from tests.idp import CLIENT_ID, IDP_SCOPE
+
+            idp, token_relay = serve_oauth2(certificates)
+            limited[token_relay.port] = token_relay
+            print(json.dumps({"port": token_relay.port, "token_url": idp.token_url, "client_id": CLIENT_ID,
+                              "scope": IDP_SCOPE}), flush=True)
+        elif command == "idp_requests":
+            print(len(idp.requests) if idp else 0, flush=True)
+    for server in (relay, *limited.values(), *([idp] if idp else [])):
+        server.stop()
 
 
 if __name__ == "__main__":

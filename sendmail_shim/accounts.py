@@ -41,6 +41,8 @@ def load(config, values: dict[str, str], directory: str, environ):
     shared = {k: v for k, v in values.items() if k.startswith("SENDMAIL_SHIM_")}
     for file_name in names:
         name, path = file_name[:-4], os.path.join(directory, file_name)
+        if not os.access(path, os.R_OK):
+            continue  # a caller the administrator keeps out: its mail is handed to the service, which reads it
         if name == DEFAULT or not name or not set(name) <= _NAME:
             raise ConfigError(_("{path}: an account name is lower-case letters, digits, - and _, not default")
                               .format(path=path))
@@ -61,7 +63,7 @@ def load(config, values: dict[str, str], directory: str, environ):
 def _listing(directory: str) -> list[str]:
     try:
         return os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # none, or not for this caller (see `load`)
         return []
     except OSError as exc:
         raise ConfigError(_("cannot read {path}: {reason}").format(path=directory, reason=exc.strerror)) from None

@@ -61,7 +61,7 @@ from .queue import Queue, QueuedMessage, crash_point
 # log's error line has its message, `--check` (run by the administrator) its details.
 LOCAL_ERROR = "local configuration error, see the log"
 MIN_BACKOFF, MAX_BACKOFF = 60.0, 3600.0
-MAX_WAIT = 60.0  # the longest a queue run waits for the budget within the run; longer waits are held
+MAX_WAIT = 90.0  # a run waits for a per-minute slot (a minute + budgets.SLACK) within itself; longer waits are held
 
 
 class Outcome(NamedTuple):

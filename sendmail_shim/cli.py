@@ -24,8 +24,9 @@ usage: sendmail-shim [-t] [-i|-oi] [-f sender] [-F name] [-odb|-odi|-odq] [-v] [
        sendmail-shim -q [-v] [--due|-qR…|-qS…|-qI…]   deliver the queue now (--due: only what is due)
        sendmail-shim --check [--to ADDR]          test the configuration (and send a test mail)
        sendmail-shim --setup [--provider P --user ADDR --password-stdin --yes …]   guided setup
-       sendmail-shim --set-password | --delete-password
-       sendmail-shim --oauth2-login   log in once for SMTP_AUTH=xoauth2/oauthbearer (stores the refresh token)
+       sendmail-shim --set-password | --delete-password [--account NAME]
+       sendmail-shim --oauth2-login [--account NAME]   log in once for SMTP_AUTH=xoauth2/oauthbearer
+       sendmail-shim --check --account NAME   one account of accounts.d/ (--check alone checks them all)
        sendmail-shim --show ID | --delete ID|ALL | --retry ID|all | --requeue ID
        sendmail-shim --config FILE …   read only FILE (also SENDMAIL_SHIM_CONFIG)
        sendmail-shim --version | --help
@@ -129,7 +130,16 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
     if opts.mode == "check":
         from . import check
 
-        return check.run(config, stdout, environ, to=opts.check_to, verbose=opts.verbose)
+        accounts = [config.for_account(opts.account)] if opts.account else [config, *config.accounts.values()]
+        worst = EX_OK
+        for account in accounts:
+            if len(accounts) > 1:
+                print(localize(_("account {name}:").format(name=account.account), environ), file=stdout, flush=True)
+            to = opts.check_to if opts.account or account is config else None  # one test message
+            worst = worst or check.run(account, stdout, environ, to=to, verbose=opts.verbose)
+        return worst
+    if opts.account:
+        config = config.for_account(opts.account)
     if opts.mode == "daemon":
         from . import receiver
 

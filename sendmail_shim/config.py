@@ -16,8 +16,9 @@ import sys
 from types import MappingProxyType
 from typing import NamedTuple
 
-from . import budgets, providers
+from . import budgets, providers, setting
 from .budgets import Budget
+from .keys import KEYS, SUBMIT_SOCKET
 from .errors import ConfigError
 from .i18n import _
 
@@ -26,7 +27,6 @@ SYSTEM_CONFIG = os.path.join(SYSTEM_DIR, "sendmail-shim.env")
 SYSTEM_CREDENTIALS = os.path.join(SYSTEM_DIR, "credentials")
 SYSTEM_QUEUE = "/var/spool/sendmail-shim"
 SERVICE_USER = "sendmail-shim"
-SUBMIT_SOCKET = "/run/sendmail-shim/submit.sock"
 
 SECURITIES = ("tls", "starttls", "none")
 FROM_POLICIES = ("rewrite", "reject")
@@ -36,85 +36,10 @@ AUTH_METHODS = ("password", "xoauth2", "oauthbearer")  # the first of each is th
 OAUTH2_FLOWS = ("refresh_token", "client_credentials")
 MAX_QUEUE_CONNECTIONS = 32
 
-# Every key a config file or the environment may set, with its documentation line (README).
-KEYS = {
-    "SMTP_PROVIDER": "preset: " + ", ".join(providers.PROVIDERS),
-    "SMTP_HOST": "relay host name or address",
-    "SMTP_PORT": "relay port (default from SMTP_SECURITY: tls 465, starttls 587, none 25)",
-    "SMTP_SECURITY": "tls (implicit TLS), starttls (mandatory STARTTLS) or none",
-    "SMTP_USER": "login; also the envelope sender and the From: address",
-    "SMTP_FROM": "envelope sender for a relay without AUTH (when SMTP_USER is empty)",
-    "SMTP_FROM_POLICY": "rewrite (default) or reject a From: that differs from the login",
-    "SMTP_ALLOW_PLAINTEXT_AUTH": "yes to allow AUTH over an unencrypted connection",
-    "SMTP_CA_FILE": "PEM file of CA certificates to trust instead of the system CAs",
-    "SMTP_TLS_FINGERPRINT": "SHA-256 fingerprint the relay certificate must have",
-    "SMTP_TLS_VERIFY": "no to skip certificate verification (warns on every use)",
-    "SMTP_TLS_CERT_FILE": "PEM client certificate to log in with (a relay or Exchange connector that authenticates "
-                          "servers by certificate)",
-    "SMTP_TLS_KEY_FILE": "its private key, readable by the service user only (default: in SMTP_TLS_CERT_FILE)",
-    "SMTP_HELO": "EHLO name (default: host name if it has a dot, else the address literal)",
-    "SMTP_TIMEOUT": "seconds per SMTP operation (default 30)",
-    "SMTP_CONNECT_TIMEOUT": "seconds to resolve and connect (default 15)",
-    "SMTP_DEADLINE": "seconds for a whole delivery attempt (default 600)",
-    "SMTP_ALIASES": "local name → address, e.g. root:admin@example.com,default:admin@example.com",
-    "SMTP_LOCAL_MAIL": "login (default): mail to a local name that has no alias (nor a default alias) goes to "
-                       "the login's mailbox, the name kept in To: and X-Original-To:; refuse: it is refused",
-    "SMTP_PASSWORD_COMMAND": "command whose first output line is the password",
-    "SMTP_KEYRING_BACKEND": "keyring backend class path (default: sendmail-shim's file backend)",
-    "SMTP_AUTH": "password (default), xoauth2 or oauthbearer: log in with an OAuth2 access token the shim gets itself",
-    "SMTP_OAUTH2_FLOW": "refresh_token (default: a person logs in once with --oauth2-login) or client_credentials "
-                        "(app-only: the client secret stored with --set-password)",
-    "SMTP_OAUTH2_CLIENT_ID": "the client (application) id registered with the identity provider",
-    "SMTP_OAUTH2_CLIENT_CERT_FILE": "PEM file with the application's certificate and key, for client_credentials "
-                                    "instead of a client secret (Microsoft's certificate credential)",
-    "SMTP_OAUTH2_TENANT": "Microsoft tenant id or domain (default: organizations; consumers for Outlook.com)",
-    "SMTP_OAUTH2_SCOPE": "scopes to ask for (default from the provider and flow)",
-    "SMTP_OAUTH2_TOKEN_URL": "the identity provider's token endpoint (default from SMTP_PROVIDER)",
-    "SMTP_OAUTH2_DEVICE_URL": "its device authorization endpoint, for --oauth2-login (default from SMTP_PROVIDER)",
-    "SMTP_OAUTH2_CA_FILE": "PEM file of CA certificates for the identity provider instead of the system CAs",
-    "SENDMAIL_SHIM_CREDENTIALS_FILE": "credential file of the built-in keyring backend",
-    "SENDMAIL_SHIM_LOG_FILE": "file that gets the log lines too (one per event, in Postfix's format)",
-    "SENDMAIL_SHIM_SYSLOG": "yes (default) to log to syslog facility mail",
-    "SENDMAIL_SHIM_DELIVERY": "background (default), interactive, queue or direct",
-    "SENDMAIL_SHIM_QUEUE_DIR": "queue directory",
-    "SENDMAIL_SHIM_MAX_QUEUE_AGE": "give up on a message after this long (default 5d)",
-    "SENDMAIL_SHIM_FAILED_AGE": "remove what failed/ and corrupt/ keep after this long (default 30d)",
-    "SENDMAIL_SHIM_QUEUE_CONNECTIONS": "connections a queue run delivers over in parallel (default 8; 1 with "
-                                       "the 163, 126, yeah, qq and exmail presets, whose servers block an "
-                                       "address that opens too many; 3 with outlook)",
-    "SMTP_MESSAGES_PER_CONNECTION": "messages one connection carries before a new one is opened (default from "
-                                    "the preset: 10 with 163, 126, yeah; 0: no limit)",
-    "SMTP_MESSAGES_PER_MINUTE": "messages the account sends per minute (default from the preset: 30 with outlook; "
-                                "0: no limit)",
-    "SMTP_MESSAGES_PER_HOUR": "messages the account sends per hour (0, the default: no limit)",
-    "SMTP_MESSAGES_PER_DAY": "messages the account sends per day (default from the preset: 500 with gmail; "
-                             "0: no limit)",
-    "SMTP_RECIPIENTS_PER_MESSAGE": "recipients per SMTP transaction; a message to more goes in several (default "
-                                   "from the preset: 100 with gmail; 0: no limit)",
-    "SMTP_RECIPIENTS_PER_DAY": "recipients the account sends to per day (default from the preset: 10000 with "
-                               "gmail and outlook; 0: no limit)",
-    "SMTP_ACCOUNT_SENDERS": "in an account file (accounts.d/NAME.env): the senders (-f, From:) that pick this "
-                            "account: addresses, or @domain for a whole domain",
-    "SMTP_ACCOUNT_USERS": "in an account file: the local users who may pick it by sender (root always may)",
-    "SMTP_FALLBACK": "accounts (names in accounts.d) that take this account's mail, in order, when it has waited "
-                     "longer than SMTP_FALLBACK_AFTER (paused, or the relay unreachable)",
-    "SMTP_FALLBACK_AFTER": "how long a message waits for its account before a fallback takes it (default 30m)",
-    "SENDMAIL_SHIM_BOUNCE_TO": "address that receives failure reports and notices (default: the submitting "
-                               "user's alias, else the login)",
-    "SENDMAIL_SHIM_SUBMIT_SOCKET": "the submission service's socket, for users who may not write the queue "
-                                   f"(default {SUBMIT_SOCKET})",
-    "SENDMAIL_SHIM_USER_RATE": "messages a local user (not root) may submit per minute (default 600)",
-    "SENDMAIL_SHIM_USER_QUEUE_SIZE": "bytes a local user's mail may take in the queue (default 1G)",
-    "SENDMAIL_SHIM_USER_MESSAGE_SIZE": "largest message a local user may submit (default 64M, the most)",
-}
-
 _FORBIDDEN = {
     "SMTP_PASSWORD": _("a password never goes in a config file or the environment; "
                        "store it with sendmail-shim --set-password or set SMTP_PASSWORD_COMMAND"),
 }
-
-_TRUE = {"yes", "true", "on", "1"}
-_FALSE = {"no", "false", "off", "0", ""}
 
 
 class Config(NamedTuple):
@@ -362,7 +287,7 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
     if security not in SECURITIES:
         raise ConfigError(_("SMTP_SECURITY={value}: expected tls, starttls or none").format(value=security))
     if get("SMTP_PORT"):
-        port = int(_number("SMTP_PORT", get("SMTP_PORT")))
+        port = int(setting.number("SMTP_PORT", get("SMTP_PORT")))
     elif preset and security == preset.security:
         port = preset.port
     else:
@@ -397,22 +322,22 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
         user=user,
         from_address=from_address,
         from_policy=from_policy,
-        allow_plaintext_auth=_flag(values, "SMTP_ALLOW_PLAINTEXT_AUTH", False),
+        allow_plaintext_auth=setting.flag(values, "SMTP_ALLOW_PLAINTEXT_AUTH", False),
         ca_file=get("SMTP_CA_FILE"),
         tls_fingerprint=fingerprint,
-        tls_verify=_flag(values, "SMTP_TLS_VERIFY", True),
+        tls_verify=setting.flag(values, "SMTP_TLS_VERIFY", True),
         tls_cert_file=get("SMTP_TLS_CERT_FILE"),
         tls_key_file=get("SMTP_TLS_KEY_FILE"),
         helo=get("SMTP_HELO"),
-        timeout=_seconds(values, "SMTP_TIMEOUT", 30.0),
-        connect_timeout=_seconds(values, "SMTP_CONNECT_TIMEOUT", 15.0),
-        deadline=_seconds(values, "SMTP_DEADLINE", 600.0),
+        timeout=setting.seconds(values, "SMTP_TIMEOUT", 30.0),
+        connect_timeout=setting.seconds(values, "SMTP_CONNECT_TIMEOUT", 15.0),
+        deadline=setting.seconds(values, "SMTP_DEADLINE", 600.0),
         aliases=parse_aliases(get("SMTP_ALIASES") or ""),
         local_mail=local_mail,
         password_command=get("SMTP_PASSWORD_COMMAND"),
         keyring_backend=get("SMTP_KEYRING_BACKEND"),
-        auth=_choice(get, "SMTP_AUTH", AUTH_METHODS, preset.auth if preset else None),
-        oauth2_flow=_choice(get, "SMTP_OAUTH2_FLOW", OAUTH2_FLOWS),
+        auth=setting.choice(get, "SMTP_AUTH", AUTH_METHODS, preset.auth if preset else None),
+        oauth2_flow=setting.choice(get, "SMTP_OAUTH2_FLOW", OAUTH2_FLOWS),
         oauth2_client_id=get("SMTP_OAUTH2_CLIENT_ID"),
         oauth2_client_cert_file=get("SMTP_OAUTH2_CLIENT_CERT_FILE"),
         oauth2_tenant=get("SMTP_OAUTH2_TENANT"),
@@ -422,24 +347,24 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
         oauth2_ca_file=get("SMTP_OAUTH2_CA_FILE"),
         credentials_file=get("SENDMAIL_SHIM_CREDENTIALS_FILE") or default_credentials_file(environ, sources),
         log_file=get("SENDMAIL_SHIM_LOG_FILE"),
-        syslog=_flag(values, "SENDMAIL_SHIM_SYSLOG", True),
+        syslog=setting.flag(values, "SENDMAIL_SHIM_SYSLOG", True),
         delivery=delivery,
         queue_dir=get("SENDMAIL_SHIM_QUEUE_DIR") or default_queue_dir(environ, sources),
-        max_queue_age=_seconds(values, "SENDMAIL_SHIM_MAX_QUEUE_AGE", 5 * 86400.0),
-        failed_age=_seconds(values, "SENDMAIL_SHIM_FAILED_AGE", 30 * 86400.0),
-        queue_connections=_whole(values, "SENDMAIL_SHIM_QUEUE_CONNECTIONS",
+        max_queue_age=setting.seconds(values, "SENDMAIL_SHIM_MAX_QUEUE_AGE", 5 * 86400.0),
+        failed_age=setting.seconds(values, "SENDMAIL_SHIM_FAILED_AGE", 30 * 86400.0),
+        queue_connections=setting.whole(values, "SENDMAIL_SHIM_QUEUE_CONNECTIONS",
                                  preset.connections if preset else providers.DEFAULT_CONNECTIONS,
                                  most=MAX_QUEUE_CONNECTIONS),
         budget=_budget(values, preset.budget if preset else Budget()),
-        account_senders=_words(get("SMTP_ACCOUNT_SENDERS")),
-        account_users=_words(get("SMTP_ACCOUNT_USERS")),
-        fallback=_words(get("SMTP_FALLBACK")),
-        fallback_after=_seconds(values, "SMTP_FALLBACK_AFTER", 1800.0),
+        account_senders=setting.words(get("SMTP_ACCOUNT_SENDERS")),
+        account_users=setting.words(get("SMTP_ACCOUNT_USERS")),
+        fallback=setting.words(get("SMTP_FALLBACK")),
+        fallback_after=setting.seconds(values, "SMTP_FALLBACK_AFTER", 1800.0),
         bounce_to=get("SENDMAIL_SHIM_BOUNCE_TO"),
         submit_socket=get("SENDMAIL_SHIM_SUBMIT_SOCKET") or SUBMIT_SOCKET,
-        user_rate=_whole(values, "SENDMAIL_SHIM_USER_RATE", 600, most=1 << 30),
-        user_queue_size=_size(values, "SENDMAIL_SHIM_USER_QUEUE_SIZE", 1 << 30),
-        user_message_size=min(_size(values, "SENDMAIL_SHIM_USER_MESSAGE_SIZE", 64 << 20), 64 << 20),
+        user_rate=setting.whole(values, "SENDMAIL_SHIM_USER_RATE", 600, most=1 << 30),
+        user_queue_size=setting.size(values, "SENDMAIL_SHIM_USER_QUEUE_SIZE", 1 << 30),
+        user_message_size=min(setting.size(values, "SENDMAIL_SHIM_USER_MESSAGE_SIZE", 64 << 20), 64 << 20),
         sources=sources,
         searched=searched,
         origins=_origins(values, origins or {}, provider if preset else None,
@@ -451,18 +376,13 @@ def build(values: dict[str, str], environ, sources: tuple[str, ...] = (), *,
 _PRESET_KEYS = ("SMTP_HOST", "SMTP_SECURITY", "SMTP_AUTH", "SENDMAIL_SHIM_QUEUE_CONNECTIONS", *budgets.KEYS)
 
 
-def _words(text: str | None) -> tuple[str, ...]:
-    """A comma-separated list (lower case), without empty items."""
-    return tuple(word.strip().lower() for word in (text or "").split(",") if word.strip())
-
-
 def _budget(values, preset: Budget) -> Budget:
     """The preset's budget with the SMTP_*_PER_* settings over it (0: no limit)."""
     changes = {}
     for key, field in budgets.KEYS.items():
         raw = (values.get(key) or "").strip()
         if raw:
-            changes[field] = _whole(values, key, 0, most=1 << 30) if raw != "0" else None
+            changes[field] = setting.whole(values, key, 0, most=1 << 30) if raw != "0" else None
     return preset._replace(**changes)
 
 
@@ -544,70 +464,3 @@ def _home(environ) -> str:
         return pwd.getpwuid(os.geteuid()).pw_dir
     except KeyError:
         return "/"
-
-
-def _flag(values, key: str, default: bool) -> bool:
-    raw = values.get(key)
-    if raw is None:
-        return default
-    word = raw.strip().lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False if word else default
-    raise ConfigError(_("{key}={value}: expected yes or no").format(key=key, value=raw))
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _choice(get, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
-    """One of `choices` (case-insensitive); `default`, else the first, when the key is unset."""
-    value = (get(key) or default or choices[0]).lower()
-    if value not in choices:
-        raise ConfigError(_("{key}={value}: expected one of {choices}").format(
-            key=key, value=value, choices=", ".join(choices)))
-    return value
-
-
-def _seconds(values, key: str, default: float) -> float:
-    raw = (values.get(key) or "").strip().lower()
-    if not raw:
-        return default
-    unit = _UNITS.get(raw[-1])
-    number = _number(key, raw[:-1] if unit else raw)
-    if number <= 0:
-        raise ConfigError(_("{key}={value}: must be positive").format(key=key, value=raw))
-    return number * (unit or 1)
-
-
-_SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def _size(values, key: str, default: int) -> int:
-    """Bytes, with an optional k, M or G suffix."""
-    raw = (values.get(key) or "").strip().lower()
-    if not raw:
-        return default
-    unit = _SIZE_UNITS.get(raw[-1])
-    digits = raw[:-1] if unit else raw
-    if not (digits.isascii() and digits.isdigit()) or not int(digits):
-        raise ConfigError(_("{key}={value}: expected a size in bytes, e.g. 500k, 64M or 1G").format(key=key, value=raw))
-    return int(digits) * (unit or 1)
-
-
-def _whole(values, key: str, default: int, most: int) -> int:
-    raw = (values.get(key) or "").strip()
-    if not raw:
-        return default
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
-        raise ConfigError(_("{key}={value}: expected a whole number from 1 to {most}").format(
-            key=key, value=raw, most=most))
-    return int(raw)
-
-
-def _number(key: str, raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(_("{key}={value}: not a number").format(key=key, value=raw)) from None

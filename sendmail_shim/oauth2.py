@@ -2,11 +2,13 @@
 
 Flows (SMTP_OAUTH2_FLOW): ``client_credentials`` (app-only; the client secret is what
 ``--set-password`` stored, or a certificate, SMTP_OAUTH2_CLIENT_CERT_FILE) and ``refresh_token``
-(the refresh token ``--oauth2-login`` stored; a rotated one is stored back). The identity
-provider (IdP) is reached only over verified HTTPS, without following redirects. An access
-token is cached with its expiry in the credential file (`credstore`: owner-only, replaced
-atomically; whoever may not read the password may not read it), so a queue run or a burst of
-``-odb`` calls asks the IdP once per token lifetime; one about to expire is replaced before use.
+(the refresh token ``--oauth2-login`` stored). The identity provider (IdP) is reached only over
+verified HTTPS, without following redirects. An access token is cached with its expiry in the
+spool (`tokens`: the queue runner's, also where the credential file is read-only to it; not read
+by whoever may not read the credentials), with the refresh token the IdP rotated, which wins over
+the stored one it replaced. So a queue run or a burst of ``-odb`` calls asks the IdP once per
+token lifetime, one process at a time (the others take its answer); a token about to expire is
+replaced before use.
 
 oauthlib (Debian's python3-oauthlib) builds the token requests and reads the answers (its
 errors name the RFC 6749 error codes); it is imported only when a new token is needed.
@@ -16,14 +18,14 @@ import json
 import os
 import threading
 import time
+from contextlib import nullcontext
 from typing import NamedTuple
 
-from . import credentials, credstore, providers
+from . import credentials, credstore, providers, tokens
 from .errors import ConfigError, PolicyError, ShimError, TempFail
 from .i18n import _, localize
 from .secret import Secret
 
-_CACHE_SERVICE = "sendmail-shim-oauth2-access"  # the credential file's entry for the cached token
 REFRESH_MARGIN = 300.0  # seconds before expiry a token is replaced (at most half its lifetime)
 _MAX_ANSWER = 1 << 20
 _TEXT_CHARS = 160
@@ -123,41 +125,81 @@ _memo: dict[tuple, Token] = {}
 
 
 def access_token(config, environ=None, *, now=time.time) -> Secret:
-    """A fresh access token for ``config.user``: from this process's memory, else the cache file,
-    else the IdP."""
+    """A fresh access token for ``config.user``: from this process's memory, else the token
+    cache, else the IdP."""
     key = _key(config)
     with _lock:
         token = _memo.get(key)
         if token is None or not token.fresh(now()):
             token = cached(config, environ)
             if token is None or not token.fresh(now()):
-                token = _fetch(config, environ, now())
-                _save(config, token, environ)
+                token = _renew(config, environ, now)
             _memo[key] = token
         return token.access
 
 
 def cached(config, environ=None) -> Token | None:
     """The cached token (fresh or not), None when there is none or it cannot be read here."""
+    cache = _cache(config, environ)
+    return _token_of(config, cache.read()) if cache else None
+
+
+def _renew(config, environ, now) -> Token:
+    """A token from the IdP, under the login's lock: a process that waited for it takes the
+    token the one before it got."""
+    cache = _cache(config, environ)
+    with cache.locked() if cache else nullcontext() as writer:
+        record = cache.read() if cache else {}
+        token = _token_of(config, record)
+        if token is not None and token.fresh(now()):
+            return token
+        token, newest, stored = _fetch(config, environ, now(), record)
+        _keep(config, writer, token, newest, stored, environ)
+        return token
+
+
+def _cache(config, environ) -> tokens.Cache | None:
+    """The login's token cache; None for a caller who may not read the credentials (privilege
+    separation: nor may it read what they got)."""
+    if not config.user or not credentials.readable(config, environ):
+        return None
+    return tokens.Cache(config.queue_dir, config.user)
+
+
+def _token_of(config, record: dict) -> Token | None:
     try:
-        raw = credstore.locate(config.credentials_file, environ).get(_CACHE_SERVICE, config.user)
-        fields = json.loads(raw) if raw else None
-        if fields["for"] != _settings_digest(config):  # got for another IdP, client or scope
+        if record.get("for") != _settings_digest(config):  # got for another IdP, client or scope
             return None
-        return Token(Secret(fields["access_token"]), float(fields["expires_at"]), float(fields["lifetime"]),
-                     str(fields.get("scope", "")))
-    except (ShimError, ValueError, KeyError, TypeError):  # a cache is worth nothing when in doubt
+        return Token(Secret(record["access_token"]), float(record["expires_at"]), float(record["lifetime"]),
+                     str(record.get("scope", "")))
+    except (ValueError, KeyError, TypeError):  # a cache is worth nothing when in doubt
         return None
 
 
-def _save(config, token: Token, environ) -> None:
+def _keep(config, writer, token: Token, newest: Secret | None, stored: Secret | None, environ) -> None:
+    """Cache `token`, and the refresh token `newest` when the IdP rotated `stored` (the one in
+    the credential store). A caller who cannot keep the cache stores a rotated one back there
+    if it may."""
     record = {"access_token": token.access.reveal(), "expires_at": token.expires_at,
               "lifetime": token.lifetime, "scope": token.scope, "for": _settings_digest(config)}
-    try:
-        credstore.locate(config.credentials_file, environ).set(
-            _CACHE_SERVICE, config.user, json.dumps(record, sort_keys=True))
-    except ShimError:
-        pass  # e.g. the service user, who may read root's file but not write it: the next process asks again
+    rotated = newest is not None and stored is not None and newest.reveal() != stored.reveal()
+    if rotated:
+        record.update(refresh_token=newest.reveal(), replaces=_digest(stored.reveal()))
+    if writer is not None and writer.write(record):
+        return
+    if rotated:
+        try:
+            credentials.set_refresh_token(config, newest, environ)
+        except ShimError:
+            pass  # nowhere to keep it: the next process refreshes with the stored one, if the IdP still takes it
+
+
+def _rotated(config, record: dict, stored: Secret) -> Secret | None:
+    """The cache's refresh token, if it is the rotation of `stored` (a new --oauth2-login wins)."""
+    if record.get("for") == _settings_digest(config) and record.get("replaces") == _digest(stored.reveal()):
+        newest = record.get("refresh_token")
+        return Secret(newest) if isinstance(newest, str) and newest else None
+    return None
 
 
 def _key(config) -> tuple:
@@ -167,13 +209,18 @@ def _key(config) -> tuple:
 
 def _settings_digest(config) -> str:
     """What the cached token was got for: a changed IdP, client or scope needs another."""
+    return _digest(repr(_key(config)))
+
+
+def _digest(text: str) -> str:
     import hashlib
 
-    return hashlib.sha256(repr(_key(config)).encode()).hexdigest()[:16]
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _fetch(config, environ, now: float) -> Token:
-    """A new token from the IdP, by SMTP_OAUTH2_FLOW."""
+def _fetch(config, environ, now: float, record: dict) -> tuple[Token, Secret | None, Secret | None]:
+    """A new token from the IdP, by SMTP_OAUTH2_FLOW; with the refresh token to use from now on
+    and the stored one (None for client credentials)."""
     from oauthlib.oauth2 import BackendApplicationClient
 
     where = endpoints(config)
@@ -183,19 +230,18 @@ def _fetch(config, environ, now: float) -> Token:
                  else {"client_secret": credentials.get_secret(config, environ).reveal()})
         form = BackendApplicationClient(client_id).prepare_request_body(
             scope=where.scope, include_client_id=True, **proof)
-        return token_request(config, where, form, now)[0]
-    refresh = credentials.get_refresh_token(config, environ)
+        return token_request(config, where, form, now)[0], None, None
+    stored = credentials.get_refresh_token(config, environ)
+    refresh = _rotated(config, record, stored) or stored
     try:
         token, rotated = _refresh(config, where, client_id, refresh, environ, now)
     except PolicyError:
-        stored = credentials.get_refresh_token(config, environ)
-        if stored.reveal() == refresh.reveal():
+        again = credentials.get_refresh_token(config, environ)
+        if again.reveal() in (refresh.reveal(), stored.reveal()):
             raise
-        refresh = stored  # another process rotated it meanwhile: ask again with the new one
+        stored = refresh = again  # logged in again (or stored back by another process) meanwhile
         token, rotated = _refresh(config, where, client_id, refresh, environ, now)
-    if rotated and rotated.reveal() != refresh.reveal():
-        credentials.set_refresh_token(config, rotated, environ)
-    return token
+    return token, rotated or refresh, stored
 
 
 def _refresh(config, where: Endpoints, client_id: str, refresh: Secret, environ, now: float):
@@ -370,7 +416,9 @@ def login(config, stdin, out, environ=None, *, sleep=time.sleep) -> str:
         raise PolicyError(_("the identity provider gave no refresh token"),
                           _("ask for offline access: add offline_access to SMTP_OAUTH2_SCOPE (Microsoft)"))
     stored = credentials.set_refresh_token(config, refresh, environ)
-    _save(config, token._replace(expires_at=now + token.lifetime), environ)
+    cache = _cache(config, environ)
+    with cache.locked() if cache else nullcontext() as writer:
+        _keep(config, writer, token._replace(expires_at=now + token.lifetime), None, None, environ)
     return stored
 
 

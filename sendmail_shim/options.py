@@ -28,6 +28,7 @@ _DELIVERY_FLAGS = {"b": "background", "i": "interactive", "q": "queue", "d": "qu
 LONG_OPTIONS = {
     "check": False, "to": True, "set-password": False, "delete-password": False, "oauth2-login": False,
     "config": True, "show": True, "delete": True, "retry": True, "requeue": True,
+    "account": True,  # --set-password, --delete-password, --oauth2-login, --check: of accounts.d/NAME.env
     "version": False, "help": False, "setup": False,
     "due": False,  # -q --due: only messages whose next-attempt time has come (automatic runs)
     # --setup's answers (each also an environment variable of the config key), and its flags
@@ -43,6 +44,7 @@ SETUP_KEYS = {
     "aliases": "SMTP_ALIASES", "password-command": "SMTP_PASSWORD_COMMAND",
 }
 _SETUP_FLAGS = ("password-stdin", "yes", "no-check")
+ACCOUNT_ACTIONS = ("check", "set-password", "delete-password", "oauth2-login")
 
 
 class Options(SimpleNamespace):
@@ -65,6 +67,7 @@ class Options(SimpleNamespace):
             queue_filter=None,  # -qR… / -qS… / -qI…: (kind, substring)
             due_only=False,  # -q --due: honour the backoff (the runner service); bare -q tries everything
             config_path=None,  # --config
+            account=None,  # --account NAME
             check_to=None,  # --check --to
             setup_answers={},  # --setup --user … → {"SMTP_USER": …}
             setup_flags=set(),  # --password-stdin, --yes, --no-check
@@ -111,6 +114,8 @@ def _long_option(opts: Options, word: str, words: list[str]) -> None:
         raise UsageError(_("--{name} takes no value").format(name=name))
     if name == "config":
         opts.config_path = value
+    elif name == "account":
+        opts.account = value
     elif name == "to":
         opts.check_to = value
     elif name in SETUP_KEYS:
@@ -219,6 +224,8 @@ def _queue_run(opts: Options, rest: str) -> None:
 def _check_combination(opts: Options) -> None:
     if opts.check_to and opts.mode != "check":
         raise UsageError(_("--to goes with --check"))
+    if opts.account and opts.mode not in ACCOUNT_ACTIONS:
+        raise UsageError(_("--account goes with --check, --set-password, --delete-password or --oauth2-login"))
     if opts.due_only and (opts.mode != "run-queue" or opts.queue_filter):
         raise UsageError(_("--due goes with a plain -q (-qR, -qS and -qI try what they select at once)"))
     if (opts.setup_answers or opts.setup_flags) and opts.mode != "setup":

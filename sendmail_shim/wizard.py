@@ -18,13 +18,17 @@ import sys
 import time
 
 from . import config as config_module
-from . import credentials, fsio, providers
+from . import credentials, fsio, oauth2, providers
 from .errors import EX_OK, CantCreate, ConfigError, ShimError, UsageError
 from .i18n import _, describe, localize
 from .options import SETUP_KEYS
 from .secret import Secret
 
-ANSWER_KEYS = tuple(SETUP_KEYS.values())
+# The OAuth2 answers come from the terminal or the environment (SENDMAIL_SHIM_SMTP_OAUTH2_CLIENT_ID, …)
+_OAUTH2_KEYS = ("SMTP_AUTH", "SMTP_OAUTH2_FLOW", "SMTP_OAUTH2_TENANT", "SMTP_OAUTH2_CLIENT_ID")
+ANSWER_KEYS = (*SETUP_KEYS.values(), *(key for key in _OAUTH2_KEYS if key not in SETUP_KEYS.values()))
+_YES = ("y", "yes", "是", "好")
+_FLOW_WORDS = {"delegated": "refresh_token", "app-only": "client_credentials"}
 _RELAY_KEYS = ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_CA_FILE")  # set by a preset
 _PHP_DEFAULT = "/usr/sbin/sendmail -t -i"
 
@@ -62,6 +66,45 @@ GUIDANCE = {
 }
 
 
+# Registering the application sendmail-shim logs in as, per (family, flow). Sources:
+# - Microsoft: https://learn.microsoft.com/en-us/exchange/client-developer/legacy-protocols/how-to-authenticate-an-imap-pop-smtp-application-by-using-oauth
+#   (app registration in the Entra admin center; delegated SMTP.Send with offline_access; app-only
+#   SMTP.SendAsApp with admin consent, then New-ServicePrincipal and Add-MailboxPermission in Exchange Online);
+#   the device code flow needs "Allow public client flows".
+# - Google: https://developers.google.com/identity/protocols/oauth2/native-app (a "Desktop app" OAuth client:
+#   client id and secret) and https://developers.google.com/identity/protocols/oauth2#expiration (an external
+#   app left in "Testing" gets refresh tokens that expire after 7 days).
+REGISTRATION = {
+    ("microsoft", "refresh_token"): _(
+        "Register sendmail-shim as an application of your directory (Microsoft Entra admin center, "
+        "https://entra.microsoft.com):\n"
+        "  1. Applications → App registrations → New registration: any name; supported account types: this "
+        "organization only (Outlook.com: personal Microsoft accounts too); no redirect URI.\n"
+        "  2. Authentication → Allow public client flows: Yes (the device code login of --oauth2-login).\n"
+        "  3. API permissions → Add a permission → Microsoft Graph → Delegated permissions: SMTP.Send and "
+        "offline_access.\n"
+        "  4. Overview: copy the Application (client) ID and the Directory (tenant) ID."),
+    ("microsoft", "client_credentials"): _(
+        "Register sendmail-shim as an application of your directory (Microsoft Entra admin center, "
+        "https://entra.microsoft.com):\n"
+        "  1. Applications → App registrations → New registration: any name; this organization only.\n"
+        "  2. API permissions → Add a permission → APIs my organization uses → Office 365 Exchange Online → "
+        "Application permissions: SMTP.SendAsApp; then Grant admin consent.\n"
+        "  3. Certificates & secrets → New client secret: copy its Value (it is shown once).\n"
+        "  4. Exchange Online PowerShell: New-ServicePrincipal -AppId <client id> -ObjectId <object id of its "
+        "enterprise application>, then Add-MailboxPermission -Identity {user} -User <client id> -AccessRights "
+        "FullAccess.\n"
+        "  5. Overview: copy the Application (client) ID and the Directory (tenant) ID."),
+    ("gmail", "refresh_token"): _(
+        "Register sendmail-shim as an OAuth client (Google Cloud console, https://console.cloud.google.com):\n"
+        "  1. Create a project (or pick one).\n"
+        "  2. APIs & Services → OAuth consent screen: External (Internal for a Workspace domain); add {user} as "
+        "a test user, then publish the app: the login of an app left in Testing expires after 7 days.\n"
+        "  3. Credentials → Create credentials → OAuth client ID → Application type: Desktop app; copy the client "
+        "ID and the client secret."),
+}
+
+
 def run(opts, stdin, stdout, stderr, environ) -> int:
     path = target_file(opts.config_path, environ)
     current = config_module.read_file(path) if os.path.exists(path) else {}
@@ -77,7 +120,7 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
         _require(values)
         password = credentials.read_new_password(stdin, stderr) if "password-stdin" in opts.setup_flags else None
     config = _config_for(values, environ, path)
-    if not config.password_command and password is None and not _stored(config, environ):
+    if _needs_secret(config) and not config.password_command and password is None and not _stored(config, environ):
         raise UsageError(
             _("no password for {user}: give it on stdin with --password-stdin, "
               "or set SMTP_PASSWORD_COMMAND").format(user=config.user)
@@ -89,6 +132,8 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
     backup = write_config(path, render(old_text or template(), {k: values.get(k) for k in ANSWER_KEYS}))
     ui.say(_("wrote {path}").format(path=path) if not backup else
            _("wrote {path} (previous version: {backup})").format(path=path, backup=backup))
+    if config.auth != "password" and config.oauth2_flow == "refresh_token":
+        _offer_login(ui, config_module.load(environ, path), interactive, environ)
     status = EX_OK
     if "no-check" not in opts.setup_flags:
         config = config_module.load(environ, path)  # as the shim reads it: each value's origin is file:line
@@ -198,7 +243,12 @@ def _ask(ui: Dialogue, path: str, current: dict, given: dict, environ):
         _("Login (the full mailbox address, also the sender of every message)"),
         current.get("SMTP_USER"), check("SMTP_USER"))
     password = None
-    if "SMTP_PASSWORD_COMMAND" in given:
+    method = _login_method(ui, provider, current, given, check("SMTP_AUTH"))
+    if method:
+        values["SMTP_AUTH"] = method
+    if method and method != "password":
+        password = _ask_oauth2(ui, provider, values, current, given, lambda: _config_for(values, environ, path))
+    elif "SMTP_PASSWORD_COMMAND" in given:
         values["SMTP_PASSWORD_COMMAND"] = given["SMTP_PASSWORD_COMMAND"]
     elif not current.get("SMTP_PASSWORD_COMMAND"):
         password = _ask_password(ui, provider, _config_for(values, environ, path), environ)
@@ -222,14 +272,75 @@ def _ask(ui: Dialogue, path: str, current: dict, given: dict, environ):
         if key in values:
             ui.say(f"  {key}={values[key]}")
     answer = ui.ask(_("Write this configuration and test it? (yes/no)"), "yes")
-    if answer.lower() not in ("y", "yes", "是", "好"):
+    if answer.lower() not in _YES:
         raise UsageError(_("setup cancelled; nothing was changed"))
     return values, password
 
 
-def _ask_password(ui: Dialogue, provider: str, config, environ) -> Secret | None:
+def _login_method(ui: Dialogue, provider: str, current: dict, given: dict, check) -> str | None:
+    """SMTP_AUTH for a provider whose identity provider the shim knows (the preset's own choice
+    first); None for the others, which log in with a password."""
     preset = providers.PRESETS.get(provider)
-    name = preset.password_name if preset else _("password")
+    if "SMTP_AUTH" in given or not preset or preset.family not in oauth2.IDPS:
+        return given.get("SMTP_AUTH")
+    choices = ("xoauth2", "password") if preset.auth != "password" else ("password", "xoauth2")
+    return ui.ask(_("Login with {first} or {second} (password: the {name}; xoauth2: OAuth2, through an "
+                    "application you register)").format(first=choices[0], second=choices[1],
+                                                        name=preset.password_name),
+                  current.get("SMTP_AUTH") or preset.auth, check).lower()
+
+
+def _ask_oauth2(ui: Dialogue, provider: str, values: dict, current: dict, given: dict, config) -> Secret | None:
+    """The application's registration, step by step, and its ids into `values`; the client
+    secret when the flow needs one (app-only, and Google's desktop clients)."""
+    family = providers.PRESETS[provider].family
+    ask = lambda key, question, default=None, check=None: given.get(key) or ui.ask(  # noqa: E731
+        question, current.get(key) or default, check)
+    flow = "refresh_token"
+    if family == "microsoft":
+        known = {v: k for k, v in _FLOW_WORDS.items()}.get(current.get("SMTP_OAUTH2_FLOW"), "delegated")
+        word = given.get("SMTP_OAUTH2_FLOW") or ui.ask(
+            _("Flow: delegated (the mailbox's user logs in once) or app-only (the application's own permission, "
+              "no person needed: for servers)"), known, _flow_word)
+        flow = _FLOW_WORDS.get(word.lower(), word.lower())
+    values["SMTP_OAUTH2_FLOW"] = flow
+    ui.say()
+    ui.say(REGISTRATION[family, flow].format(user=values["SMTP_USER"]))
+    ui.say()
+    if family == "microsoft":
+        values["SMTP_OAUTH2_TENANT"] = ask(
+            "SMTP_OAUTH2_TENANT", _("Directory (tenant) ID (delegated also: organizations, or consumers for "
+                                    "Outlook.com)"), "organizations" if flow == "refresh_token" else None)
+    values["SMTP_OAUTH2_CLIENT_ID"] = ask("SMTP_OAUTH2_CLIENT_ID", _("Application (client) ID"))
+    if flow == "client_credentials" or family == "gmail":
+        return _ask_password(ui, provider, config(), ui.environ, name=_("client secret"))
+    return None
+
+
+def _flow_word(answer: str) -> None:
+    if answer.lower() not in (*_FLOW_WORDS, *_FLOW_WORDS.values()):
+        raise UsageError(_("expected delegated or app-only"))
+
+
+def _needs_secret(config) -> bool:
+    """Whether AUTH needs a stored secret: a password, or an app-only client's (without a certificate)."""
+    if config.auth == "password":
+        return True
+    return config.oauth2_flow == "client_credentials" and not config.oauth2_client_cert_file
+
+
+def _offer_login(ui: Dialogue, config, interactive: bool, environ) -> None:
+    """A delegated OAuth2 login is made once, by a person: offered on a terminal, else named."""
+    if interactive and ui.ask(_("Log in now (sendmail-shim --oauth2-login)? (yes/no)"), "yes").lower() in _YES:
+        where = oauth2.login(config, ui.stdin, ui.out, environ)
+        ui.say(_("OAuth2 login of {user} stored in {where}").format(user=config.user, where=where))
+    else:
+        ui.say(_("then log in once: sendmail-shim --oauth2-login"))
+
+
+def _ask_password(ui: Dialogue, provider: str, config, environ, name=None) -> Secret | None:
+    preset = providers.PRESETS.get(provider)
+    name = name or (preset.password_name if preset else _("password"))
     stored = _stored(config, environ)
     prompt = (_("{name} for {user} (hidden; Enter keeps the stored one): ") if stored
               else _("{name} for {user} (hidden): ")).format(name=name, user=config.user)
@@ -256,7 +367,7 @@ def _config_for(values: dict, environ, path: str):
 
 def _stored(config, environ) -> bool:
     try:
-        credentials.get_password(config, environ)
+        credentials.get_secret(config, environ)
     except ConfigError:
         return False
     return True

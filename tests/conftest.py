@@ -9,10 +9,11 @@ from tests.relay import *
 from tests.relay import RELAY_LOGIN, RELAY_PASSWORD
 from tests.provider_relay import clock_file  # noqa: F401 (a fixture)
 from tests.shim import *
-from tests.shim import OUTPUTS, assert_no_secret, secret_forms
+from tests.shim import OUTPUTS, assert_no_secret, holds_tokens, secret_forms
 
 COUNTS_FILE = Path(__file__).with_name(".counts.json")  # gitignored; README's figures come from it
-# Files that hold the password on purpose: the credential stores and SMTP_PASSWORD_COMMAND's source.
+# Files that hold the password on purpose: the credential stores and SMTP_PASSWORD_COMMAND's source
+# (and the OAuth2 token caches, tokens/ in a spool: `holds_tokens`).
 SECRET_HOLDERS = {"credentials", "password"}
 
 
@@ -45,7 +46,7 @@ def no_secret_in_any_output(request, tmp_path_factory):
     ShimError.__init__ = original
     files = []
     for path in tmp_path_factory.getbasetemp().rglob("*"):
-        if path.name not in SECRET_HOLDERS and not path.is_symlink() and path.is_file():
+        if path.name not in SECRET_HOLDERS and not holds_tokens(path) and not path.is_symlink() and path.is_file():
             try:
                 files.append(path.read_bytes().decode("utf-8", "replace"))
             except OSError:  # gone meanwhile, or another test user's private file

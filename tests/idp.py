@@ -8,6 +8,7 @@ oauthlib 3.2 does not have: the device grant is written here, on the same token 
     idp.clients["app-id"] = "client-secret"          # None: a public client (device login)
     refresh = idp.grant_refresh_token("app-id", "alice@163.test")   # as a past --oauth2-login
     idp.revoke(refresh); idp.stop(); idp.start()     # same port
+    idp.hold = threading.Event()                     # token answers wait until idp.hold.set()
     idp.check(token) -> Grant | None                 # what the test relay asks
     idp.consent(authorization_url, user) -> the address the browser is sent back to
 """
@@ -148,6 +149,7 @@ class IdP:
         self.devices: dict[str, dict] = {}  # device_code → user_code, scope, client, approved user
         self.codes: dict[str, dict] = {}  # authorization code → its client, redirect, user, PKCE challenge
         self.requests: list[str] = []  # grant_type of every token request
+        self.hold: threading.Event | None = None  # when set: token answers wait until it is set
         self._lock = threading.Lock()
         self._server = Server(_Validator(self), token_expires_in=lambda request: int(self.lifetime))
         self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -251,6 +253,8 @@ class IdP:
         if path != "/token":
             return 404, {"error": "not_found"}
         self.requests.append(form.get("grant_type", ""))
+        if self.hold is not None:
+            self.hold.wait(60)
         if form.get("grant_type") == DEVICE_GRANT:
             return self._device_token(form)
         _headers, text, status = self._server.create_token_response(

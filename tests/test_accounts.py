@@ -3,6 +3,7 @@ account with its own relay on 127.0.0.1 and its own login: routing by sender, wh
 account, and a paused account's mail moving to its fallback with the sender rewritten."""
 
 import email
+import os
 from collections import Counter
 
 import pytest
@@ -11,6 +12,8 @@ from sendmail_shim import accounts, clock, config as config_module, credentials
 from sendmail_shim.errors import ConfigError
 from sendmail_shim.secret import Secret
 from tests.provider_relay import PROVIDERS, limited_relay
+from tests.localusers import needs_other_users, service_site
+from tests.shim import wait_for
 
 QQ_LOGIN = "bob@qq.test"
 
@@ -112,3 +115,56 @@ def test_a_paused_account_fails_over_with_the_fallbacks_login_and_never_two_copi
     lines = shim.log_lines()
     assert sum("moved from account default (alice@163.test, paused until" in line for line in lines) == 2
     assert not any("status=bounced" in line for line in lines)
+
+
+def test_account_option_stores_its_password_and_check_covers_every_account(two_relays, shim_factory):
+    main, qq = two_relays
+    shim = shim_factory(main)
+    directory = shim.config_file.parent / "accounts.d"
+    directory.mkdir()
+    values = {k: v for k, v in qq.config_env().items() if k.startswith("SMTP_")}
+    (directory / "qq.env").write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+
+    failed = shim.run("--check", "--account", "qq", expect_exit=78)  # nothing stored for its login yet
+    assert f"no password stored for {QQ_LOGIN}" in failed.stderr + failed.stdout.decode()
+    stored = shim.run("--set-password", "--account", "qq", stdin=qq.password.encode() + b"\n")
+    assert f"password for {QQ_LOGIN} stored" in stored.stdout.decode()
+
+    report = shim.run("--check").stdout.decode()
+    assert report.count("verdict: OK") == 2
+    assert report.index("account default:") < report.index(f"accepts {main.login}") < report.index(
+        "account qq:") < report.index(f"accepts {QQ_LOGIN}")
+    assert "--account goes with" in shim.run("-q", "--account", "qq", expect_exit=64).stderr
+    assert "account nowhere is not configured" in shim.run("--check", "--account", "nowhere", expect_exit=78).stderr
+
+
+@pytest.mark.e2e
+@needs_other_users[0]
+@needs_other_users[1]
+def test_only_the_users_an_account_names_can_spend_it(two_relays, relay_password):
+    """Through the submission service: a compromised web application (another uid) claims the
+    sender of an account it may not use; its mail goes out through the default account, and the
+    other account's relay never sees it. The user the account names gets it."""
+    main, qq = two_relays
+    with service_site(main, relay_password) as (site, (service, attacker, victim)):
+        (site.base / "qq").mkdir(mode=0o755)
+        qq_password = site.base / "qq" / "password"  # a name the leak scan knows holds it on purpose
+        qq_password.write_text(relay_password + "\n")
+        os.chown(qq_password, service.pw_uid, service.pw_gid)
+        qq_password.chmod(0o600)
+        (site.base / "accounts.d").mkdir(mode=0o755)
+        settings = {**{k: v for k, v in qq.config_env().items() if k.startswith("SMTP_")},
+                    "SMTP_CA_FILE": str(site.base / "ca.pem"), "SMTP_PASSWORD_COMMAND": f"cat {qq_password}",
+                    "SMTP_ACCOUNT_SENDERS": "@qq.test", "SMTP_ACCOUNT_USERS": victim.pw_name}
+        account_file = site.base / "accounts.d" / "qq.env"
+        account_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+        account_file.chmod(0o644)
+
+        for user, subject in ((attacker, "stolen"), (victim, "own")):
+            proc = site.send(user.pw_name, "-f", "boss@qq.test", "-t",
+                             stdin=f"To: carol@example.test\nSubject: {subject}\n\nhi\n".encode())
+            assert proc.returncode == 0, proc.stderr.decode()
+        wait_for(lambda: len(main.messages) + len(qq.messages) == 2)
+
+    assert [(m.mail_from, b"Subject: own" in m.data) for m in qq.messages] == [(QQ_LOGIN, True)]
+    assert [(m.mail_from, b"Subject: stolen" in m.data) for m in main.messages] == [(main.login, True)]

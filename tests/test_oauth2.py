@@ -2,8 +2,14 @@
 IdP (tests/idp.py, oauthlib's server endpoints on HTTPS) and a relay that takes only tokens."""
 
 import functools
+import json
 import os
 import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
 
 import pytest
 import trustme
@@ -13,7 +19,8 @@ from sendmail_shim import auth, credentials, credstore
 from sendmail_shim.errors import EX_CONFIG, EX_NOPERM, ConfigError, Unavailable
 from tests.idp import CLIENT_ID, CLIENT_SECRET, IDP_SCOPE, idp_server  # noqa: F401 (a fixture)
 from tests.relay import RELAY_LOGIN, TokenRelayHandler
-from tests.shim import SHIM, SHIM_PYTHON
+from tests.localusers import SYSTEM_PYTHON, ServiceSite, accounts
+from tests.shim import OUTPUTS, SHIM, SHIM_PYTHON, wait_for
 from tests.test_wizard import Terminal
 
 pytestmark = pytest.mark.e2e
@@ -62,14 +69,101 @@ def test_client_credentials_send_and_the_cached_token(shim_factory, token_relay,
     assert "AUTH XOAUTH2 ***" in result.stderr
 
 
+def token_cache(spool: Path) -> Path:
+    return spool / "tokens" / f"{RELAY_LOGIN}.json"
+
+
+def expire_cached_token(spool: Path) -> None:
+    """The cached access token expired (in place: the file keeps its owner), its rotated refresh
+    token kept."""
+    path = token_cache(spool)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "expires_at": 0}))
+
+
 def test_oauthbearer_with_a_refresh_token_that_rotates(shim_factory, token_relay, idp, ca):
     shim = oauth_shim(shim_factory, token_relay, idp, ca, flow="refresh_token", method="oauthbearer")
     shim.run("-i", "bob@example.com", stdin=MESSAGE)
     assert token_relay.messages[0].login == RELAY_LOGIN
     assert idp.requests == ["refresh_token"]
-    stored = credstore.Store(str(shim.credentials_file)).get(credentials.REFRESH_SERVICE, RELAY_LOGIN)
-    assert stored != shim.refresh_token and stored in idp.refresh_tokens  # the rotated one, stored back
-    assert shim.refresh_token not in idp.refresh_tokens
+    rotated = json.loads(token_cache(shim.queue_dir).read_text())["refresh_token"]
+    kept, spent = rotated in idp.refresh_tokens, shim.refresh_token not in idp.refresh_tokens  # no reprs: secrets
+    assert kept and spent
+    expire_cached_token(shim.queue_dir)
+    shim.run("-i", "carol@example.com", stdin=MESSAGE)  # refreshed with the rotated one: the stored one is spent
+    assert idp.requests == ["refresh_token"] * 2 and len(token_relay.messages) == 2
+
+
+def waiting_for_flock(path: Path) -> bool:
+    """Whether a process waits for the flock of `path` (/proc/locks marks a waiter with ->)."""
+    try:
+        inode = path.stat().st_ino
+    except FileNotFoundError:
+        return False
+    with open("/proc/locks") as locks:
+        return any("->" in line and any(f.endswith(f":{inode}") for f in line.split()) for line in locks)
+
+
+def test_two_queue_runs_at_once_ask_the_idp_once(shim_factory, token_relay, idp, ca):
+    """The second run waits for the first run's refresh (the IdP holds its answer until the
+    second is waiting, or has asked too) and takes the token it got."""
+    shim = oauth_shim(shim_factory, token_relay, idp, ca, flow="refresh_token", SENDMAIL_SHIM_DELIVERY="queue",
+                      SENDMAIL_SHIM_QUEUE_CONNECTIONS="1")
+    for n in range(2):
+        shim.run("-odq", "-i", f"r{n}@example.com", stdin=MESSAGE)
+    idp.hold = threading.Event()
+    run = lambda: subprocess.Popen([SHIM_PYTHON, str(SHIM), "-q"], env=shim.env, cwd=shim.home,  # noqa: E731
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = run()
+    wait_for(lambda: idp.requests, what="the first run's token request")
+    second = run()  # finds the first message locked, takes the second
+    wait_for(lambda: len(idp.requests) > 1 or waiting_for_flock(shim.queue_dir / "tokens" / f"{RELAY_LOGIN}.lock"),
+             what="the second run waiting for the first one's refresh")
+    idp.hold.set()
+    for proc in (first, second):
+        out, err = proc.communicate(timeout=60)
+        OUTPUTS.extend([out.decode(errors="replace"), err.decode(errors="replace")])
+        assert proc.returncode == 0
+    assert idp.requests == ["refresh_token"]
+    assert sorted(m.rcpt_tos[0] for m in token_relay.messages) == ["r0@example.com", "r1@example.com"]
+
+
+def test_a_runner_that_cannot_write_the_credential_file_keeps_tokens_in_the_spool(token_relay, idp, ca):
+    """A system install: the credential file is root's and only readable by the service user
+    (there root:sendmail-shim 0640; here the service user's 0600 in a directory of root's, which
+    it cannot write either). Its -odi send caches the token and the rotated refresh token in the
+    spool, owner-only, and the next refresh uses that one (the stored one is spent)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists(SYSTEM_PYTHON):
+        pytest.skip("switching to another user needs root, setpriv and /usr/bin/python3")
+    idp.clients[CLIENT_ID] = None
+    stored = idp.grant_refresh_token(CLIENT_ID, RELAY_LOGIN)
+    base = Path(tempfile.mkdtemp(prefix="shim-tokens-", dir="/tmp"))  # traversable by other users
+    base.chmod(0o755)
+    try:
+        with accounts("svc") as (service,):
+            etc = base / "etc"
+            etc.mkdir(mode=0o755)
+            credential_file = etc / "credentials"
+            credstore.Store(str(credential_file)).set(credentials.REFRESH_SERVICE, RELAY_LOGIN, stored)
+            os.chown(credential_file, service.pw_uid, service.pw_gid)
+            site = ServiceSite(base, service, token_relay, "unused", SMTP_PASSWORD_COMMAND="", SMTP_AUTH="xoauth2",
+                               SMTP_OAUTH2_CLIENT_ID=CLIENT_ID, SMTP_OAUTH2_TOKEN_URL=idp.token_url,
+                               SMTP_OAUTH2_SCOPE=IDP_SCOPE, SENDMAIL_SHIM_CREDENTIALS_FILE=str(credential_file),
+                               SMTP_OAUTH2_CA_FILE=shutil.copy(ca.ca_file, base / "idp.pem"))
+            for n in range(3):
+                sent = site.send(service.pw_name, "-odi", "-i", f"r{n}@example.com", stdin=MESSAGE)
+                assert sent.returncode == 0, sent.stderr.decode(errors="replace")
+                if n == 1:
+                    cache = token_cache(site.spool)
+                    assert (cache.stat().st_uid, cache.stat().st_mode & 0o777) == (service.pw_uid, 0o600)
+                    assert cache.parent.stat().st_mode & 0o777 == 0o700
+                    expire_cached_token(site.spool)
+            site.log_text()
+            unchanged = json.loads(credential_file.read_text())[credentials.REFRESH_SERVICE][RELAY_LOGIN] == stored
+            assert unchanged and stored not in idp.refresh_tokens
+            assert idp.requests == ["refresh_token"] * 2  # the first send's, and the one after the expiry
+            assert len(token_relay.messages) == 3
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_device_login_through_a_terminal_then_a_send(shim_factory, token_relay, idp, ca):

@@ -13,6 +13,7 @@ import pytest
 
 from sendmail_shim import config, credentials, credstore, wizard
 from sendmail_shim.errors import EX_OK, EX_USAGE
+from tests.idp import CLIENT_ID, IDP_SCOPE, idp_server  # noqa: F401 (a fixture)
 from tests.relay import RELAY_LOGIN, RELAY_PASSWORD
 from tests.shim import OUTPUTS, SHIM, SHIM_PYTHON, assert_no_secret
 
@@ -293,3 +294,56 @@ def test_integration_hints_name_the_files_and_the_lines_to_add(tmp_path):
     hints = wizard.integration_hints(settings, str(program), root=str(tmp_path))
     assert "/usr/sbin/sendmail is sendmail-shim: cron, mail and PHP's default use it" in hints
     assert any("fpm/php.ini" in h and h.endswith("— sendmail-shim") for h in hints)
+
+
+def test_outlook_setup_walks_through_the_registration_then_the_device_login(home, idp_server, ca):  # noqa: F811
+    """OAuth2 is the outlook preset's default: the wizard shows how to register the application,
+    asks for its ids, writes them, and the delegated login follows on the same terminal (against
+    the test IdP, which the environment points the preset at)."""
+    idp_server.clients[CLIENT_ID] = None  # a public client, as step 2 makes it
+    env = {**home.env, "TERM": "dumb", "SENDMAIL_SHIM_SMTP_OAUTH2_TOKEN_URL": idp_server.token_url,
+           "SENDMAIL_SHIM_SMTP_OAUTH2_DEVICE_URL": idp_server.device_url, "SENDMAIL_SHIM_SMTP_OAUTH2_SCOPE": IDP_SCOPE,
+           "SENDMAIL_SHIM_SMTP_OAUTH2_CA_FILE": ca.ca_file}
+    term = Terminal([SHIM_PYTHON, str(SHIM), "--setup", "--no-check"], env)
+    for prompt, answer in (("Mail provider", "outlook"), ("Login (the full mailbox address", RELAY_LOGIN),
+                           ("Login with xoauth2 or password", ""), ("Flow: delegated", ""),
+                           ("Allow public client flows: Yes", None), ("Directory (tenant) ID", ""),
+                           ("Application (client) ID", CLIENT_ID), ("Sender policy", ""),
+                           ("Address for mail to root", ""), ("(yes/no) [yes]", ""),
+                           ("Log in now (sendmail-shim --oauth2-login)? (yes/no) [yes]", "")):
+        term.expect(prompt)
+        if answer is not None:
+            term.line(answer)
+    term.expect(f"sign in as {RELAY_LOGIN} and enter the code ")
+    term.expect("\n")
+    idp_server.approve(re.search(r"enter the code (\w+)", term.seen).group(1), RELAY_LOGIN)
+    term.expect(f"OAuth2 login of {RELAY_LOGIN} stored in {home.credentials_file}")
+    assert term.finish() == EX_OK
+    settings = config.read_file(str(home.config_file))
+    assert {k: settings.get(k) for k in ("SMTP_PROVIDER", "SMTP_AUTH", "SMTP_OAUTH2_FLOW", "SMTP_OAUTH2_TENANT",
+                                         "SMTP_OAUTH2_CLIENT_ID")} == {
+        "SMTP_PROVIDER": "outlook", "SMTP_AUTH": "xoauth2", "SMTP_OAUTH2_FLOW": "refresh_token",
+        "SMTP_OAUTH2_TENANT": "organizations", "SMTP_OAUTH2_CLIENT_ID": CLIENT_ID}
+    refresh = credstore.locate(str(home.credentials_file), home.env).get(credentials.REFRESH_SERVICE, RELAY_LOGIN)
+    assert refresh in idp_server.refresh_tokens  # no repr in a failure: it is a secret
+    assert stored_password(home) is None  # a delegated public client has no secret
+
+
+def test_gmail_oauth2_without_a_terminal_stores_the_client_secret_and_names_the_login(home):
+    result = home.run("--setup", "--provider", "gmail", "--user", RELAY_LOGIN, "--password-stdin", "--no-check",
+                      stdin=b"client-secret-of-the-desktop-app\n",
+                      env={"SENDMAIL_SHIM_SMTP_AUTH": "xoauth2",
+                           "SENDMAIL_SHIM_SMTP_OAUTH2_CLIENT_ID": "123-abc.apps.googleusercontent.com"})
+    assert "then log in once: sendmail-shim --oauth2-login" in result.stdout.decode()
+    settings = config.read_file(str(home.config_file))
+    assert settings["SMTP_AUTH"] == "xoauth2"
+    assert settings["SMTP_OAUTH2_CLIENT_ID"] == "123-abc.apps.googleusercontent.com"
+    assert stored_password(home) == "client-secret-of-the-desktop-app"
+
+
+def test_an_app_only_setup_without_a_terminal_needs_the_client_secret(home):
+    result = home.run("--setup", "--provider", "outlook", "--user", RELAY_LOGIN, "--no-check", expect_exit=EX_USAGE,
+                      env={"SENDMAIL_SHIM_SMTP_OAUTH2_FLOW": "client_credentials",
+                           "SENDMAIL_SHIM_SMTP_OAUTH2_TENANT": "contoso.onmicrosoft.com",
+                           "SENDMAIL_SHIM_SMTP_OAUTH2_CLIENT_ID": CLIENT_ID})
+    assert "--password-stdin" in result.stderr
