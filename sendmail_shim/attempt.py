@@ -54,7 +54,8 @@ from .errors import CantCreate, ConfigError, DataError, ShimError, SMTPFailure, 
 from .i18n import _
 from .ledger import Ledger
 from .log import QMGR, SMTP, Timing, ctime, dsn_for, duration, relay_name
-from .queue import Queue, QueuedMessage, crash_point
+from .queue import Queue, crash_point
+from .queued import QueuedMessage
 
 # What a queue file, mailq, a report and a message's log line say of a local configuration error
 # (ConfigError: a failing SMTP_PASSWORD_COMMAND, whose stderr may hold a token, a CA file…): the

@@ -18,7 +18,8 @@ from . import clock
 from .attempt import account_ledger
 from .errors import ConfigError
 from .log import ctime
-from .queue import Queue, QueuedMessage
+from .queue import Queue
+from .queued import QueuedMessage
 
 MAX_HEADER_BLOCK = 512 << 10  # a queued message's header block is bounded well below this (addresses.py)
 

@@ -39,7 +39,8 @@ from .envelope import Envelope
 from .errors import CantCreate, DataError, Rejected, ShimError, UsageError
 from .i18n import _
 from .log import BOUNCE, PICKUP, one_line
-from .queue import DROP_PATTERN, MAX_DROP_SIZE, MAX_TRAILER, Queue, QueuedMessage, Spool, crash_point
+from .queue import DROP_PATTERN, MAX_DROP_SIZE, MAX_TRAILER, Queue, Spool, crash_point
+from .queued import QueuedMessage
 from .reader import MessageReader, recipient_fields, split_fields
 
 MAX_REASON = 1000  # characters of a refusal's reason kept for mailq and --show

@@ -25,7 +25,8 @@ from .errors import DataError, TempFail, UsageError
 from .i18n import _
 from .log import POSTSUPER, ctime, duration, one_line, token
 from .pickup import MAX_REASON
-from .queue import ID_PATTERN, TMP_GRACE, Queue, QueuedMessage, Recipient, checked_id
+from .queue import ID_PATTERN, TMP_GRACE, Queue, checked_id
+from .queued import QueuedMessage, Recipient
 
 # a maildrop file's name in corrupt/, renamed by `fsio.free_name` when its own was taken there
 CORRUPT_PATTERN = re.compile(r"([0-9A-F]{16})\.[0-9a-f]{16}(?:\.[0-9a-f]{8})?\Z")

@@ -25,7 +25,8 @@ from .accounts import DEFAULT
 from .attempt import MAX_WAIT, Attempt, Outcome, RelayConnection, account_ledger, login_secret
 from .errors import ConfigError, DataError, ShimError
 from .log import QMGR
-from .queue import Queue, QueuedMessage, crash_point
+from .queue import Queue, crash_point
+from .queued import QueuedMessage
 
 
 class RunStats(SimpleNamespace):

@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 
 from sendmail_shim.envelope import Envelope
-from sendmail_shim.queue import QueuedMessage, Recipient, new_id
+from sendmail_shim.queue import new_id
+from sendmail_shim.queued import QueuedMessage, Recipient
 from sendmail_shim.queue import Queue
 from sendmail_shim.receiver import IDLE_TIMEOUT, MAX_USER_CONNECTIONS
 from tests.faults import COUNTS

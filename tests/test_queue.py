@@ -16,7 +16,8 @@ import pytest
 from sendmail_shim import bounce, config as config_module, postsuper
 from sendmail_shim.envelope import Envelope
 from sendmail_shim.errors import CantCreate, DataError, UsageError
-from sendmail_shim.queue import DROP_PATTERN, Queue, QueuedMessage, Recipient, new_id
+from sendmail_shim.queue import DROP_PATTERN, Queue, new_id
+from sendmail_shim.queued import QueuedMessage, Recipient
 from sendmail_shim.pickup import accept as accept_drop, empty_maildrop
 from sendmail_shim.postsuper import CorruptItem, format_listing
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sendmail_shim import config, credentials, credstore, wizard
+from sendmail_shim import config, credentials, credstore, hints, wizard
 from sendmail_shim.errors import EX_OK, EX_USAGE
 from tests.idp import CLIENT_ID, IDP_SCOPE, idp_server  # noqa: F401 (a fixture)
 from tests.relay import RELAY_LOGIN, RELAY_PASSWORD
@@ -278,8 +278,8 @@ def test_integration_hints_name_the_files_and_the_lines_to_add(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     settings = config.build({"SMTP_USER": "a@x.test", "SMTP_ALIASES": "root:a@x.test"}, {})
-    hints = wizard.integration_hints(settings, str(program), root=str(tmp_path))
-    text = "\n".join(hints)
+    found = hints.integration_hints(settings, str(program), root=str(tmp_path))
+    text = "\n".join(found)
     assert f"/usr/sbin/sendmail belongs to another MTA ({tmp_path}/usr/sbin/sendmail)" in text
     assert ('/etc/php/8.2/fpm/php.ini: sendmail_path = (default) /usr/sbin/sendmail -t -i — '
             f'add this line: sendmail_path = "{program} -t -i"') in text
@@ -287,13 +287,13 @@ def test_integration_hints_name_the_files_and_the_lines_to_add(tmp_path):
     assert "/etc/cron.d/backup: cron mails job output to MAILTO=backup,ops@example.com" in text
     assert "no alias for the local names backup: their mail goes to the login a@x.test" in text
     refusing = config.build({"SMTP_USER": "a@x.test", "SMTP_ALIASES": "root:a@x.test", "SMTP_LOCAL_MAIL": "refuse"}, {})
-    assert any("backup: their mail is refused" in h for h in wizard.integration_hints(refusing, str(program),
+    assert any("backup: their mail is refused" in h for h in hints.integration_hints(refusing, str(program),
                                                                                       root=str(tmp_path)))
     (tmp_path / "usr/sbin/sendmail").unlink()
     os.symlink(program, tmp_path / "usr/sbin/sendmail")
-    hints = wizard.integration_hints(settings, str(program), root=str(tmp_path))
-    assert "/usr/sbin/sendmail is sendmail-shim: cron, mail and PHP's default use it" in hints
-    assert any("fpm/php.ini" in h and h.endswith("— sendmail-shim") for h in hints)
+    found = hints.integration_hints(settings, str(program), root=str(tmp_path))
+    assert "/usr/sbin/sendmail is sendmail-shim: cron, mail and PHP's default use it" in found
+    assert any("fpm/php.ini" in h and h.endswith("— sendmail-shim") for h in found)
 
 
 def test_outlook_setup_walks_through_the_registration_then_the_device_login(home, idp_server, ca):  # noqa: F811
