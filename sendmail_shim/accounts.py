@@ -38,7 +38,7 @@ def load(config, values: dict[str, str], directory: str, environ):
 
     found = {}
     names = sorted(n for n in _listing(directory) if n.endswith(".env"))
-    shared = {k: v for k, v in values.items() if k.startswith("SENDMAIL_SHIM_")}
+    shared = shared_settings(values)
     for file_name in names:
         name, path = file_name[:-4], os.path.join(directory, file_name)
         if not os.access(path, os.R_OK):
@@ -51,13 +51,34 @@ def load(config, values: dict[str, str], directory: str, environ):
         if wrong:
             raise ConfigError(_("{path}: {key} belongs in the main configuration, not an account file").format(
                 path=path, key=wrong[0]))
-        found[name] = config_module.build({**shared, **own}, environ, config.sources + (path,))._replace(account=name)
+        found[name] = build(config, shared, own, name, path, environ)
     for account in (config, *found.values()):
         unknown = [n for n in account.fallback if n not in found]
         if unknown:
             raise ConfigError(_("SMTP_FALLBACK of account {name}: no account {other} in {directory}").format(
                 name=account.account, other=unknown[0], directory=directory))
     return config._replace(accounts=MappingProxyType(found))
+
+
+def shared_settings(values: dict[str, str]) -> dict[str, str]:
+    """The main configuration's settings every account shares: the SENDMAIL_SHIM_* ones."""
+    return {k: v for k, v in values.items() if k.startswith("SENDMAIL_SHIM_")}
+
+
+def build(config, shared: dict[str, str], own: dict[str, str], name: str, path: str, environ):
+    """The Config of account `name` (file `path`): its `own` SMTP_* settings over the `shared` ones."""
+    from . import config as config_module
+
+    return config_module.build({**shared, **own}, environ, config.sources + (path,))._replace(account=name)
+
+
+def file_for(main_path: str, name: str) -> str:
+    """Where account `name` of the configuration file `main_path` lives; UsageError for a bad name."""
+    if name == DEFAULT or not name or not set(name) <= _NAME:
+        from .errors import UsageError
+
+        raise UsageError(_("an account name is lower-case letters, digits, - and _, not default"))
+    return os.path.join(os.path.dirname(os.path.abspath(main_path)), DIRECTORY, f"{name}.env")
 
 
 def _listing(directory: str) -> list[str]:

@@ -33,7 +33,7 @@ LONG_OPTIONS = {
     "due": False,  # -q --due: only messages whose next-attempt time has come (automatic runs)
     # --setup's answers (each also an environment variable of the config key), and its flags
     "provider": True, "user": True, "host": True, "port": True, "security": True, "ca-file": True,
-    "from-policy": True, "aliases": True, "password-command": True,
+    "from-policy": True, "aliases": True, "password-command": True, "senders": True, "users": True,
     "password-stdin": False, "yes": False, "no-check": False,
 }
 _ACTIONS = ("check", "set-password", "delete-password", "oauth2-login", "show", "delete", "retry", "requeue",
@@ -42,9 +42,10 @@ SETUP_KEYS = {
     "provider": "SMTP_PROVIDER", "user": "SMTP_USER", "host": "SMTP_HOST", "port": "SMTP_PORT",
     "security": "SMTP_SECURITY", "ca-file": "SMTP_CA_FILE", "from-policy": "SMTP_FROM_POLICY",
     "aliases": "SMTP_ALIASES", "password-command": "SMTP_PASSWORD_COMMAND",
+    "senders": "SMTP_ACCOUNT_SENDERS", "users": "SMTP_ACCOUNT_USERS",  # --setup --account NAME
 }
 _SETUP_FLAGS = ("password-stdin", "yes", "no-check")
-ACCOUNT_ACTIONS = ("check", "set-password", "delete-password", "oauth2-login")
+ACCOUNT_ACTIONS = ("check", "set-password", "delete-password", "oauth2-login", "setup")
 
 
 class Options(SimpleNamespace):
@@ -225,7 +226,8 @@ def _check_combination(opts: Options) -> None:
     if opts.check_to and opts.mode != "check":
         raise UsageError(_("--to goes with --check"))
     if opts.account and opts.mode not in ACCOUNT_ACTIONS:
-        raise UsageError(_("--account goes with --check, --set-password, --delete-password or --oauth2-login"))
+        raise UsageError(_("--account goes with --check, --setup, --set-password, --delete-password or "
+                           "--oauth2-login"))
     if opts.due_only and (opts.mode != "run-queue" or opts.queue_filter):
         raise UsageError(_("--due goes with a plain -q (-qR, -qS and -qI try what they select at once)"))
     if (opts.setup_answers or opts.setup_flags) and opts.mode != "setup":

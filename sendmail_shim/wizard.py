@@ -15,9 +15,10 @@ import os
 import re
 import time
 
+from . import accounts, credentials, fsio, oauth2, providers
 from . import config as config_module
-from . import credentials, fsio, oauth2, providers
 from . import hints as hints_module
+from .guidance import GUIDANCE, REGISTRATION
 from .errors import EX_OK, CantCreate, ConfigError, ShimError, UsageError
 from .i18n import _, describe, localize
 from .options import SETUP_KEYS
@@ -30,81 +31,12 @@ _YES = ("y", "yes", "是", "好")
 _FLOW_WORDS = {"delegated": "refresh_token", "app-only": "client_credentials"}
 _RELAY_KEYS = ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_CA_FILE")  # set by a preset
 
-_CHINESE_CODE = _(
-    "{provider}: log in to the web mailbox, open Settings → POP3/SMTP/IMAP, enable the SMTP "
-    "service and create an authorization code (授权码). sendmail-shim logs in with that code, "
-    "never with the web password."
-)
-GUIDANCE = {
-    "163": _CHINESE_CODE,
-    "126": _CHINESE_CODE,
-    "yeah": _CHINESE_CODE,
-    "qq": _(
-        "{provider}: in QQ Mail open Settings → Account, enable the POP3/SMTP service and "
-        "generate an authorization code (授权码); it replaces the QQ password here."
-    ),
-    "exmail": _(
-        "{provider}: when secure login is on, create a client-specific password in Settings → "
-        "Account → Secure login; otherwise use the mailbox password."
-    ),
-    "aliyun": _(
-        "{provider}: check that POP3/SMTP is enabled in the mailbox settings; log in with the mailbox password."
-    ),
-    "gmail": _(
-        "{provider}: turn on 2-Step Verification, then create an app password (Google Account → "
-        "Security → App passwords). Google refuses the normal password."
-    ),
-    "outlook": _(
-        "{provider}: Microsoft switches password SMTP logins off (Outlook.com since September 2024, "
-        "Microsoft 365 by the end of December 2026), so this preset logs in with OAuth2: register an "
-        "application (Microsoft Entra admin center → App registrations) with the SMTP.Send permission, "
-        "set SMTP_OAUTH2_CLIENT_ID, then run sendmail-shim --oauth2-login. Authenticated SMTP must be "
-        "allowed for the mailbox (Microsoft 365 admin center → the user → Mail → Manage email apps)."
-    ),
-}
-
-
-# Registering the application sendmail-shim logs in as, per (family, flow). Sources:
-# - Microsoft: https://learn.microsoft.com/en-us/exchange/client-developer/legacy-protocols/how-to-authenticate-an-imap-pop-smtp-application-by-using-oauth
-#   (app registration in the Entra admin center; delegated SMTP.Send with offline_access; app-only
-#   SMTP.SendAsApp with admin consent, then New-ServicePrincipal and Add-MailboxPermission in Exchange Online);
-#   the device code flow needs "Allow public client flows".
-# - Google: https://developers.google.com/identity/protocols/oauth2/native-app (a "Desktop app" OAuth client:
-#   client id and secret) and https://developers.google.com/identity/protocols/oauth2#expiration (an external
-#   app left in "Testing" gets refresh tokens that expire after 7 days).
-REGISTRATION = {
-    ("microsoft", "refresh_token"): _(
-        "Register sendmail-shim as an application of your directory (Microsoft Entra admin center, "
-        "https://entra.microsoft.com):\n"
-        "  1. Applications → App registrations → New registration: any name; supported account types: this "
-        "organization only (Outlook.com: personal Microsoft accounts too); no redirect URI.\n"
-        "  2. Authentication → Allow public client flows: Yes (the device code login of --oauth2-login).\n"
-        "  3. API permissions → Add a permission → Microsoft Graph → Delegated permissions: SMTP.Send and "
-        "offline_access.\n"
-        "  4. Overview: copy the Application (client) ID and the Directory (tenant) ID."),
-    ("microsoft", "client_credentials"): _(
-        "Register sendmail-shim as an application of your directory (Microsoft Entra admin center, "
-        "https://entra.microsoft.com):\n"
-        "  1. Applications → App registrations → New registration: any name; this organization only.\n"
-        "  2. API permissions → Add a permission → APIs my organization uses → Office 365 Exchange Online → "
-        "Application permissions: SMTP.SendAsApp; then Grant admin consent.\n"
-        "  3. Certificates & secrets → New client secret: copy its Value (it is shown once).\n"
-        "  4. Exchange Online PowerShell: New-ServicePrincipal -AppId <client id> -ObjectId <object id of its "
-        "enterprise application>, then Add-MailboxPermission -Identity {user} -User <client id> -AccessRights "
-        "FullAccess.\n"
-        "  5. Overview: copy the Application (client) ID and the Directory (tenant) ID."),
-    ("gmail", "refresh_token"): _(
-        "Register sendmail-shim as an OAuth client (Google Cloud console, https://console.cloud.google.com):\n"
-        "  1. Create a project (or pick one).\n"
-        "  2. APIs & Services → OAuth consent screen: External (Internal for a Workspace domain); add {user} as "
-        "a test user, then publish the app: the login of an app left in Testing expires after 7 days.\n"
-        "  3. Credentials → Create credentials → OAuth client ID → Application type: Desktop app; copy the client "
-        "ID and the client secret."),
-}
-
-
 def run(opts, stdin, stdout, stderr, environ) -> int:
-    path = target_file(opts.config_path, environ)
+    main_path = target_file(opts.config_path, environ)
+    path = accounts.file_for(main_path, opts.account) if opts.account else main_path
+    if opts.account and not os.path.exists(main_path):
+        raise UsageError(_("set up the main configuration first: sendmail-shim --setup"))
+    build = _account_builder(opts.account, main_path, environ) if opts.account else _config_for
     current = config_module.read_file(path) if os.path.exists(path) else {}
     given = {key: environ[config_module.env_name(key)] for key in ANSWER_KEYS
              if environ.get(config_module.env_name(key))}
@@ -112,12 +44,12 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
     ui = Dialogue(stdin, stdout, environ)
     interactive = stdin.isatty() and "yes" not in opts.setup_flags
     if interactive:
-        values, password = _ask(ui, path, current, given, environ)
+        values, password = _ask(ui, path, current, given, environ, build, opts.account)
     else:
         values = settle(current, given)
         _require(values)
         password = credentials.read_new_password(stdin, stderr) if "password-stdin" in opts.setup_flags else None
-    config = _config_for(values, environ, path)
+    config = build(values, environ, path)
     if _needs_secret(config) and not config.password_command and password is None and not _stored(config, environ):
         raise UsageError(
             _("no password for {user}: give it on stdin with --password-stdin, "
@@ -127,16 +59,22 @@ def run(opts, stdin, stdout, stderr, environ) -> int:
         where = credentials.set_password(config, password, environ)
         ui.say(_("password for {user} stored in {where}").format(user=config.user, where=where))
     old_text = _read_text(path)
-    backup = write_config(path, render(old_text or template(), {k: values.get(k) for k in ANSWER_KEYS}))
+    if opts.account and old_text is None:
+        fsio.mkdir(os.path.dirname(path), 0o755, 0, 0) if os.geteuid() == 0 else os.makedirs(os.path.dirname(path),
+                                                                                             exist_ok=True)
+    text = old_text or (_("# sendmail-shim account {name} (README: Several accounts and failover)\n").format(
+        name=opts.account) if opts.account else template())
+    backup = write_config(path, render(text, {k: values.get(k) for k in ANSWER_KEYS}))
     ui.say(_("wrote {path}").format(path=path) if not backup else
            _("wrote {path} (previous version: {backup})").format(path=path, backup=backup))
     if config.auth != "password" and config.oauth2_flow == "refresh_token":
-        _offer_login(ui, config_module.load(environ, path), interactive, environ)
+        _offer_login(ui, config_module.load(environ, main_path).for_account(opts.account), interactive, environ)
     status = EX_OK
     if "no-check" not in opts.setup_flags:
-        config = config_module.load(environ, path)  # as the shim reads it: each value's origin is file:line
+        # as the shim reads it: each value's origin is file:line
+        config = config_module.load(environ, main_path).for_account(opts.account)
         status = _check(ui, config, environ)
-    hints = hints_module.integration_hints(config, hints_module.program())
+    hints = [] if opts.account else hints_module.integration_hints(config, hints_module.program())
     if hints:
         ui.say()
         ui.say(_("Integration (nothing was changed):"))
@@ -210,7 +148,7 @@ class Dialogue:
             raise UsageError(_("setup cancelled; nothing was changed")) from None
 
 
-def _ask(ui: Dialogue, path: str, current: dict, given: dict, environ):
+def _ask(ui: Dialogue, path: str, current: dict, given: dict, environ, build, account: str | None):
     """The interactive questions; returns (settings, new password or None)."""
     values = dict(current)
     check = lambda key: lambda answer: config_module.build({key: answer}, environ)  # noqa: E731
@@ -245,11 +183,17 @@ def _ask(ui: Dialogue, path: str, current: dict, given: dict, environ):
     if method:
         values["SMTP_AUTH"] = method
     if method and method != "password":
-        password = _ask_oauth2(ui, provider, values, current, given, lambda: _config_for(values, environ, path))
+        password = _ask_oauth2(ui, provider, values, current, given, lambda: build(values, environ, path))
     elif "SMTP_PASSWORD_COMMAND" in given:
         values["SMTP_PASSWORD_COMMAND"] = given["SMTP_PASSWORD_COMMAND"]
     elif not current.get("SMTP_PASSWORD_COMMAND"):
-        password = _ask_password(ui, provider, _config_for(values, environ, path), environ)
+        password = _ask_password(ui, provider, build(values, environ, path), environ)
+    if account:
+        ui.say()
+        for key, question in (("SMTP_ACCOUNT_SENDERS", _("Senders (-f or From:) that pick this account: "
+                                                         "addresses or @domain, comma-separated")),
+                              ("SMTP_ACCOUNT_USERS", _("Local users who may pick it (root always may)"))):
+            values[key] = given.get(key) or ui.ask(question, current.get(key) or "")
     ui.say()
     ui.say(_("When a message's From: is not the login, sendmail-shim can rewrite it to the login "
              "(the original goes to Reply-To:) or reject the message."))
@@ -354,6 +298,13 @@ def _ask_password(ui: Dialogue, provider: str, config, environ, name=None) -> Se
 def _readable_file(answer: str) -> None:
     if answer != "system" and not os.path.isfile(answer):
         raise ConfigError(_("{path}: no such file").format(path=answer))
+
+
+def _account_builder(name: str, main_path: str, environ):
+    """`_config_for` for account `name`: its settings over the main configuration's shared ones."""
+    main = config_module.load(environ, main_path)
+    shared = accounts.shared_settings(config_module.read_file(main_path))
+    return lambda values, environ, path: accounts.build(main, shared, values, name, path, environ)
 
 
 def _config_for(values: dict, environ, path: str):

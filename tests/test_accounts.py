@@ -168,3 +168,22 @@ def test_only_the_users_an_account_names_can_spend_it(two_relays, relay_password
 
     assert [(m.mail_from, b"Subject: own" in m.data) for m in qq.messages] == [(QQ_LOGIN, True)]
     assert [(m.mail_from, b"Subject: stolen" in m.data) for m in main.messages] == [(main.login, True)]
+
+
+def test_setup_adds_an_account_beside_the_configuration(two_relays, shim_factory):
+    main, qq = two_relays
+    shim = shim_factory(main, SENDMAIL_SHIM_DELIVERY="interactive")
+    result = shim.run("--setup", "--account", "qq", "--host", qq.host, "--port", str(qq.port), "--security", "tls",
+                      "--ca-file", qq.ca_file, "--user", QQ_LOGIN, "--senders", "@qq.test",
+                      "--password-stdin", "--yes", stdin=qq.password.encode() + b"\n")
+
+    account_file = shim.config_file.parent / "accounts.d" / "qq.env"
+    assert f"wrote {account_file}" in result.stdout.decode() and "verdict: OK" in result.stdout.decode()
+    written = config_module.read_file(str(account_file))
+    assert (written["SMTP_USER"], written["SMTP_ACCOUNT_SENDERS"]) == (QQ_LOGIN, "@qq.test")
+    assert not any(key.startswith("SENDMAIL_SHIM_") for key in written)
+    assert "SMTP_USER" in config_module.read_file(str(shim.config_file))  # the main file is left as it was
+    shim.run("-f", "me@qq.test", "carol@example.test", stdin=b"Subject: via qq\n\nhi\n")
+    assert [m.mail_from for m in qq.messages] == [QQ_LOGIN] and main.messages == []
+    assert "set up the main configuration first" in shim.run(
+        "--setup", "--account", "x", "--config", str(shim.home / "none.env"), "--yes", expect_exit=64).stderr
