@@ -14,17 +14,22 @@ summary() { echo "$PASSED passed, $FAILED failed"; }
 abort() { echo "$(basename "$0"): $*" >&2; fail "$*"; exit 1; }
 
 # The project's test relay (implicit TLS + AUTH + 163's sender rule) on 127.0.0.1, from the venv.
-start_relay() {
+start_relay() { launch_relay RELAY_PID "$WORK/relay" serve "$LOGIN" "$PASSWORD"; }
+
+# launch_relay PID_VAR DIR MODE ARGS...: `test-relay.py MODE DIR ARGS...` in the background (its stdin
+# is the caller's), its pid in PID_VAR, once it has written DIR/port.
+launch_relay() {
+    local pid_var=$1 dir=$2 mode=$3
+    shift 3
     if ! "$VENV_PY" -c 'import aiosmtpd, pytest_localserver, trustme' 2>/dev/null; then
         PATH=$CALLER_PATH make -C "$ROOT" -s .venv/.installed >/dev/null \
             || abort "cannot set up the project venv (the relay runs in it)"
     fi
-    mkdir -m 0755 "$WORK/relay"
-    "$VENV_PY" "$ROOT/packaging/test-relay.py" serve "$WORK/relay" "$LOGIN" "$PASSWORD" \
-        >"$WORK/relay.log" 2>&1 &
-    RELAY_PID=$!
+    mkdir -m 0755 "$dir"
+    "$VENV_PY" "$ROOT/packaging/test-relay.py" "$mode" "$dir" "$@" >"$dir.log" 2>&1 &
+    printf -v "$pid_var" %s "$!"
     local _
-    for _ in $(seq 100); do [ -s "$WORK/relay/port" ] && break; sleep 0.1; done
-    [ -s "$WORK/relay/port" ] || { cat "$WORK/relay.log"; abort "the test relay did not start"; }
-    chmod 0644 "$WORK/relay/relay-ca.pem"
+    for _ in $(seq 100); do [ -s "$dir/port" ] && break; sleep 0.1; done
+    [ -s "$dir/port" ] || { cat "$dir.log"; abort "the test relay ($mode) did not start"; }
+    chmod 0644 "$dir/relay-ca.pem"
 }
