@@ -3,8 +3,9 @@
 # configure for a loopback test relay (implicit TLS + AUTH + 163's sender rule), deliver as PHP
 # mail(), cron, mail(1) and an unprivileged user do (through the submission service, started by
 # hand as in a container: this machine runs no systemd), attacks of another local user on the
-# spool, mailq, the runner as user sendmail-shim, apt-get purge (empty and non-empty queue), then
-# the machine's previous MTA is put back.
+# spool, mailq, the runner as user sendmail-shim, the same package reconfigured for OAuth2 (client
+# credentials) and a relay that takes only tokens (issue 14), apt-get purge (empty and non-empty
+# queue), then the machine's previous MTA is put back.
 #
 # Every check prints PASS or FAIL; the last line is "N passed, M failed"; the exit status is
 # non-zero when anything failed. Nothing leaves 127.0.0.1.
@@ -16,12 +17,14 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 DEBIAN_FRONTEND=noninte
 VENV_PY="$ROOT/.venv/bin/python"
 LOGIN=alice@163.test
 PASSWORD="test-Auth-Code-$$"
+CLIENT_ID=sendmail-shim-deb-test
+CLIENT_SECRET="test-Client-Secret-$$-$RANDOM"
 SPOOL=/var/spool/sendmail-shim
 CONF=/etc/sendmail-shim/sendmail-shim.env
 PACKAGES=(sendmail-shim sendmail-shim-mta)
 TOKEN=$(date +%s)-$$
 PASSED=0 FAILED=0
-WORK= RELAY_PID= DAEMON_PID= MTAS_BEFORE= INSTALLED_BEFORE= SENDMAIL_BEFORE=
+WORK= RELAY_PID= OAUTH2_RELAY_PID= DAEMON_PID= MTAS_BEFORE= INSTALLED_BEFORE= SENDMAIL_BEFORE=
 
 # shellcheck source=packaging/test-lib.sh
 source "$ROOT/packaging/test-lib.sh"
@@ -40,7 +43,7 @@ mta_packages() {
 }
 sendmail_state() { if [ -e /usr/sbin/sendmail ]; then readlink -f /usr/sbin/sendmail; else echo absent; fi; }
 as_user() { local user=$1; shift; runuser -u "$user" -- env -i PATH=/usr/bin:/bin LANG=C.UTF-8 "$@"; }
-relay_wait() { "$VENV_PY" "$ROOT/packaging/test-relay.py" wait "$WORK/relay" "$@"; }
+relay_wait() { "$VENV_PY" "$ROOT/packaging/test-relay.py" wait "$@"; }
 # json FIELD: a field of the message JSON on stdin.
 json() { /usr/bin/python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)[sys.argv[1]]))' "$1"; }
 
@@ -65,6 +68,7 @@ cleanup() {
     local status=$?
     trap - EXIT INT TERM
     [ -z "$RELAY_PID" ] || kill "$RELAY_PID" 2>/dev/null
+    [ -z "$OAUTH2_RELAY_PID" ] || kill "$OAUTH2_RELAY_PID" 2>/dev/null
     stop_daemon
     if [ -n "$INSTALLED_BEFORE" ]; then
         local pkg leftovers=()
@@ -185,10 +189,11 @@ EOF
     check "sendmail-shim --check passes (TLS verified, AUTH, sender = login)" sendmail-shim --check
 }
 
-# delivered NAME TEXT RCPT: the message containing TEXT reached the relay from the login to RCPT.
+# delivered NAME TEXT RCPT [RELAY_DIR]: the message containing TEXT reached the relay (default: the
+# password relay's) from the login to RCPT.
 delivered() {
     local name=$1 text=$2 rcpt=$3 message
-    if ! message=$(relay_wait "$text" 30); then
+    if ! message=$(relay_wait "${4:-$WORK/relay}" "$text" 30); then
         fail "$name: nothing reached the relay"
         return
     fi
@@ -295,6 +300,74 @@ queue_and_runner() {
     stop_daemon
 }
 
+# ---- OAuth2 (issue 14): the installed package, reconfigured for a relay that takes only tokens ---
+# set_conf KEY VALUE: KEY=VALUE in the system configuration, instead of KEY's line, as an admin edits it.
+set_conf() { sed -i "/^$1=/d" "$CONF" && printf '%s=%s\n' "$1" "$2" >>"$CONF"; }
+
+# root_send_tracing_imports SUBJECT RCPT: `sendmail -v` as root, the installed script run by the
+# interpreter of its #! line with -v (from /: nothing of the source tree on sys.path); stderr gets
+# the dialogue and, from -v, the file of every module imported.
+root_send_tracing_imports() {
+    printf 'Subject: %s\n\n%s\n' "$1" "$1" | (cd / && /usr/bin/python3 -v /usr/bin/sendmail-shim -v -i "$2")
+}
+
+# secrets_absent TOKENS_FILE FILE...: neither the client secret nor a token of TOKENS_FILE is in a FILE
+# (the patterns reach grep through a pipe, never its argv).
+secrets_absent() {
+    ! grep -qF -f <(printf '%s\n' "$CLIENT_SECRET"; cat "$1") "${@:2}"
+}
+
+oauth2() {
+    local dir=$WORK/oauth2 where
+    launch_relay OAUTH2_RELAY_PID "$dir" serve-oauth2 "$LOGIN" "$CLIENT_ID" <<<"$CLIENT_SECRET"
+    # a mail log to read (this machine has no syslog daemon), writable by root and the service
+    install -m 0640 -o sendmail-shim -g sendmail-shim /dev/null "$WORK/mail.log"
+    set_conf SMTP_PORT "$(cat "$dir/port")"
+    set_conf SMTP_CA_FILE "$dir/relay-ca.pem"
+    set_conf SMTP_AUTH xoauth2
+    set_conf SMTP_OAUTH2_FLOW client_credentials
+    set_conf SMTP_OAUTH2_CLIENT_ID "$CLIENT_ID"
+    set_conf SMTP_OAUTH2_TOKEN_URL "$(cat "$dir/token-url")"
+    set_conf SMTP_OAUTH2_SCOPE "$(cat "$dir/scope")"
+    set_conf SMTP_OAUTH2_CA_FILE "$dir/relay-ca.pem"  # the identity provider's CA (the relay's too)
+    set_conf SENDMAIL_SHIM_LOG_FILE "$WORK/mail.log"
+    check "sendmail-shim --set-password stores the client secret as root" \
+        sendmail-shim --set-password <<<"$CLIENT_SECRET"
+
+    # First send, cold token cache: the only one that imports oauthlib.
+    root_send_tracing_imports "oauth2-root-$TOKEN" oauth2-root@example.test 2>"$WORK/oauth2-root.log"
+    check "root's sendmail -v exits 0 (SMTP_AUTH=xoauth2, client credentials)" test $? -eq 0
+    check "the relay offers AUTH OAUTHBEARER XOAUTH2 only" grep -qx 'S: 250-AUTH OAUTHBEARER XOAUTH2' "$WORK/oauth2-root.log"
+    check "the shim logs in with AUTH XOAUTH2, the token shown as ***" grep -qx 'C: AUTH XOAUTH2 \*\*\*' "$WORK/oauth2-root.log"
+    delivered "root's message through the OAuth2-only relay" "oauth2-root-$TOKEN" oauth2-root@example.test "$dir"
+    check "python3-oauthlib ($(dpkg-query -W -f='${Version}' python3-oauthlib 2>/dev/null)) is installed, and a dependency of sendmail-shim" \
+        bash -c "dpkg -s python3-oauthlib | grep -qx 'Status: install ok installed' \
+            && dpkg -s sendmail-shim | grep '^Depends:' | grep -qw python3-oauthlib"
+    local dist=/usr/lib/python3/dist-packages
+    where=$(grep -oE "[^ ']*/(sendmail_shim|oauthlib)/__init__\.py" "$WORK/oauth2-root.log" | sort -u | paste -sd ' ')
+    check "that send imported sendmail_shim and oauthlib from $dist only (oauthlib: python3-oauthlib's file)" \
+        test "$where" = "$dist/oauthlib/__init__.py $dist/sendmail_shim/__init__.py" \
+        -a "$(dpkg -S "$dist/oauthlib/__init__.py" 2>/dev/null | cut -d: -f1)" = python3-oauthlib
+    [ -z "$where" ] || echo "    imported: $where"
+
+    start_daemon
+    check "user nobody sends through the submission service (exit 0)" \
+        as_nobody_send "oauth2-nobody-$TOKEN" oauth2-nobody@example.test
+    delivered "nobody's message through the OAuth2-only relay" "oauth2-nobody-$TOKEN" oauth2-nobody@example.test "$dir"
+    stop_daemon
+
+    check "the token cache $SPOOL/tokens/$LOGIN.json is 600 sendmail-shim:sendmail-shim" \
+        test "$(stat -c '%a %U %G' "$SPOOL/tokens/$LOGIN.json" 2>/dev/null)" = "600 sendmail-shim sendmail-shim"
+    check "the mail log has both deliveries (status=sent)" \
+        test "$(grep -c -e "to=<oauth2-root@example.test>.*status=sent" -e "to=<oauth2-nobody@example.test>.*status=sent" \
+            "$WORK/mail.log")" = 2
+    check "the identity provider issued an access token" test -s "$dir/access-tokens"
+    # the service's output is what its journal would hold under systemd
+    check "neither the client secret nor an access token is in the mail log, the service's output or root's dialogue" \
+        secrets_absent "$dir/access-tokens" "$WORK/mail.log" "$WORK/daemon.log" "$WORK/oauth2-root.log"
+    # The purges that follow need no relay: the password configuration is not restored.
+}
+
 # ---- purge ------------------------------------------------------------------------------------
 nothing_left() {
     local what=$1 leftovers=()
@@ -355,6 +428,7 @@ main() {
     cron_mail
     mailx_mail
     queue_and_runner
+    oauth2
     purge_empty
     purge_nonempty
 }

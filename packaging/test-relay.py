@@ -64,7 +64,16 @@ def run(directory: Path, server, idp=None) -> None:
     try:
         with open(directory / "box.jsonl", "a", encoding="utf-8") as box:
             while not stopping:
-                for message in server.messages[written:]:
+                messages = server.messages[written:]
+                # the tokens first: whoever sees a message in the box finds the token it was sent with
+                if idp is not None and len(idp.access_tokens) != issued:
+                    tokens = list(idp.access_tokens)
+                    issued = len(tokens)
+                    fd = os.open(directory / "access-tokens.new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with open(fd, "w", encoding="ascii") as out:
+                        out.write("".join(f"{token}\n" for token in tokens))
+                    os.replace(directory / "access-tokens.new", directory / "access-tokens")  # never read half-written
+                for message in messages:
                     box.write(json.dumps({
                         "mail_from": message.mail_from,
                         "rcpt_tos": message.rcpt_tos,
@@ -74,12 +83,6 @@ def run(directory: Path, server, idp=None) -> None:
                     }) + "\n")
                     box.flush()
                     written += 1
-                if idp is not None and len(idp.access_tokens) != issued:
-                    tokens = list(idp.access_tokens)
-                    issued = len(tokens)
-                    fd = os.open(directory / "access-tokens", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    with open(fd, "w", encoding="ascii") as out:
-                        out.write("".join(f"{token}\n" for token in tokens))
                 time.sleep(0.05)
     finally:
         server.stop()

@@ -225,7 +225,8 @@ class Attempt:
             return  # `collect` settles it
         from .failover import sending_stream
 
-        self.data = _Tracked(sending_stream(self.config, message))
+        stream, size = sending_stream(self.config, message)
+        self.data = _Tracked(stream)
         if self.connection.spent:
             self.settle_previous()  # its final reply comes over this connection
             self.connection.close()
@@ -233,7 +234,7 @@ class Attempt:
             self.relay = self.connection.connect()
             self.connected = time.time()  # at once over a connection already open
             self._transaction = self.relay.begin(
-                message.envelope._replace(recipients=[r.address for r in self.recipients]))
+                message.envelope._replace(recipients=[r.address for r in self.recipients], size=size))
             self.connection.carried = self._transaction.number
         except ShimError as exc:
             self._result = self._failure(exc)
@@ -304,6 +305,7 @@ class Attempt:
         for rcpt in message.deferred:
             rcpt.reply = why
         message.next_attempt = self.held
+        self.last_line = f"{message.id}: held: {why}"  # no log line (a backlog waits): what -q -v shows
         try:
             self.queue.save(message)
         except (CantCreate, OSError) as exc:

@@ -79,23 +79,23 @@ def _move(config, queue: Queue, message: QueuedMessage, target, log, now: float)
                           f"{target.account} ({target.sender})")
 
 
-def sending_stream(config, message: QueuedMessage) -> BinaryIO:
-    """The data as the relay gets them: as queued, or for a message a fallback account took over,
-    with From: rewritten to this account's login."""
-    data = message.data_file
+def sending_stream(config, message: QueuedMessage) -> tuple[BinaryIO, int]:
+    """The data as the relay gets them, and their size (MAIL's SIZE=): as queued, or for a message
+    a fallback account took over, with From: rewritten to this account's login."""
+    data, size = message.data_file, message.envelope.size
     data.seek(0)
     if not message.envelope.moved_from:
-        return data
+        return data, size
     from . import message as message_module
 
     head = data.read(MAX_HEADER_BLOCK)
     end = head.find(b"\r\n\r\n")
     if end < 0:
         data.seek(0)
-        return data
+        return data, size
     headers = message_module.rewrite_sender(head[:end + 4], message_module.HeaderPolicy.from_config(config))
     data.seek(end + 4)
-    return _Joined(headers, data)
+    return _Joined(headers, data), size + len(headers) - (end + 4)
 
 
 class _Joined:

@@ -109,7 +109,7 @@ def test_a_paused_account_fails_over_with_the_fallbacks_login_and_never_two_copi
     assert sorted(subjects) == ["0", "1", "2"]  # each exactly once, over both accounts
     for moved in qq.messages:
         sent = email.message_from_bytes(moved.data)
-        assert moved.mail_from == QQ_LOGIN
+        assert moved.mail_from == QQ_LOGIN and f"SIZE={len(moved.data)}" in moved.mail_options
         assert (sent["From"], sent["Reply-To"]) == (f"Alice <{QQ_LOGIN}>", f"Alice <{main.login}>")
     assert shim.run("-bp").stdout.endswith(b"Mail queue is empty\n")
     lines = shim.log_lines()
