@@ -11,7 +11,9 @@ message's data, before its final reply is read: one round trip per message (see 
 password is fetched once per run; a connection that cannot be opened retires its worker while
 others go on, so a refused login costs at most one AUTH per connection. A message is only touched
 under its lock (`Queue.lock`), so workers, concurrent runners and background deliveries never send
-it twice. The failure reports an attempt queues go out in the same run.
+it twice. The failure reports an attempt queues go out in the same run. With several accounts
+(accounts.py), each account's messages go over that account's own connections, all accounts at
+the same time, after the messages that waited too long moved to a fallback (failover.py).
 """
 
 import threading
@@ -90,10 +92,10 @@ def run_queue(config, queue: Queue, *, log, selector: Selector | None = None,
     jobs = []  # (run, connection): one worker each, every account's at the same time
     for run in runs:
         secret = login_secret(run.config, password if run.config is config else None)
-        jobs += [(run, RelayConnection(run.config, secret, _numbered(transcript, f"{run.config.account} {n}"
-                                                                     if config.accounts else n)
-                                       if transcript and (run.workers > 1 or config.accounts) else transcript, log))
-                 for n in range(1, run.workers + 1)]
+        for n in range(1, run.workers + 1):
+            label = f"{run.config.account} {n}" if config.accounts else n
+            shown = _numbered(transcript, label) if transcript and (run.workers > 1 or config.accounts) else transcript
+            jobs.append((run, RelayConnection(run.config, secret, shown, log)))
     threads = [threading.Thread(target=run.work, args=(connection,), name=f"sendmail-shim queue {n}", daemon=True)
                for n, (run, connection) in enumerate(jobs[1:], 2)]  # daemons: ^C ends the run at once
     for thread in threads:
