@@ -28,6 +28,8 @@ def run(config, out, environ, *, to: str | None = None, verbose: int = 0) -> int
     nowhere = log_warning(config)
     if nowhere:
         say(_("warning: {text}").format(text=nowhere))
+    for line in budget_lines(config):
+        say(line)
     say()
     say(_("connecting to {host}:{port} ({security}) …").format(
         host=config.host, port=config.port, security=config.security))
@@ -55,6 +57,24 @@ def run(config, out, environ, *, to: str | None = None, verbose: int = 0) -> int
         say(_("verdict: OK — {host}:{port} accepts {sender} as sender").format(
             host=config.host, port=config.port, sender=config.sender))
     return EX_OK
+
+
+def budget_lines(config) -> list[str]:
+    """What the account sent within its budget's window, and its pause (ledger.py)."""
+    from . import clock
+    from .attempt import account_ledger
+    from .log import ctime
+
+    state = account_ledger(config).read(clock.now())
+    lines = []
+    if config.budget.window:
+        recipients = sum(s.recipients for s in state.sent)
+        lines.append(_("sent within the sending budget's window: {messages} message(s) to {recipients} "
+                       "recipient(s)").format(messages=len(state.sent), recipients=recipients))
+    if state.pause:
+        lines.append(_("account {login} paused until {until}: {reason}").format(
+            login=config.sender, until=ctime(state.pause.until), reason=state.pause.reason))
+    return lines
 
 
 def log_warning(config, dev_log: str = "/dev/log"):

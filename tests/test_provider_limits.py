@@ -87,6 +87,8 @@ def test_a_daily_quota_pauses_the_account_until_the_providers_midnight(relay_fac
     assert shim.run("-q").exit_code == 0  # the administrator's flush: still paused, nothing tried
     assert len(relay.messages) == 5 and relay.handler.over == Counter(per_day=1)
 
+    check = shim.run("--check", expect_exit=None).stdout.decode()  # the relay refuses its MAIL too
+    assert f"account {relay.login} paused until {until}: 550 MI:STC" in check
     clock.advance(clock_file, to=midnight.timestamp() + 1)
     assert shim.run("-q", "--due").exit_code == 0
     assert received_ids(relay) == Counter(ids)
@@ -146,3 +148,5 @@ def test_a_throttled_account_pauses_and_odi_says_until_when(relay_factory, shim_
     clock.advance(clock_file, by=61)
     shim.run("-q", "--due")
     assert len(relay.messages) == 4 and relay.handler.over == Counter(per_minute=1)
+    check = shim.run("--check", expect_exit=None).stdout.decode()  # a refused try counts too: 3 + 2
+    assert "sent within the sending budget's window: 5 message(s) to 5 recipient(s)" in check
