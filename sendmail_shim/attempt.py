@@ -199,6 +199,7 @@ class Attempt:
         self.bounces: list[str] = []
         self.last_line = ""
         self.held: float | None = None  # untried: the budget allows it only then
+        self.held_why: str | None = None  # why, when it is not the budget (the spool cannot keep the count)
         self.again = False  # see Outcome.again
         self.wait: str | None = None  # what a reply said the account must wait for (Verdict.wait)
         self.paused_until: float | None = None  # the pause such a reply imposed
@@ -241,9 +242,10 @@ class Attempt:
 
     def _reserve(self) -> bool:
         """The message's place in the account's budget, waited for up to `max_wait` (after the
-        message in flight is settled); False when it must wait longer (`held`)."""
-        while (slot := self.ledger.reserve(len(self.recipients), self.now)) > self.now:
-            if slot - self.now > self.max_wait:
+        message in flight is settled); False when it must wait longer (`held`), or when the spool
+        cannot keep the count (a full disk: sending uncounted could overspend the account)."""
+        while (slot := self._slot()) > self.now:
+            if slot - self.now > self.max_wait or self.held_why:
                 self.held = slot
                 return False
             self.settle_previous()
@@ -251,6 +253,14 @@ class Attempt:
             self.now = clock.now()
         self.reserved = budgets.Send(self.now, len(self.recipients))
         return True
+
+    def _slot(self) -> float:
+        try:
+            return self.ledger.reserve(len(self.recipients), self.now)
+        except CantCreate as exc:
+            self.held_why = str(exc)
+            self.log.error(QMGR, self.held_why, msg_id=self.message.id)
+            return self.now + MIN_BACKOFF  # held, tried again after the shortest backoff
 
     def transfer(self) -> None:
         if self._transaction is not None and self._result is None:
@@ -290,7 +300,12 @@ class Attempt:
         once); `collect` sets the message's next attempt from `wait` and `paused_until`."""
         self.wait = self.wait or verdict.wait
         if verdict.wait in budgets.WAITS and not self.paused_until:
-            pause, new = self.ledger.pause(verdict.wait, reply, self.now)
+            try:
+                pause, new = self.ledger.pause(verdict.wait, reply, self.now)
+            except CantCreate as exc:  # a full disk: this message waits as long, the others find out themselves
+                self.log.error(QMGR, str(exc), msg_id=self.message.id)
+                self.paused_until = budgets.pause_until(self.config.budget, verdict.wait, (), self.now)
+                return
             if new:
                 self.log.warning(QMGR, f"account {self.config.sender} paused until {ctime(pause.until)}: {reply}")
             self.paused_until = pause.until
@@ -299,8 +314,8 @@ class Attempt:
         """Keep the message, untried, until the budget allows it: its recipients say why (mailq),
         the waiting -odi caller hears it (exit 75)."""
         pause = self.ledger.read(self.now).pause
-        why = (_("account {login} paused until {until}: {reason}") if pause else
-               _("account {login} reached its sending budget until {until}")).format(
+        why = self.held_why or (_("account {login} paused until {until}: {reason}") if pause else
+                                _("account {login} reached its sending budget until {until}")).format(
             login=self.config.sender, until=ctime(self.held), reason=pause.reason if pause else "")
         for rcpt in message.deferred:
             rcpt.reply = why

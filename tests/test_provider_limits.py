@@ -150,3 +150,22 @@ def test_a_throttled_account_pauses_and_odi_says_until_when(relay_factory, shim_
     assert len(relay.messages) == 4 and relay.handler.over == Counter(per_minute=1)
     check = shim.run("--check", expect_exit=None).stdout.decode()  # a refused try counts too: 3 + 2
     assert "sent within the sending budget's window: 5 message(s) to 5 recipient(s)" in check
+
+
+def test_a_spool_that_cannot_keep_the_count_holds_the_mail_and_says_why(relay_factory, shim_factory, clock_file):
+    """accounts/ cannot be made (a file in its place, as a full or broken disk would refuse it):
+    nothing is sent uncounted, nothing is lost, the run goes on, the log and mailq say why."""
+    relay = limited_relay(relay_factory, PROVIDERS["gmail"], clock_file)
+    shim = limited_shim(shim_factory, relay, clock_file, SMTP_PROVIDER="gmail")
+    queue_messages(shim, 2)
+    (shim.queue_dir / "accounts").write_text("not a directory")
+
+    assert shim.run("-q").exit_code == 0
+    assert relay.messages == []
+    listing = shim.run("-bp").stdout.decode()
+    assert listing.count("cannot keep the sending budget in") == 2 and "2 Requests" in listing
+    assert sum(": error: " in line and "cannot keep the sending budget" in line for line in shim.log_lines()) == 2
+
+    (shim.queue_dir / "accounts").unlink()
+    shim.run("-q")
+    assert len(relay.messages) == 2 and shim.run("-bp").stdout == b"Mail queue is empty\n"
