@@ -53,7 +53,8 @@ def load(config, values: dict[str, str], directory: str, environ):
                 path=path, key=wrong[0]))
         found[name] = build(config, shared, own, name, path, environ)
     for account in (config, *found.values()):
-        unknown = [n for n in account.fallback if n not in found]
+        # another account of accounts.d, or the default one: never itself
+        unknown = [n for n in account.fallback if n == account.account or (n not in found and n != DEFAULT)]
         if unknown:
             raise ConfigError(_("SMTP_FALLBACK of account {name}: no account {other} in {directory}").format(
                 name=account.account, other=unknown[0], directory=directory))

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from . import clock
 from .attempt import account_ledger
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .log import ctime
 from .queue import Queue
 from .queued import QueuedMessage
@@ -44,7 +44,7 @@ def move_waiting(config, queue: Queue, log) -> list[str]:
 def _load(queue: Queue, msg_id: str) -> QueuedMessage | None:
     try:
         return queue.load(msg_id)
-    except Exception:  # a damaged envelope: the queue run says so
+    except DataError:  # a damaged envelope: the queue run says so
         return None
 
 

@@ -65,8 +65,8 @@ KEYS = {
     "SMTP_ACCOUNT_SENDERS": "in an account file (accounts.d/NAME.env): the senders (-f, From:) that pick this "
                             "account: addresses, or @domain for a whole domain",
     "SMTP_ACCOUNT_USERS": "in an account file: the local users who may pick it by sender (root always may)",
-    "SMTP_FALLBACK": "accounts (names in accounts.d) that take this account's mail, in order, when it has waited "
-                     "longer than SMTP_FALLBACK_AFTER (paused, or the relay unreachable)",
+    "SMTP_FALLBACK": "accounts (names in accounts.d, or default) that take this account's mail, in order, when it "
+                     "has waited longer than SMTP_FALLBACK_AFTER (paused, or the relay unreachable)",
     "SMTP_FALLBACK_AFTER": "how long a message waits for its account before a fallback takes it (default 30m)",
     "SENDMAIL_SHIM_BOUNCE_TO": "address that receives failure reports and notices (default: the submitting "
                                "user's alias, else the login)",

@@ -81,9 +81,17 @@ def test_an_account_file_with_a_main_key_or_an_unknown_fallback_is_refused(two_r
     path.write_text(path.read_text() + "SENDMAIL_SHIM_QUEUE_DIR=/tmp/elsewhere\n")
     result = shim.run("-bp", expect_exit=78)
     assert "SENDMAIL_SHIM_QUEUE_DIR belongs in the main configuration" in result.stderr
-    path.write_text("".join(line + "\n" for line in path.read_text().splitlines()[:-1]) + "SMTP_FALLBACK=nowhere\n")
-    with pytest.raises(ConfigError, match="no account nowhere"):
-        config_module.load({}, explicit=str(shim.config_file))
+
+    def fallback(value: str) -> None:  # in place of the last line
+        kept = path.read_text().splitlines()[:-1]
+        path.write_text("".join(line + "\n" for line in kept) + f"SMTP_FALLBACK={value}\n")
+
+    for wrong in ("nowhere", "qq", "default,qq"):  # no such account, or itself
+        fallback(wrong)
+        with pytest.raises(ConfigError, match="no account"):
+            config_module.load({}, explicit=str(shim.config_file))
+    fallback("default")
+    assert config_module.load({}, explicit=str(shim.config_file)).for_account("qq").fallback == ("default",)
 
 
 def test_a_paused_account_fails_over_with_the_fallbacks_login_and_never_two_copies(
