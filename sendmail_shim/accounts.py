@@ -19,8 +19,6 @@ account's hands at a time.
 """
 
 import os
-import pwd
-from email.utils import parseaddr
 from types import MappingProxyType
 
 from .errors import ConfigError
@@ -94,6 +92,8 @@ def _listing(directory: str) -> list[str]:
 def matches(pattern: str, sender: str) -> bool:
     """An SMTP_ACCOUNT_SENDERS item: an address (any case), or @domain / *@domain for a domain;
     `sender` as the caller wrote it (``Name <address>`` too)."""
+    from email.utils import parseaddr  # only where a message picks an account: config.load runs on every call
+
     address = (parseaddr(sender)[1] or sender).lower()
     if pattern.startswith(("@", "*@")):
         return address.endswith(pattern.lstrip("*"))
@@ -130,6 +130,8 @@ def prepare(config, uid: int, header_block: bytes, full_name: str | None, **argu
 
 
 def _user_name(uid: int) -> str | None:
+    import pwd
+
     try:
         return pwd.getpwuid(uid).pw_name.lower()
     except KeyError:

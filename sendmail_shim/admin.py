@@ -1,7 +1,6 @@
 """Queue commands: -bp/mailq, -q, --show, --delete (also ALL), --retry, --requeue."""
 
-from . import clock, postsuper, runner
-from .attempt import account_ledger
+from . import clock, ledger, postsuper, runner
 from .errors import EX_OK, EX_TEMPFAIL
 from .i18n import _, localize
 from .log import POSTSUPER, MessageLog, ctime
@@ -40,7 +39,7 @@ def _account_notes(config) -> list[str]:
     fallback account)."""
     notes, now = [], clock.now()
     for account in (config, *config.accounts.values()):
-        pause = account_ledger(account).read(now).pause if account.sender else None
+        pause = ledger.for_account(account).read(now).pause if account.sender else None
         if pause is not None:
             name = f" {account.account}" if config.accounts else ""
             notes.append(f"Account{name} {account.sender} paused until {ctime(pause.until)} ({pause.reason})")

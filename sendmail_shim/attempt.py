@@ -52,6 +52,8 @@ from typing import NamedTuple
 from . import budgets, clock, replies
 from .errors import CantCreate, ConfigError, DataError, ShimError, SMTPFailure, TempFail
 from .i18n import _
+from . import ledger as ledger_module
+from .failover import sending_stream
 from .ledger import Ledger
 from .log import QMGR, SMTP, Timing, ctime, dsn_for, duration, relay_name
 from .queue import Queue, crash_point
@@ -73,11 +75,6 @@ class Outcome(NamedTuple):
     error: ShimError | None = None  # why it is not (entirely) sent
     kept: bool = False  # still in queue/, to be retried
     again: bool = False  # to be tried again at once: recipients left for another transaction, or a new connection
-
-
-def account_ledger(config) -> Ledger:
-    """The ledger of the configured account's budget and pauses."""
-    return Ledger(config.queue_dir, config.sender, config.budget)
 
 
 def next_attempt_after(attempts: int, now: float) -> float:
@@ -193,7 +190,7 @@ class Attempt:
         self.config, self.queue, self.connection, self.log = config, queue, connection, log
         self.interactive = interactive
         self.active = active  # when the queue run took the message on (default: the attempt's start)
-        self.ledger = ledger or account_ledger(config)
+        self.ledger = ledger or ledger_module.for_account(config)
         self.max_wait = max_wait  # how long `begin` may wait for the budget
         self.settle_previous = settle_previous  # finishes the message in flight on this connection
         self.bounces: list[str] = []
@@ -224,8 +221,6 @@ class Attempt:
         self.log.active(message.id, sender=env.sender, size=env.size, nrcpt=len(self.recipients))
         if nothing_to_send:
             return  # `collect` settles it
-        from .failover import sending_stream
-
         stream, size = sending_stream(self.config, message)
         self.data = _Tracked(stream)
         if self.connection.spent:

@@ -62,10 +62,10 @@ def run(config, out, environ, *, to: str | None = None, verbose: int = 0) -> int
 def budget_lines(config) -> list[str]:
     """What the account sent within its budget's window, and its pause (ledger.py)."""
     from . import clock
-    from .attempt import account_ledger
+    from . import ledger
     from .log import ctime
 
-    state = account_ledger(config).read(clock.now())
+    state = ledger.for_account(config).read(clock.now())
     lines = []
     if config.budget.window:
         recipients = sum(s.recipients for s in state.sent)

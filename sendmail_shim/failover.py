@@ -14,8 +14,7 @@ account's hands at a time, so it is never sent twice.
 import io
 from typing import BinaryIO
 
-from . import clock
-from .attempt import account_ledger
+from . import clock, ledger
 from .errors import ConfigError, DataError
 from .log import ctime
 from .queue import Queue
@@ -56,12 +55,12 @@ def _target(config, message: QueuedMessage, now: float):
         return None
     if not account.fallback or now - message.arrival < account.fallback_after or not message.deferred:
         return None
-    paused = account_ledger(account).read(now).pause
+    paused = ledger.for_account(account).read(now).pause
     if paused is None and message.attempts == 0:
         return None  # never tried, not paused: its turn has not come yet
     for name in account.fallback:
         candidate = config.for_account(name)
-        if account_ledger(candidate).read(now).pause is None:
+        if ledger.for_account(candidate).read(now).pause is None:
             return candidate
     return None
 
@@ -69,7 +68,7 @@ def _target(config, message: QueuedMessage, now: float):
 def _move(config, queue: Queue, message: QueuedMessage, target, log, now: float) -> None:
     env = message.envelope
     origin = config.for_account(env.account)
-    pause = account_ledger(origin).read(now).pause
+    pause = ledger.for_account(origin).read(now).pause
     why = f"paused until {ctime(pause.until)}" if pause else f"waiting since {ctime(message.arrival)}"
     message.envelope = env._replace(account=None if target is config else target.account, sender=target.sender,
                                     moved_from=env.moved_from or origin.account)

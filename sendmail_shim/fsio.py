@@ -3,12 +3,15 @@
 One atomic replacement of a file (`write_atomic`: temporary file, fsync, rename, fsync of the
 directory), and the pieces the spool needs to work in directories that someone else may write:
 directory descriptors opened with O_NOFOLLOW (`opened`), removal through them that never follows
-a link (`remove_entry`, `rmtree`), flock probes that never hang on a FIFO (`locked`).
-Only the standard library's os, fcntl and stat: every -odb caller imports this.
+a link (`remove_entry`, `rmtree`), flock probes that never hang on a FIFO (`locked`), and a
+login's JSON record in the spool under its flock (`LoginFile`, for the ledger and the token cache).
+Only the standard library's os, fcntl, stat and json: every -odb caller imports this.
 """
 
 import fcntl
+import json
 import os
+import stat
 from contextlib import contextmanager, suppress
 from typing import Callable
 
@@ -231,3 +234,63 @@ def held(parent: int, name: str, lock_name: str | None) -> bool:
 
 def may(path: str, mode: int) -> bool:
     return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
+_LOGIN_CHARACTERS = set("abcdefghijklmnopqrstuvwxyz0123456789@._+-")
+
+
+class LoginFile:
+    """One JSON record per login in a directory of the spool, ``<root>/<directory>/<login>.json``,
+    and the flock that orders its changes, ``<login>.lock``: the sending ledger (ledger.py) and the
+    token cache (tokens.py). Reached through the directory's descriptor opened without following a
+    link; what root creates is given to the spool's owner, so root's queue run neither follows a
+    link a compromised owner planted nor locks the owner out. A missing, damaged or planted file
+    (a link, a FIFO, more than `max_size` bytes) reads as None."""
+
+    def __init__(self, root: str, directory: str, login: str, max_size: int):
+        stem = "".join(c if c in _LOGIN_CHARACTERS else "_" for c in login.lower()) or "_"
+        self.root, self.directory, self.max_size = root, os.path.join(root, directory), max_size
+        self.name, self._lock_name = stem + ".json", stem + ".lock"
+
+    def read(self, directory: int | None = None):
+        """The record (`directory`: the descriptor `locked` gave, when held)."""
+        if directory is not None:
+            return self._parse(directory)
+        with opened_or_none(self.directory) as directory:
+            return self._parse(directory) if directory is not None else None
+
+    @contextmanager
+    def locked(self):
+        """The directory's descriptor (made, the spool's owner's, when missing), under the login's
+        flock; OSError when it cannot be had."""
+        st = os.stat(self.root)
+        mkdir(self.directory, 0o700, st.st_uid, st.st_gid)
+        with opened(self.directory) as directory:
+            fd = os.open(self._lock_name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         0o600, dir_fd=directory)
+            try:
+                if os.geteuid() == 0:
+                    os.fchown(fd, st.st_uid, st.st_gid)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield directory
+            finally:
+                os.close(fd)
+
+    def write(self, directory: int, record) -> None:
+        """Replace the record, all or nothing (`directory`: the descriptor `locked` gave); OSError."""
+        st = os.stat(self.root)
+        write_atomic(self.name, json.dumps(record, separators=(",", ":"), sort_keys=True).encode(),
+                     dir_fd=directory, owner=(st.st_uid, st.st_gid) if os.geteuid() == 0 else None)
+
+    def _parse(self, directory: int):
+        try:
+            fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
+        except OSError:
+            return None
+        try:
+            with open(fd, "rb") as stream:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device planted there
+                    return None
+                return json.loads(stream.read(self.max_size + 1)[:self.max_size])
+        except (OSError, ValueError):
+            return None

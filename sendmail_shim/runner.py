@@ -22,9 +22,9 @@ from collections import deque
 from types import SimpleNamespace
 from typing import Callable, Iterator, NamedTuple
 
-from . import clock, failover, pickup, postsuper
+from . import clock, failover, ledger, pickup, postsuper
 from .accounts import DEFAULT
-from .attempt import MAX_WAIT, Attempt, Outcome, RelayConnection, account_ledger, login_secret
+from .attempt import MAX_WAIT, Attempt, Outcome, RelayConnection, login_secret
 from .errors import ConfigError, DataError, ShimError
 from .log import QMGR
 from .queue import Queue, crash_point
@@ -130,7 +130,7 @@ class _Run:
         self.active = dict.fromkeys(self.todo, listed)  # id → when the run took it on (the log's delays=)
         self.done, self.total = 0, len(self.todo)
         self.workers = min(config.queue_connections, len(self.todo))  # still taking messages
-        self.ledger = account_ledger(config)
+        self.ledger = ledger.for_account(config)
         self.error: Exception | None = None
 
     def _wanted(self, msg_id: str) -> bool:

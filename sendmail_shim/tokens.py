@@ -10,96 +10,62 @@ descriptor of ``tokens/`` opened without following a link, and what root writes 
 spool's owner, as in ledger.py. A damaged, planted or missing file is an empty cache.
 """
 
-import fcntl
-import json
 import os
-import stat
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Iterator
 
 from . import fsio
-from .ledger import file_name
 
 DIRECTORY = "tokens"
 MAX_FILE = 64 << 10
 
 
 class Cache:
-    """The token cache of `login` in the spool `root`."""
+    """The token cache of `login` in the spool `root` (`fsio.LoginFile`)."""
 
     def __init__(self, root: str, login: str):
         self.root = root
-        self.directory = os.path.join(root, DIRECTORY)
-        self.name = file_name(login) + ".json"
-        self._lock_name = file_name(login) + ".lock"
+        self.file = fsio.LoginFile(root, DIRECTORY, login, MAX_FILE)
 
     def read(self) -> dict:
         """The cached record, {} when there is none (or none this process may read)."""
-        with fsio.opened_or_none(self.directory) as directory:
-            return _parse(directory, self.name) if directory is not None else {}
+        return _record(self.file.read())
 
     @contextmanager
     def locked(self) -> Iterator["Writer | None"]:
         """The login's flock held for the block: yields a `Writer`, or None when this process
         cannot keep the cache (it may then ask the identity provider itself)."""
-        try:
-            owner = self._prepare()
-            with fsio.opened(self.directory) as directory:
-                fd = os.open(self._lock_name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                             0o600, dir_fd=directory)
-        except OSError:
-            yield None
-            return
-        try:
-            if os.geteuid() == 0:
-                os.fchown(fd, *owner)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield Writer(self, owner)
-        finally:
-            os.close(fd)
+        with ExitStack() as stack:
+            try:
+                if not os.path.isdir(self.root):  # the first use of the spool
+                    from .queue import Queue
 
-    def _prepare(self) -> tuple[int, int]:
-        """The spool's owner, with ``tokens/`` made (and the spool, the first time)."""
-        if not os.path.isdir(self.root):
-            from .queue import Queue
-
-            with suppress(Exception):  # its CantCreate: no cache, the caller goes on without
-                Queue(self.root).ensure()
-        st = os.stat(self.root)
-        fsio.mkdir(self.directory, 0o700, st.st_uid, st.st_gid)
-        return st.st_uid, st.st_gid
+                    with suppress(Exception):  # its CantCreate: no cache, the caller goes on without
+                        Queue(self.root).ensure()
+                directory = stack.enter_context(self.file.locked())
+            except OSError:
+                yield None
+                return
+            yield Writer(self.file, directory)
 
 
 class Writer:
-    """Writes the cache of a `Cache.locked` block."""
+    """Reads and writes the cache within a `Cache.locked` block."""
 
-    def __init__(self, cache: Cache, owner: tuple[int, int]):
-        self.cache, self.owner = cache, owner
+    def __init__(self, file: fsio.LoginFile, directory: int):
+        self.file, self.directory = file, directory
 
     def read(self) -> dict:
-        return self.cache.read()
+        return _record(self.file.read(self.directory))
 
     def write(self, record: dict) -> bool:
         """Replace the record (all or nothing); False when it could not be written."""
         try:
-            with fsio.opened(self.cache.directory) as directory:
-                fsio.write_atomic(self.cache.name, json.dumps(record, sort_keys=True).encode(), dir_fd=directory,
-                                  owner=self.owner if os.geteuid() == 0 else None)
+            self.file.write(self.directory, record)
             return True
         except OSError:
             return False
 
 
-def _parse(directory: int, name: str) -> dict:
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
-    except OSError:
-        return {}
-    try:
-        with open(fd, "rb") as stream:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted there
-                return {}
-            record = json.loads(stream.read(MAX_FILE + 1)[:MAX_FILE])
-        return record if isinstance(record, dict) else {}
-    except (OSError, ValueError):
-        return {}
+def _record(record) -> dict:
+    return record if isinstance(record, dict) else {}
